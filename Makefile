@@ -1,0 +1,58 @@
+# codetune — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; a GPU user installs their CUDA torch into the venv first (see README).
+TORCH ?= torch==2.13.0
+REPO ?=
+MODEL ?=
+ARGS ?=
+RUN ?=
+RUN_NAME ?=
+MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
+NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
+
+.PHONY: help install demo train train-rust resume tensorboard test bench clean
+
+help: ## List every target
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUN_NAME=name"
+
+install: $(VENV)/.installed ## Create .venv and install codetune with pinned versions (torch first)
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: install ## Train the embedded tiny model on this project's own source, on CPU (a few minutes)
+	@$(PY) -m codetune.cli fit --config configs/training_config.yaml --config configs/presets/demo.yaml \
+		--data.repo . $(NAME_ARG) $(ARGS)
+
+train: install ## Train with the default config: make train REPO=~/code/project [MODEL=...] [ARGS=...]
+	@test -n "$(REPO)" || { echo "make train: set REPO=path/to/your/repository"; exit 2; }
+	@$(PY) -m codetune.cli fit --config configs/training_config.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
+
+train-rust: install ## Train with the Rust config: make train-rust REPO=~/code/crate [MODEL=...] [ARGS=...]
+	@test -n "$(REPO)" || { echo "make train-rust: set REPO=path/to/your/crate"; exit 2; }
+	@$(PY) -m codetune.cli fit --config configs/training_config_rust.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
+
+resume: install ## Continue a run from its last checkpoint: make resume RUN=runs/<name>
+	@test -f "$(RUN)/config.yaml" || { echo "make resume: set RUN=runs/<name> (a run directory with config.yaml)"; exit 2; }
+	@$(PY) -m codetune.cli fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
+
+tensorboard: install ## Serve the TensorBoard logs of every run under runs/
+	$(VENV)/bin/tensorboard --logdir runs --bind_all
+
+test: install ## Run the test suite (offline, CPU)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install ## Print the benchmark figures (training throughput vs TRL, memory)
+	$(PY) bench/train_throughput.py
+	$(PY) bench/memory.py
+
+clean: ## Remove the venv, runs and caches
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,104 @@
+"""`codetune`: LightningCLI for training, plus the run directory conventions.
+
+`main(args=None)` is the entry point (tests call `main(["fit", "--config", ...])`). Configs compose
+with repeated `--config`; every knob is a typed `__init__` parameter of the data module
+(`--data.*`), the module (`--model.*`), the trainer (`--trainer.*`) or a callback
+(`--generation.*`, `--checkpoint.*`). The last line a training command prints is its run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
+
+from callbacks.generation_eval import GenerationEval
+from callbacks.manifest import ManifestWriter
+from codetune.data.datamodule import CodeDataModule
+from codetune.errors import ConfigError
+from codetune.model.module import CodeLoRAModule
+from codetune.run import atomic_write_text, default_run_name
+
+CONFIG_NAME = "config.yaml"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as `config.yaml` in the run directory (atomically, rank zero)."""
+
+    def __init__(self, parser, config, **kwargs) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    @override
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write_text(Path(trainer.default_root_dir) / CONFIG_NAME, text)
+
+
+class CodetuneCLI(LightningCLI):
+    """LightningCLI with codetune's run directory, callbacks and linked arguments."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="Run directory name under --runs_dir (default: a timestamp).")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are created.")
+        parser.add_lightning_class_args(GenerationEval, "generation")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # Facts stated once: the model fixes the tokenizer; the window and micro-batch are data settings.
+        parser.link_arguments("model.name_or_path", "data.tokenizer")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("data.seq_len", "model.seq_len")
+        parser.link_arguments("data.batch_size", "model.micro_batch_size")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.run_name = config.run_name or default_run_name()
+        run_dir = Path(config.runs_dir) / config.run_name
+        config.trainer.default_root_dir = str(run_dir)
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
+            )
+        if config.trainer.enable_progress_bar is not False:
+            config.trainer.callbacks = [*(config.trainer.callbacks or []),
+                                        Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar")]
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+
+
+def build_cli(args: Sequence[str] | None) -> CodetuneCLI:
+    return CodetuneCLI(
+        CodeLoRAModule,
+        CodeDataModule,
+        args=None if args is None else list(args),
+        seed_everything_default=42,
+        save_config_callback=RunConfigSaver,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [ManifestWriter()], "log_every_n_steps": 1},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA."},
+    )
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    try:
+        cli = build_cli(args)
+    except ConfigError as err:
+        print(f"codetune: error: {err}", file=sys.stderr)
+        return 2
+    if cli.subcommand == "fit":
+        print(cli.trainer.default_root_dir, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

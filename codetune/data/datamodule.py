@@ -1,0 +1,227 @@
+"""The LightningDataModule: repository -> files -> token ids -> packed windows -> optimizer batches.
+
+Each training batch is one *optimizer* batch of `batch_size x gradient_accumulation_steps` windows;
+the LightningModule splits it into micro-batches of `batch_size`. Keeping the split in the module
+means an OOM back-off only changes how a batch is cut, never which samples it holds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from codetune.data.files import ScanResult, scan_repository
+from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
+from codetune.data.split import split_paths
+from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_texts
+from codetune.errors import ConfigError
+
+DEFAULT_EXTENSIONS = (".py", ".pyi", ".rs", ".toml", ".md", ".c", ".h", ".cpp", ".hpp", ".go", ".js",
+                      ".ts", ".tsx", ".java", ".kt", ".sh", ".yaml", ".yml")
+
+
+class WindowDataset(Dataset):
+    """Window `i` of a split, with its index as the sample id."""
+
+    def __init__(self, windows: Windows) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class WindowCollator:
+    """Builds model inputs for a list of window indices (picklable, for worker processes)."""
+
+    def __init__(self, windows: Windows, packing: PackingMode) -> None:
+        self.windows = windows
+        self.packing = packing
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices)
+        input_ids = self.windows.input_ids[idx]
+        position_ids = self.windows.position_ids[idx]
+        labels = window_labels(input_ids, position_ids, self.windows.n_real[idx], self.packing)
+        return {
+            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+            "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+            "sample_ids": torch.from_numpy(idx.astype(np.int64)),
+        }
+
+
+class CodeDataModule(L.LightningDataModule):
+    """Packed windows of a repository's code.
+
+    Args:
+        repo: The repository to train on (a directory).
+        tokenizer: The model whose tokenizer is used (linked from --model.name_or_path; 'tiny'
+            trains a byte-level BPE tokenizer on the training files).
+        seq_len: Tokens per window.
+        batch_size: Micro-batch: windows per forward/backward pass.
+        gradient_accumulation_steps: Micro-batches per optimizer step (effective batch is
+            batch_size x gradient_accumulation_steps windows).
+        extensions: File extensions to train on (with the dot).
+        ignore_patterns: Extra gitignore-style patterns, on top of the built-in ones and .gitignore.
+        val_fraction: Share of files held out for validation (file-level, deterministic).
+        packing: 'isolated' (no attention across files) or 'concat' (plain concatenation).
+        max_file_bytes: Files larger than this are skipped.
+        max_line_length: Files with a longer line are treated as minified/generated and skipped.
+        tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model.
+        trust_remote_code: Passed to the tokenizer loader (linked from --model.trust_remote_code).
+        seed: Seed of the file split and of the window shuffle.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        repo: str = ".",
+        tokenizer: str = "tiny",
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        gradient_accumulation_steps: int = 2,
+        extensions: list[str] = list(DEFAULT_EXTENSIONS),
+        ignore_patterns: list[str] = [],
+        val_fraction: float = 0.1,
+        packing: PackingMode = "isolated",
+        max_file_bytes: int = 1_000_000,
+        max_line_length: int = 1000,
+        tiny_vocab_size: int = 2048,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_positive(seq_len=seq_len, batch_size=batch_size,
+                        gradient_accumulation_steps=gradient_accumulation_steps,
+                        max_file_bytes=max_file_bytes, max_line_length=max_line_length)
+        if seq_len < 2:
+            raise ConfigError(f"--data.seq_len={seq_len}: a window needs at least 2 tokens.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"--data.val_fraction={val_fraction}: use a value in [0, 1), e.g. 0.1.")
+        if packing not in ("isolated", "concat"):
+            raise ConfigError(f"--data.packing={packing!r}: use 'isolated' or 'concat'.")
+        self.repo = _existing_dir(repo)
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.packing = packing
+        self.tokenizer = None
+        self.train_windows: Windows | None = None
+        self.val_windows: Windows | None = None
+        self.report: dict[str, Any] = {}
+
+    # -- preparation -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.train_windows is not None:
+            return
+        started = time.perf_counter()
+        scan = self._scan()
+        scan_s = time.perf_counter() - started
+        by_path = {f.rel_path: f for f in scan.files}
+        train_paths, val_paths = split_paths(list(by_path), self.hparams.val_fraction, self.hparams.seed)
+        train_texts = [by_path[p].text for p in train_paths]
+        val_texts = [by_path[p].text for p in val_paths]
+
+        started = time.perf_counter()
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer, train_texts, self.hparams.trust_remote_code,
+                                        self.hparams.tiny_vocab_size)
+        train_ids = tokenize_texts(self.tokenizer, train_texts)
+        val_ids = tokenize_texts(self.tokenizer, val_texts)
+        eos, pad = self.tokenizer.eos_token_id, pad_token_id(self.tokenizer)
+        self.train_windows = pack_windows(train_ids, self.seq_len, eos, pad, self.packing)
+        self.val_windows = pack_windows(val_ids, self.seq_len, eos, pad, self.packing)
+        tokenize_s = time.perf_counter() - started
+        self.report = self._report(scan, train_paths, val_paths, train_ids, val_ids, scan_s, tokenize_s)
+        rank_zero_info(
+            f"codetune data: {len(train_paths)} train / {len(val_paths)} val files, "
+            f"{len(self.train_windows)} train / {len(self.val_windows)} val windows of {self.seq_len} tokens"
+        )
+
+    def _scan(self) -> ScanResult:
+        scan = scan_repository(self.repo, self.hparams.extensions, self.hparams.ignore_patterns,
+                               self.hparams.max_file_bytes, self.hparams.max_line_length)
+        if not scan.files:
+            counts = scan.skip_counts()
+            why = (f"all {sum(counts.values())} candidate files were skipped ({_format_counts(counts)})"
+                   if counts else f"no file has one of the extensions {self.hparams.extensions}")
+            raise ConfigError(
+                f"--data.repo {str(self.repo)!r}: nothing to train on: {why}. Check --data.extensions "
+                f"and --data.ignore_patterns, or run `codetune inspect {self.repo}`."
+            )
+        return scan
+
+    def _report(self, scan: ScanResult, train_paths, val_paths, train_ids, val_ids,
+                scan_s: float, tokenize_s: float) -> dict[str, Any]:
+        return {
+            "phase_1_scan": {
+                "files_kept": len(scan.files),
+                "files_skipped": scan.skip_counts(),
+                "secrets_redacted": dict(scan.secrets_redacted),
+                "lines": int(sum(f.n_lines for f in scan.files)),
+                "wall_s": round(scan_s, 3),
+            },
+            "phase_2_tokenize": {
+                "tokenizer": self.hparams.tokenizer,
+                "train_files": len(train_paths),
+                "val_files": len(val_paths),
+                "train_tokens": int(sum(len(t) + 1 for t in train_ids)),
+                "val_tokens": int(sum(len(t) + 1 for t in val_ids)),
+                "train_windows": len(self.train_windows),
+                "val_windows": len(self.val_windows),
+                "seq_len": self.seq_len,
+                "packing": self.packing,
+                "packing_efficiency": round(self.train_windows.efficiency, 5),
+                "wall_s": round(tokenize_s, 3),
+            },
+        }
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    @property
+    def optimizer_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def train_dataloader(self) -> DataLoader:
+        if not len(self.train_windows):
+            raise ConfigError(f"--data.repo {str(self.repo)!r}: no training windows (no training files).")
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(WindowDataset(self.train_windows), batch_size=self.optimizer_batch_size, shuffle=True,
+                          generator=generator, collate_fn=WindowCollator(self.train_windows, self.packing),
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(WindowDataset(self.val_windows), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=WindowCollator(self.val_windows, self.packing),
+                          num_workers=self.hparams.num_workers)
+
+
+def _existing_dir(repo: str) -> Path:
+    path = Path(repo).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--data.repo {repo!r} does not exist. Point it at your repository's root directory.")
+    if not path.is_dir():
+        raise ConfigError(f"--data.repo {repo!r} is not a directory. Point it at your repository's root directory.")
+    return path
+
+
+def _check_positive(**values: int) -> None:
+    bad = [f"--data.{k}={v}" for k, v in values.items() if v < 1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be a positive integer.")
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))

@@ -1,0 +1,240 @@
+"""The LightningModule: a causal LM (4-bit NF4 on CUDA) with LoRA adapters, trained on packed windows.
+
+Optimization is manual so that one optimizer step is one place in the code: each batch is a whole
+optimizer batch (micro-batch x accumulation windows) that `training_step` cuts into micro-batches.
+The loss of every micro-batch is a *sum* of token cross-entropies divided by the target count of
+the whole optimizer batch, so the gradient is the same however the batch is cut (an OOM back-off
+changes only `micro_batch_size`). The loss never materialises [batch, seq, vocab] logits at once:
+see `codetune.model.loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from transformers import get_cosine_schedule_with_warmup
+
+from codetune.errors import ConfigError
+from codetune.model.loading import (DType, Quantization, apply_lora, enable_gradient_checkpointing,
+                                    load_causal_lm, resolve_dtype, resolve_quantization)
+from codetune.model.loss import causal_lm_loss_sum
+from codetune.model.tiny import TINY_NAME, build_tiny_model
+from codetune.run import atomic_save_dir
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_MODEL_DIR = "base_model"
+
+
+class CodeLoRAModule(L.LightningModule):
+    """QLoRA fine-tuning of a causal code LM.
+
+    Args:
+        name_or_path: Base model: a Hugging Face id (e.g. Qwen/Qwen2.5-Coder-1.5B), a local
+            directory, or 'tiny' (an offline Llama built from a config, saved to the run's base_model/).
+        quantization: 'nf4' loads the base in 4-bit NF4 (bitsandbytes); 'none' in `dtype`; 'auto'
+            is nf4 on CUDA and none elsewhere (with a warning).
+        dtype: Compute dtype of the base model; 'auto' is bf16 on CUDA, fp32 on CPU.
+        trust_remote_code: Allow model code from the hub repository (off unless you trust it).
+        attn_implementation: transformers attention backend ('sdpa', 'eager', 'flash_attention_2').
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+        lora_dropout: Dropout on the LoRA path.
+        lora_target_modules: Names of the linear layers that get adapters.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        learning_rate: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay on the LoRA weights.
+        warmup_steps: Linear warm-up optimizer steps before the cosine decay.
+        max_grad_norm: Gradient clipping by global norm (0 disables it).
+        loss_chunk_size: Tokens per chunk of the output projection + cross-entropy (None: plain path).
+        seq_len: Window length (linked from --data.seq_len).
+        micro_batch_size: Windows per forward/backward (linked from --data.batch_size).
+        seed: Seed of the tiny model's initialisation.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = TINY_NAME,
+        quantization: Quantization = "auto",
+        dtype: DType = "auto",
+        trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        max_grad_norm: float = 1.0,
+        loss_chunk_size: int | None = 1024,
+        seq_len: int = 2048,
+        micro_batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _validate(lora_rank, lora_alpha, lora_dropout, learning_rate, warmup_steps, micro_batch_size, loss_chunk_size)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        # Checkpoints hold only the trainable (LoRA) weights; the frozen base is rebuilt on load.
+        self.strict_loading = False
+        self.micro_batch_size = micro_batch_size
+        self.model = None
+        self.tokenizer = None
+        self.val_loss = MeanMetric()
+        self._step_started = 0.0
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = self.trainer.datamodule.tokenizer
+        device = self.trainer.strategy.root_device
+        cuda = device.type == "cuda"
+        source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
+        model = load_causal_lm(source, resolve_quantization(hp.quantization, cuda), resolve_dtype(hp.dtype, cuda),
+                               hp.trust_remote_code, hp.attn_implementation, device)
+        self._check_context(model)
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
+
+    def _tiny_base_dir(self) -> Path:
+        """Build the tiny model once per run directory (rank zero) so every rank and a resume load the same."""
+        target = Path(self.trainer.default_root_dir) / BASE_MODEL_DIR
+        if self.trainer.is_global_zero and not (target / "config.json").exists():
+            model = build_tiny_model(self.tokenizer, seed=self.hparams.seed,
+                                     max_position_embeddings=max(self.hparams.seq_len, 4096))
+            with atomic_save_dir(target) as tmp:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        self.trainer.strategy.barrier("codetune-tiny-base")
+        return target
+
+    def _check_context(self, model) -> None:
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and self.hparams.seq_len > context:
+            raise ConfigError(f"--data.seq_len={self.hparams.seq_len} is longer than the model's context "
+                              f"({context} tokens). Use --data.seq_len {context} or less.")
+
+    @property
+    def causal_lm(self):
+        """The transformers model inside the peft wrapper (LoRA layers injected)."""
+        return self.model.get_base_model()
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token cross-entropy, target count) of a micro-batch, without full logits."""
+        # No attention_mask and no cache: transformers then derives the block-diagonal causal mask
+        # from position ids that restart per file (packing isolation).
+        hidden = self.causal_lm.get_decoder()(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+        return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), batch["labels"],
+                                  self.hparams.loss_chunk_size)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        started = time.perf_counter()
+        loss = self.accumulate_gradients(batch)
+        if self.hparams.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        tokens = batch["input_ids"].numel()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens_per_s", tokens / (time.perf_counter() - started))
+        self.log("train/lr", scheduler.get_last_lr()[0])
+        self.log("train/micro_batch_size", float(self.micro_batch_size))
+        return loss
+
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward/backward every micro-batch of an optimizer batch; returns the batch's mean token loss."""
+        n_targets = _count_targets(batch["labels"]).clamp(min=1)
+        total = torch.zeros((), device=self.device)
+        for micro in split_batch(batch, self.micro_batch_size):
+            loss_sum, _ = self.loss_sum(micro)
+            # Divide by the whole batch's target count: gradients do not depend on the split.
+            self.manual_backward(loss_sum / n_targets)
+            total += loss_sum.detach()
+        return total / n_targets
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n = self.loss_sum(batch)
+        if n > 0:
+            self.val_loss.update(loss_sum / n, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        # Perplexity = exp(mean token NLL over all held-out targets), aggregated across ranks by torchmetrics.
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", torch.exp(loss))
+
+    # -- optimizer and checkpoints ------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A full 4-bit state dict does not reload; the frozen base is rebuilt from name_or_path anyway.
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def save_adapter(self, directory: Path) -> None:
+        """The LoRA adapter in peft format (safetensors), loadable with PeftModel.from_pretrained."""
+        with atomic_save_dir(directory) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+
+
+def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive micro-batches of at most `micro_batch_size` rows."""
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
+
+
+def _count_targets(labels: torch.Tensor) -> torch.Tensor:
+    # The loss predicts labels[:, 1:]; the first column is never a target.
+    return (labels[:, 1:] != -100).sum()
+
+
+def _validate(rank, alpha, dropout, lr, warmup, micro_batch, chunk) -> None:
+    problems = []
+    if rank < 1:
+        problems.append(f"--model.lora_rank={rank}: must be >= 1 (e.g. 8 or 16)")
+    if alpha <= 0:
+        problems.append(f"--model.lora_alpha={alpha}: must be > 0 (usually 2 x rank)")
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"--model.lora_dropout={dropout}: must be in [0, 1)")
+    if not (lr > 0 and math.isfinite(lr)):
+        problems.append(f"--model.learning_rate={lr}: must be a positive number (e.g. 1e-4)")
+    if warmup < 0:
+        problems.append(f"--model.warmup_steps={warmup}: must be >= 0")
+    if micro_batch < 1:
+        problems.append(f"--data.batch_size={micro_batch}: must be >= 1")
+    if chunk is not None and chunk < 1:
+        problems.append(f"--model.loss_chunk_size={chunk}: must be a positive integer or null")
+    if problems:
+        raise ConfigError("; ".join(problems))

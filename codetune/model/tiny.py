@@ -1,0 +1,78 @@
+"""The embedded default model: a tiny Llama and a byte-level BPE tokenizer, built offline.
+
+`--model.name_or_path tiny` needs no download. The tokenizer is trained with `tokenizers` on the
+run's *training* files (never the validation ones, so held-out metrics stay honest) and the model is
+a randomly initialised Llama built from a config with a fixed seed. Both are saved in Hugging Face
+format into the run directory (`base_model/`), so the adapter loads later with plain transformers +
+peft, exactly as for a hub model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_NAME = "tiny"
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over `texts`; every byte is in the alphabet, so no input is ever unknown."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+                max_position_embeddings: int = 4096, bos_token_id: int = 1, eos_token_id: int = 2,
+                pad_token_id: int = 0) -> LlamaConfig:
+    # Dimensions stay multiples of 32: bitsandbytes' 4-bit blocks and fused kernels expect it.
+    for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+        if value % 32:
+            raise ValueError(f"tiny model {name}={value} must be a multiple of 32")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def padded_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    """The embedding rows for `tokenizer`, rounded up to a multiple of 32."""
+    return -(-len(tokenizer) // 32) * 32
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0,
+                     max_position_embeddings: int = 4096) -> LlamaForCausalLM:
+    config = tiny_config(
+        padded_vocab_size(tokenizer),
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # A private generator keeps the init independent of whatever consumed the global RNG before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model

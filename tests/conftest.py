@@ -1,0 +1,79 @@
+"""Shared fixtures: small repositories built in tmp_path, and a tiny model trained on nothing."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+RUST_FILE = textwrap.dedent('''\
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Counter {
+        counts: HashMap<String, usize>,
+    }
+
+    impl Counter {
+        pub fn new() -> Self {
+            Self { counts: HashMap::new() }
+        }
+
+        pub fn add(&mut self, word: &str) -> usize {
+            let entry = self.counts.entry(word.to_string()).or_insert(0);
+            *entry += 1;
+            *entry
+        }
+
+        pub fn get(&self, word: &str) -> Option<usize> {
+            self.counts.get(word).copied()
+        }
+    }
+    ''')
+
+PY_FILE = textwrap.dedent('''\
+    import math
+
+
+    def analyze_energy(values):
+        """Return the total and the mean of the values."""
+        total = sum(values)
+        return total, total / max(len(values), 1)
+
+
+    class Energy:
+        def __init__(self, joules):
+            self.joules = joules
+
+        def kilojoules(self):
+            return self.joules / 1000.0
+
+        def log_scale(self):
+            return math.log10(self.joules)
+    ''')
+
+
+def write_fixture_repo(root: Path, n_copies: int = 6) -> Path:
+    """A small mixed repository: Rust and Python sources in nested dirs, a .gitignore, build output
+    and a binary file that must be skipped."""
+    (root / "src" / "nested").mkdir(parents=True)
+    (root / "py" / "pkg").mkdir(parents=True)
+    for i in range(n_copies):
+        # Distinct contents (duplicates are skipped), same style.
+        (root / "src" / f"counter_{i}.rs").write_text(RUST_FILE.replace("Counter", f"Counter{i}"))
+        (root / "py" / "pkg" / f"energy_{i}.py").write_text(PY_FILE.replace("Energy", f"Energy{i}"))
+    (root / "src" / "nested" / "lib.rs").write_text("pub mod counter;\npub fn answer() -> u32 {\n    42\n}\n")
+    (root / ".gitignore").write_text("ignored_dir/\n*.log\n")
+    (root / "ignored_dir").mkdir()
+    (root / "ignored_dir" / "secret_plan.py").write_text("print('must not be trained on')\n")
+    (root / "debug.log").write_text("log line\n")
+    (root / "target" / "debug").mkdir(parents=True)
+    (root / "target" / "debug" / "build.rs").write_text("fn built() {}\n")
+    (root / "blob.py").write_bytes(b"\x00\x01\x02binary\x00" * 10)
+    return root
+
+
+@pytest.fixture
+def fixture_repo(tmp_path: Path) -> Path:
+    return write_fixture_repo(tmp_path / "repo")

@@ -1,0 +1,148 @@
+"""End-to-end: the CLI trains the tiny model on a fixture repo and leaves a usable run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from codetune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "training_config.yaml")
+DEMO = str(ROOT / "configs" / "presets" / "demo.yaml")
+
+
+def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
+            "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
+            "--data.gradient_accumulation_steps", "2", "--generation.max_new_tokens", "8",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.max_epochs", "100", *extra]
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, str]:
+    from conftest import write_fixture_repo
+
+    tmp = tmp_path_factory.mktemp("cli")
+    repo = write_fixture_repo(tmp / "repo")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", "12")) == 0
+    return tmp / "runs" / "t", out.getvalue()
+
+
+def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
+    run_dir, stdout = trained_run
+    assert stdout.strip().splitlines()[-1] == str(run_dir)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
+    for key in ("final_train_loss", "final_val_loss", "final_perplexity"):
+        assert isinstance(stats[key], float) and stats[key] > 0
+    assert stats["final_perplexity"] == pytest.approx(torch.tensor(stats["final_val_loss"]).exp().item(), rel=1e-5)
+    assert stats["optimizer_steps"] == 12
+    windows = manifest["phase_results"]["phase_2_tokenize"]["train_windows"]
+    steps_per_epoch = -(-windows // 4)
+    assert 12 % steps_per_epoch == 0, "fixture sized so the run ends on an epoch boundary"
+    assert stats["tokens_trained"] == (12 // steps_per_epoch) * windows * 64
+    assert manifest["training_time_minutes"] > 0
+    assert manifest["status"] == "completed"
+    assert manifest["config"]["data"]["seq_len"] == 64
+    assert manifest["phase_results"]["phase_1_scan"]["files_kept"] == 13
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").exists() and (run_dir / "samples" / "epoch_0.jsonl").exists()
+
+
+def test_final_val_loss_is_measured_after_the_last_step(trained_run):
+    run_dir, _ = trained_run
+    stats = json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]["training_stats"]
+    assert scalars(run_dir, "val/loss")[-1] == pytest.approx(stats["final_val_loss"], rel=1e-6)
+
+
+def test_loss_goes_down(trained_run):
+    run_dir, _ = trained_run
+    losses = scalars(run_dir, "train/loss")
+    assert len(losses) == 12
+    # LoRA on a random tiny model learns slowly, but 12 steps at the demo's learning rate must cut the
+    # mean loss by far more than step-to-step noise (~0.02 here).
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25, losses
+
+
+def test_adapter_loads_with_plain_transformers_and_peft(trained_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = trained_run
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    ids = tokenizer("fn new() -> Self", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_checkpoint_holds_only_lora_weights_and_round_trips(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    state = ckpt["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    # Resume from the checkpoint with nothing left to train: the exported adapter equals the checkpoint.
+    config = str(run_dir / "config.yaml")
+    args = ["fit", "--config", config, "--runs_dir", str(tmp_path), "--run_name", "resumed",
+            "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    assert main(args) == 0
+    adapter = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    by_suffix = {k.removeprefix("model.").replace(".default", ""): v for k, v in state.items()}
+    assert set(by_suffix) == set(adapter)
+    for key, value in adapter.items():
+        assert torch.equal(value, by_suffix[key]), key
+
+
+def test_bad_repo_is_one_clear_error(tmp_path, capsys):
+    assert main(fit_args(tmp_path / "missing", tmp_path / "runs", "bad")) == 2
+    err = capsys.readouterr().err
+    assert "--data.repo" in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_repo_with_nothing_to_train_on(tmp_path, capsys):
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    (repo / "data.bin").write_bytes(b"\x00" * 100)
+    assert main(fit_args(repo, tmp_path / "runs", "bad")) == 2
+    err = capsys.readouterr().err
+    assert "nothing to train on" in err and "--data.extensions" in err
+    assert not (tmp_path / "runs" / "bad" / "MANIFEST.json").exists()
+
+
+def test_window_longer_than_context(tmp_path, fixture_repo, capsys):
+    # The tiny model's context is max(seq_len, 4096); a hub-style local model with a short one must refuse.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from codetune.model.tiny import build_tiny_model, train_tokenizer
+
+    tokenizer = train_tokenizer(["fn main() {}\n" * 50], vocab_size=300)
+    model = build_tiny_model(tokenizer, max_position_embeddings=32)
+    model.save_pretrained(tmp_path / "short")
+    tokenizer.save_pretrained(tmp_path / "short")
+    assert isinstance(model, LlamaForCausalLM) and isinstance(model.config, LlamaConfig)
+    code = main(fit_args(fixture_repo, tmp_path / "runs", "bad", "--model.name_or_path", str(tmp_path / "short")))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--data.seq_len=64" in err and "context (32 tokens)" in err
