@@ -26,7 +26,8 @@ class ManifestWriter(Callback):
 
     - ``phase_1_scan`` / ``phase_2_tokenize``: the data module's report (files kept and skipped by
       reason, secrets redacted, tokens and windows per split, packing efficiency, wall times);
-    - ``phase_3_model``: base model, quantization, dtype, trainable and total parameters;
+    - ``phase_3_model``: base model, quantization, dtype, gradient checkpointing, fully trained layers,
+      trainable and total parameters;
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
       ``final_perplexity``, optimizer steps, epochs, tokens trained;
     - ``phase_6_export``: the adapter directory (peft ``save_pretrained``, safetensors).
@@ -78,6 +79,8 @@ class ManifestWriter(Callback):
             "architecture": type(base).__name__,
             "quantized_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
             "dtype": str(base.dtype).replace("torch.", ""),
+            "gradient_checkpointing": bool(base.is_activation_checkpointing),
+            "modules_to_save": list(pl_module.hparams.modules_to_save),
             "trainable_parameters": trainable,
             "total_parameters": total,
         }, wall_s=0.0)

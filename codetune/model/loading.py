@@ -71,8 +71,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.enable_input_require_grads()
 
 
-def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, target_modules: list[str]) -> PeftModel:
+def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, target_modules: list[str],
+               modules_to_save: list[str] | None = None) -> PeftModel:
+    """Wrap `model` in LoRA adapters; `modules_to_save` layers are trained in full (and saved with the adapter)."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        modules_to_save=list(modules_to_save) if modules_to_save else None,
                         bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)

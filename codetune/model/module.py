@@ -47,6 +47,10 @@ class CodeLoRAModule(L.LightningModule):
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA path.
         lora_target_modules: Names of the linear layers that get adapters.
+        modules_to_save: Layers trained in full and saved with the adapter (peft's
+            `modules_to_save`), e.g. [embed_tokens, lm_head] for the randomly initialised 'tiny'
+            model, whose frozen random embeddings LoRA alone can barely adapt to. Empty for a
+            pretrained base.
         gradient_checkpointing: Recompute activations in backward to save memory.
         learning_rate: Peak learning rate (AdamW).
         weight_decay: AdamW weight decay on the LoRA weights.
@@ -69,6 +73,7 @@ class CodeLoRAModule(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
+        modules_to_save: list[str] = [],
         gradient_checkpointing: bool = False,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
@@ -106,7 +111,8 @@ class CodeLoRAModule(L.LightningModule):
         self._check_context(model)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
+        self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
+                                hp.modules_to_save)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
 
