@@ -8,6 +8,7 @@ with repeated `--config`; every knob is a typed `__init__` parameter of the data
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,7 @@ class CodetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.run_name = config.run_name or default_run_name()
         run_dir = Path(config.runs_dir) / config.run_name
+        self.new_run_dir = None if run_dir.exists() else run_dir
         config.trainer.default_root_dir = str(run_dir)
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
@@ -73,6 +75,17 @@ class CodetuneCLI(LightningCLI):
                                         Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar")]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
+
+
+    def fit(self, **kwargs) -> None:
+        """`trainer.fit`; bad input found once the run started (an empty repository, a model that will
+        not load) leaves no half-made run directory behind, unless the directory held an earlier run."""
+        try:
+            self.trainer.fit(**kwargs)
+        except ConfigError:
+            if self.new_run_dir is not None:
+                shutil.rmtree(self.new_run_dir, ignore_errors=True)
+            raise
 
 
 def build_cli(args: Sequence[str] | None) -> CodetuneCLI:

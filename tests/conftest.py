@@ -74,6 +74,14 @@ def write_fixture_repo(root: Path, n_copies: int = 6) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """Nothing in the suite may reach a model hub, whatever the environment says."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture
 def fixture_repo(tmp_path: Path) -> Path:
     return write_fixture_repo(tmp_path / "repo")

@@ -141,7 +141,16 @@ def test_repo_with_nothing_to_train_on(tmp_path, capsys):
     assert main(fit_args(repo, tmp_path / "runs", "bad")) == 2
     err = capsys.readouterr().err
     assert "nothing to train on" in err and "--data.extensions" in err
-    assert not (tmp_path / "runs" / "bad" / "MANIFEST.json").exists()
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_uncached_hub_model_offline_is_one_clear_error(tmp_path, fixture_repo, capsys):
+    code = main(fit_args(fixture_repo, tmp_path / "runs", "hub", "--model.name_or_path", "codetune-tests/not-a-model"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--model.name_or_path 'codetune-tests/not-a-model'" in err and "'tiny'" in err and "Traceback" not in err
+    # The error surfaced once the run had started: its directory is removed, not left half-made.
+    assert not (tmp_path / "runs" / "hub").exists()
 
 
 def test_window_longer_than_context(tmp_path, fixture_repo, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -20,10 +19,10 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        hint = "a local directory" if Path(name_or_path).exists() else "a hub id (is it cached? set HF_HUB_OFFLINE=0)"
         raise ConfigError(
-            f"--model.name_or_path {name_or_path!r}: no tokenizer could be loaded from {hint}: {err}. "
-            f"Use a Hugging Face model id, a local model directory, or 'tiny' for the offline default."
+            f"--model.name_or_path {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "
+            f"Use a local model directory, a Hugging Face id that is cached or reachable (with HF_HUB_OFFLINE "
+            f"unset), or 'tiny' for the offline default."
         ) from err
     if not tokenizer.is_fast:
         raise ConfigError(f"--model.name_or_path {name_or_path!r} has no fast tokenizer; codetune needs one "

@@ -58,8 +58,9 @@ def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype,
             device_map={"": device} if quantize else None,
         )
     except OSError as err:
-        raise ConfigError(f"--model.name_or_path {str(name_or_path)!r}: could not load the model: {err}. Use a "
-                          f"Hugging Face id, a local model directory, or 'tiny'.") from err
+        raise ConfigError(f"--model.name_or_path {str(name_or_path)!r}: could not load the model "
+                          f"({str(err).strip().rstrip('.')}). Use a local model directory, a Hugging Face id that is "
+                          f"cached or reachable, or 'tiny'.") from err
     # from_pretrained returns eval mode, which silently disables dropout and gradient checkpointing.
     model.train()
     return model
