@@ -50,7 +50,8 @@ tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 test: install ## Run the test suite (offline, CPU)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: install ## Print the benchmark figures (training throughput vs TRL, memory)
+bench: install ## Print the benchmark figures (training throughput vs TRL, memory); installs trl
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_throughput.py
 	$(PY) bench/memory.py
 
