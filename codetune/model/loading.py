@@ -75,6 +75,7 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, target_modules: list[str],
                modules_to_save: list[str] | None = None) -> PeftModel:
     """Wrap `model` in LoRA adapters; `modules_to_save` layers are trained in full (and saved with the adapter)."""
+    _check_modules_to_save(model, modules_to_save or [])
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         modules_to_save=list(modules_to_save) if modules_to_save else None,
                         bias="none", task_type="CAUSAL_LM")
@@ -86,3 +87,13 @@ def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, ta
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"--model.lora_target_modules={list(target_modules)}: none match this model. Linear "
                           f"layers it has: {names}.") from err
+
+
+def _check_modules_to_save(model: PreTrainedModel, modules_to_save: list[str]) -> None:
+    # peft ignores a modules_to_save name that matches nothing: the user would train less than asked.
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in modules_to_save if m not in names]
+    if missing:
+        top = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())} - {""})
+        raise ConfigError(f"--model.modules_to_save={list(modules_to_save)}: {missing} match no layer of this model. "
+                          f"Its layers are named: {top}.")
