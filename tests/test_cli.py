@@ -69,6 +69,20 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples" / "epoch_0.jsonl").exists()
 
 
+def test_tensorboard_has_the_grouped_scalars_and_no_placeholder(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/micro_batch_size", "val/loss",
+            "val/perplexity"} <= tags
+    assert "hp_metric" not in tags
+    assert all(t.startswith(("train/", "val/")) for t in tags - {"epoch"}), tags
+    assert events.Tags()["tensors"], "generation samples are logged as text"
+
+
 def test_final_val_loss_is_measured_after_the_last_step(trained_run):
     run_dir, _ = trained_run
     stats = json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]["training_stats"]

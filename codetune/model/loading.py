@@ -63,7 +63,24 @@ def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype,
                           f"cached or reachable, or 'tiny'.") from err
     # from_pretrained returns eval mode, which silently disables dropout and gradient checkpointing.
     model.train()
+    if quantize:
+        keep_4bit_layout_trainable(model)
     return model
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking CPU 4-bit weights for inference.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` that runs in eval mode without grad (validation,
+    generation samples) repacks its weight for a faster kernel and keeps that layout back in train
+    mode, where that kernel has no backward: from then on no gradient flows through the frozen base
+    and earlier LoRA layers get none (bitsandbytes 0.50.2; `tests/model/test_loading.py` shows it).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
