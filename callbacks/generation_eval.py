@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError
 from codetune.run import atomic_write_text
 
@@ -78,7 +79,7 @@ class GenerationEval(Callback):
             sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                                 pad_token_id=pad_token_id(tokenizer), **sampling)
         finally:
             model.train(was_training)
         new = out[0, ids.shape[1]:]
