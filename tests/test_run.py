@@ -1,0 +1,61 @@
+"""The run directory helpers: atomic writes, the manifest's phases, the trained repository's commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from codetune.run import Manifest, atomic_save_dir, atomic_write_text, git_commit
+
+
+def test_git_commit_of_a_repository_and_none_elsewhere(tmp_path):
+    assert git_commit(tmp_path) is None
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "a.py"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "commit", "-qm", "a"], check=True, env={**os.environ, **env})
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert git_commit(tmp_path) == head.strip() and len(head.strip()) == 40
+
+
+def test_manifest_phases_are_written_through_and_reloaded(tmp_path):
+    manifest = Manifest(tmp_path)
+    manifest.start_phase("phase_4_training")
+    on_disk = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert on_disk["phase_results"]["phase_4_training"]["status"] == "running"
+    manifest.finish_phase("phase_4_training", {"training_stats": {"final_train_loss": 1.5}})
+    manifest.update(training_time_minutes=0.5)
+    reloaded = Manifest(tmp_path).data
+    assert reloaded["phase_results"]["phase_4_training"]["training_stats"] == {"final_train_loss": 1.5}
+    assert reloaded["phase_results"]["phase_4_training"]["status"] == "completed"
+    assert reloaded["training_time_minutes"] == 0.5
+
+
+def test_a_failed_phase_names_the_error(tmp_path):
+    manifest = Manifest(tmp_path)
+    manifest.start_phase("phase_2_tokenize")
+    manifest.fail_running_phases(ValueError("bad window"))
+    data = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert data["status"] == "failed" and data["failed_phase"] == "phase_2_tokenize"
+    assert data["phase_results"]["phase_2_tokenize"]["error"] == "ValueError: bad window"
+
+
+def test_atomic_writes_leave_the_old_file_or_directory_whole_on_failure(tmp_path):
+    target = tmp_path / "MANIFEST.json"
+    atomic_write_text(target, "old")
+    adapter = tmp_path / "adapter"
+    with atomic_save_dir(adapter) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_save_dir(adapter) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed while saving")
+    assert (adapter / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.json", "adapter"], "no temporary left behind"
+    with atomic_save_dir(adapter) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (adapter / "weights").read_text() == "v2" and target.read_text() == "old"
