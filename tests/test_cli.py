@@ -19,6 +19,7 @@ DEMO = str(ROOT / "configs" / "presets" / "demo.yaml")
 
 def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
     return ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
+            "--data.cache_dir", str(runs.parent / "token-cache"),
             "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
             "--data.gradient_accumulation_steps", "2", "--generation.max_new_tokens", "8",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

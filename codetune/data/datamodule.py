@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from codetune.data.files import ScanResult, scan_repository
+from codetune.data.files import ScanResult, scan_argument_problems, scan_repository
 from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
 from codetune.data.split import split_paths
-from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_texts
+from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
 from codetune.errors import ConfigError
 
 DEFAULT_EXTENSIONS = (".py", ".pyi", ".rs", ".toml", ".md", ".c", ".h", ".cpp", ".hpp", ".go", ".js",
@@ -79,6 +79,8 @@ class CodeDataModule(L.LightningDataModule):
         max_line_length: Files with a longer line are treated as minified/generated and skipped.
         tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model.
         trust_remote_code: Passed to the tokenizer loader (linked from --model.trust_remote_code).
+        cache_dir: Where token ids are cached, keyed by tokenizer and file content, so an unchanged
+            file is never tokenized twice (see `codetune.data.tokens`); null disables the cache.
         seed: Seed of the file split and of the window shuffle.
         num_workers: DataLoader worker processes.
     """
@@ -98,13 +100,16 @@ class CodeDataModule(L.LightningDataModule):
         max_line_length: int = 1000,
         tiny_vocab_size: int = 2048,
         trust_remote_code: bool = False,
+        cache_dir: str | None = "~/.cache/codetune",
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         _check_positive(seq_len=seq_len, batch_size=batch_size,
-                        gradient_accumulation_steps=gradient_accumulation_steps,
-                        max_file_bytes=max_file_bytes, max_line_length=max_line_length)
+                        gradient_accumulation_steps=gradient_accumulation_steps)
+        problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
+        if problems:
+            raise ConfigError("; ".join(f"--data.{p}" for p in problems))
         if seq_len < 2:
             raise ConfigError(f"--data.seq_len={seq_len}: a window needs at least 2 tokens.")
         if not 0.0 <= val_fraction < 1.0:
@@ -138,13 +143,14 @@ class CodeDataModule(L.LightningDataModule):
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.hparams.tokenizer, train_texts, self.hparams.trust_remote_code,
                                         self.hparams.tiny_vocab_size)
-        train_ids = tokenize_texts(self.tokenizer, train_texts)
-        val_ids = tokenize_texts(self.tokenizer, val_texts)
+        # One batch for both splits: the tokenizer's thread pool gets all the work at once.
+        ids, cache = tokenize_cached(self.tokenizer, train_texts + val_texts, self.hparams.cache_dir)
+        train_ids, val_ids = ids[:len(train_texts)], ids[len(train_texts):]
         eos, pad = self.tokenizer.eos_token_id, pad_token_id(self.tokenizer)
         self.train_windows = pack_windows(train_ids, self.seq_len, eos, pad, self.packing)
         self.val_windows = pack_windows(val_ids, self.seq_len, eos, pad, self.packing)
         tokenize_s = time.perf_counter() - started
-        self.report = self._report(scan, train_paths, val_paths, train_ids, val_ids, scan_s, tokenize_s)
+        self.report = self._report(scan, train_paths, val_paths, train_ids, val_ids, cache, scan_s, tokenize_s)
         rank_zero_info(
             f"codetune data: {len(train_paths)} train / {len(val_paths)} val files, "
             f"{len(self.train_windows)} train / {len(self.val_windows)} val windows of {self.seq_len} tokens"
@@ -163,7 +169,7 @@ class CodeDataModule(L.LightningDataModule):
             )
         return scan
 
-    def _report(self, scan: ScanResult, train_paths, val_paths, train_ids, val_ids,
+    def _report(self, scan: ScanResult, train_paths, val_paths, train_ids, val_ids, cache: CacheStats,
                 scan_s: float, tokenize_s: float) -> dict[str, Any]:
         return {
             "phase_1_scan": {
@@ -184,6 +190,9 @@ class CodeDataModule(L.LightningDataModule):
                 "seq_len": self.seq_len,
                 "packing": self.packing,
                 "packing_efficiency": round(self.train_windows.efficiency, 5),
+                "cache_hits": cache.hits,
+                "cache_misses": cache.misses,
+                "cache_dir": cache.directory,
                 "wall_s": round(tokenize_s, 3),
             },
         }

@@ -373,25 +373,31 @@ def _check_arguments(
     extensions: Sequence[str], ignore_patterns: Sequence[str], max_file_bytes: int, max_line_length: int
 ) -> frozenset[str]:
     """Validate the arguments of `scan_repository`; return the lower-cased extensions."""
+    problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
+    if problems:
+        raise ValueError("invalid scan arguments:\n  " + "\n  ".join(problems))
+    return frozenset(ext.lower() for ext in extensions)
+
+
+def scan_argument_problems(
+    extensions: Sequence[str], ignore_patterns: Sequence[str], max_file_bytes: int, max_line_length: int
+) -> list[str]:
+    """Every problem with the arguments of `scan_repository`, each starting with the argument's name."""
     problems = []
     if isinstance(ignore_patterns, str):
         problems.append(f"ignore_patterns must be a list of patterns, got the string {ignore_patterns!r}")
     if isinstance(extensions, str) or not extensions:
         problems.append(f"extensions must be a non-empty list like ['.rs', '.toml'], got {extensions!r}")
         extensions = ()
-    for ext in extensions:
-        if not ext.startswith(".") or ext.lower() not in LANGUAGE_BY_EXTENSION:
-            problems.append(
-                f"extension {ext!r} is not supported; use a dotted, known extension: "
-                + ", ".join(sorted(LANGUAGE_BY_EXTENSION))
-            )
+    unknown = [ext for ext in extensions if not ext.startswith(".") or ext.lower() not in LANGUAGE_BY_EXTENSION]
+    if unknown:
+        problems.append(f"extensions {unknown} are not supported; use dotted, known extensions: "
+                        + ", ".join(sorted(LANGUAGE_BY_EXTENSION)))
     if max_file_bytes <= 0:
         problems.append(f"max_file_bytes must be positive, got {max_file_bytes}")
     if max_line_length <= 0:
         problems.append(f"max_line_length must be positive, got {max_line_length}")
-    if problems:
-        raise ValueError("invalid scan arguments:\n  " + "\n  ".join(problems))
-    return frozenset(ext.lower() for ext in extensions)
+    return problems
 
 
 def _walk(

@@ -1,14 +1,39 @@
-"""Tokenizers: which one a run uses, and turning file texts into token ids with every core."""
+"""Tokenizers: which one a run uses, and turning file texts into token ids with every core, cached on disk.
+
+**Cache.** Token ids of each text are stored in one file under
+``<cache_dir>/tokens/v1-<tokenizer fingerprint>/<key[:2]>/<key>.i32`` (raw little-endian int32):
+
+* the *tokenizer fingerprint* hashes the tokenizer's full serialisation (vocabulary, merges,
+  normaliser, pre-tokeniser, added tokens), so another tokenizer, or another version of the same one,
+  never reads these ids: it has a directory of its own;
+* the *key* hashes the exact text that is tokenized, after decoding, CRLF normalisation and secret
+  redaction. Every ingestion setting that changes what is tokenized changes the text and so the key;
+  settings that only choose *which* files are kept (extensions, ignore patterns, size caps) need no
+  part in it. An unchanged file is never re-tokenized; a changed file misses and only it is encoded.
+
+A stale entry cannot be read: a key names its content. Files are written atomically (temporary file
+then ``os.replace``), so an interrupted run leaves whole entries or none; an entry whose size is not a
+multiple of 4 bytes is treated as a miss and rewritten. Nothing is ever evicted: delete the directory
+to reclaim the space (``codetune prepare`` and the manifest report its path).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codetune.errors import ConfigError
 from codetune.model.tiny import TINY_NAME, train_tokenizer
+
+CACHE_FORMAT = "v1"
+TOKEN_DTYPE = np.dtype("<i4")
 
 
 def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remote_code: bool = False,
@@ -44,3 +69,77 @@ def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> 
         return []
     encodings = tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
     return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of everything that decides the tokenizer's output."""
+    return _digest(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+
+
+def text_key(text: str) -> str:
+    # surrogatepass: a text decoded with surrogateescape still hashes instead of raising.
+    return _digest(text.encode("utf-8", errors="surrogatepass"))
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What one cached tokenization did: texts found in the cache and texts encoded."""
+
+    hits: int
+    misses: int
+    directory: str | None
+
+
+class TokenCache:
+    """Token ids on disk for one tokenizer; see the module docstring for the layout and the keys."""
+
+    def __init__(self, cache_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.directory = Path(cache_dir).expanduser() / "tokens" / f"{CACHE_FORMAT}-{tokenizer_fingerprint(tokenizer)}"
+        self.tokenizer = tokenizer
+
+    def path(self, key: str) -> Path:
+        # Two hex digits of fan-out keep directories small on large repositories.
+        return self.directory / key[:2] / f"{key}.i32"
+
+    def read(self, key: str) -> np.ndarray | None:
+        try:
+            raw = self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(raw) % TOKEN_DTYPE.itemsize:
+            return None  # not written by `write` (which is atomic): re-tokenize and overwrite it
+        return np.frombuffer(raw, dtype=TOKEN_DTYPE).astype(np.int32)
+
+    def write(self, key: str, ids: np.ndarray) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[np.ndarray], CacheStats]:
+        """Token ids of `texts` (as `tokenize_texts`), reading hits and encoding only the misses."""
+        keys = [text_key(t) for t in texts]
+        ids: list[np.ndarray | None] = [self.read(k) for k in keys]
+        missing = [i for i, found in enumerate(ids) if found is None]
+        for i, encoded in zip(missing, tokenize_texts(self.tokenizer, [texts[i] for i in missing])):
+            self.write(keys[i], encoded)
+            ids[i] = encoded
+        return ids, CacheStats(len(texts) - len(missing), len(missing), str(self.directory))
+
+
+def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                    cache_dir: str | Path | None) -> tuple[list[np.ndarray], CacheStats]:
+    """`tokenize_texts` through a `TokenCache` in `cache_dir`, or without a cache when it is None."""
+    if cache_dir is None:
+        return tokenize_texts(tokenizer, texts), CacheStats(0, len(texts), None)
+    return TokenCache(cache_dir, tokenizer).tokenize(texts)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
