@@ -222,6 +222,7 @@ def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing)
                      "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                      "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "2",
                      "--generation.max_new_tokens", "4", f"--trainer.callbacks+={json.dumps(counter)}",
+                     "--data.cache_dir", str(tmp_path / "token-cache"),
                      "--runs_dir", str(tmp_path / "runs"), "--run_name", "rust"])
     model = json.loads((tmp_path / "runs" / "rust" / "MANIFEST.json").read_text())["phase_results"]["phase_3_model"]
     assert model["name_or_path"] == str(local) and model["quantized_4bit"] is False
