@@ -54,7 +54,7 @@ bench: install ## Print the benchmark figures (training throughput vs TRL, memor
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_throughput.py
 	$(PY) bench/memory.py
-	$(PY) bench/secrets.py
+	$(PY) bench/secret_redaction.py
 
 clean: ## Remove the venv, runs and caches
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -76,7 +76,6 @@ class CodetuneCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
 
-
     def fit(self, **kwargs) -> None:
         """`trainer.fit`; bad input found once the run started (an empty repository, a model that will
         not load) leaves no half-made run directory behind, unless the directory held an earlier run."""

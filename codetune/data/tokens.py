@@ -14,14 +14,12 @@
 A stale entry cannot be read: a key names its content. Files are written atomically (temporary file
 then ``os.replace``), so an interrupted run leaves whole entries or none; an entry whose size is not a
 multiple of 4 bytes is treated as a miss and rewritten. Nothing is ever evicted: delete the directory
-to reclaim the space (``codetune prepare`` and the manifest report its path).
+to reclaim the space (the manifest's ``phase_2_tokenize.cache_dir`` gives its path).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codetune.errors import ConfigError
 from codetune.model.tiny import TINY_NAME, train_tokenizer
+from codetune.run import atomic_write_bytes
 
 CACHE_FORMAT = "v1"
 TOKEN_DTYPE = np.dtype("<i4")
@@ -111,16 +110,7 @@ class TokenCache:
         return np.frombuffer(raw, dtype=TOKEN_DTYPE).astype(np.int32)
 
     def write(self, key: str, ids: np.ndarray) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path(key), np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[np.ndarray], CacheStats]:
         """Token ids of `texts` (as `tokenize_texts`), reading hits and encoding only the misses."""

@@ -3,8 +3,8 @@
 Run from the repository root (it needs `detect-secrets`, a benchmark-only dependency:
 ``pip install detect-secrets``)::
 
-    python bench/secrets.py                                   # Rust crates under /usr/share/cargo/registry
-    python bench/secrets.py --repo . --ext .py --limit-mb 1   # this repository's Python source
+    python bench/secret_redaction.py                                   # Rust crates under /usr/share/cargo/registry
+    python bench/secret_redaction.py --repo . --ext .py --limit-mb 1   # this repository's Python source
 
 Both tools see the same texts: the files of ``--repo`` with the ``--ext`` extensions as
 `codetune.data.files.scan_repository` keeps them (decoded, CRLF -> LF, not redacted), taken in its
@@ -43,28 +43,21 @@ would be missed for a reason that has nothing to do with its Slack detector.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import importlib.util
+import os
+import platform
+import random
+import string
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-# This file shares its name with the standard library's `secrets`. Run as a script, its directory
-# is sys.path[0], where it would shadow that module for any library that imports it.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import string  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-
-from codetune.data.files import LANGUAGE_BY_EXTENSION, count_lines, scan_repository  # noqa: E402
-from codetune.data.secrets import redact_secrets  # noqa: E402
+from codetune.data.files import LANGUAGE_BY_EXTENSION, count_lines, scan_repository
+from codetune.data.secrets import redact_secrets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Rust crate sources that `apt-get install librust-serde-json-dev` installs with their dependencies.
