@@ -10,14 +10,16 @@ MODEL ?=
 ARGS ?=
 RUN ?=
 RUN_NAME ?=
+OUT ?=
+CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo train train-rust resume tensorboard test bench clean
+.PHONY: help install demo inspect prepare train train-rust resume tensorboard test bench clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUN_NAME=name"
+	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUN_NAME=name OUT=dir CONFIG=file"
 
 install: $(VENV)/.installed ## Create .venv and install codetune with pinned versions (torch first)
 
@@ -31,6 +33,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install ## Train the embedded tiny model on this project's own source, on CPU (a few minutes)
 	@$(PY) -m codetune.cli fit --config configs/training_config.yaml --config configs/presets/demo.yaml \
 		--data.repo . $(NAME_ARG) $(ARGS)
+
+inspect: install ## Language mix, skipped files and the config to use: make inspect REPO=~/code/project
+	@test -n "$(REPO)" || { echo "make inspect: set REPO=path/to/your/repository"; exit 2; }
+	@$(PY) -m codetune inspect "$(REPO)" $(ARGS)
+
+prepare: install ## Only scan, tokenize and pack into OUT: make prepare REPO=... OUT=dir [CONFIG=...] [MODEL=...]
+	@test -n "$(REPO)" -a -n "$(OUT)" || { echo "make prepare: set REPO=path/to/your/repository and OUT=dir"; exit 2; }
+	@$(PY) -m codetune prepare --config $(CONFIG) --data.repo "$(REPO)" --out "$(OUT)" $(MODEL_ARG) $(ARGS)
 
 train: install ## Train with the default config: make train REPO=~/code/project [MODEL=...] [ARGS=...]
 	@test -n "$(REPO)" || { echo "make train: set REPO=path/to/your/repository"; exit 2; }

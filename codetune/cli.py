@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from typing_extensions import override
 from callbacks.generation_eval import GenerationEval
 from callbacks.manifest import ManifestWriter
 from codetune.data.datamodule import CodeDataModule
-from codetune.errors import ConfigError
+from codetune.errors import ConfigError, exit_status
 from codetune.model.module import CodeLoRAModule
 from codetune.run import atomic_write_text, default_run_name
 
@@ -87,8 +88,16 @@ class CodetuneCLI(LightningCLI):
             raise
 
 
-def build_cli(args: Sequence[str] | None) -> CodetuneCLI:
-    return CodetuneCLI(
+def build_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI] = CodetuneCLI, run: bool = True) -> CodetuneCLI:
+    """The CLI over `args` (None: sys.argv); `run=False` parses and instantiates without a subcommand."""
+    with warnings.catch_warnings():
+        # `main` always passes the command line explicitly (it strips `prepare`), which Lightning warns about.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _instantiate_cli(args, cli_class, run)
+
+
+def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], run: bool) -> CodetuneCLI:
+    return cli_class(
         CodeLoRAModule,
         CodeDataModule,
         args=None if args is None else list(args),
@@ -97,16 +106,30 @@ def build_cli(args: Sequence[str] | None) -> CodetuneCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [ManifestWriter()], "log_every_n_steps": 1},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA."},
+        run=run,
+        parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA. Other commands: "
+                                      "`codetune inspect REPO` (language mix, skipped files, recommended "
+                                      "config) and `codetune prepare ... --out DIR` (the packed data only)."},
     )
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    try:
-        cli = build_cli(args)
-    except ConfigError as err:
-        print(f"codetune: error: {err}", file=sys.stderr)
-        return 2
+    """Entry point of every command (`inspect` and `prepare` included); returns the exit status."""
+    args = sys.argv[1:] if args is None else list(args)
+    command = args[0] if args else None
+    if command == "inspect":
+        from codetune.inspect import main as inspect_main
+
+        return exit_status(lambda: inspect_main(args[1:]), "codetune inspect")
+    if command == "prepare":
+        from codetune.prepare import main as prepare_main
+
+        return exit_status(lambda: prepare_main(args[1:]), "codetune prepare")
+    return exit_status(lambda: _run_lightning_cli(args))
+
+
+def _run_lightning_cli(args: list[str]) -> int:
+    cli = build_cli(args)
     if cli.subcommand == "fit":
         print(cli.trainer.default_root_dir, flush=True)
     return 0

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -53,7 +54,9 @@ def atomic_save_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` (an old one is removed)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # Not mkdtemp: its 0700 mode would stay on the renamed directory; mkdir honours the umask.
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         if target.exists():

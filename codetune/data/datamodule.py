@@ -17,15 +17,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from codetune.data.files import ScanResult, scan_argument_problems, scan_repository
+from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, SkippedFile, scan_argument_problems, scan_repository
 from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
 from codetune.data.split import split_paths
 from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
 from codetune.errors import ConfigError
-
-DEFAULT_EXTENSIONS = (".py", ".pyi", ".rs", ".toml", ".md", ".c", ".h", ".cpp", ".hpp", ".go", ".js",
-                      ".ts", ".tsx", ".java", ".kt", ".sh", ".yaml", ".yml")
-
 
 class WindowDataset(Dataset):
     """Window `i` of a split, with its index as the sample id."""
@@ -126,6 +122,10 @@ class CodeDataModule(L.LightningDataModule):
         self.train_windows: Windows | None = None
         self.val_windows: Windows | None = None
         self.report: dict[str, Any] = {}
+        self.split_files: dict[str, list[str]] = {}
+        """Relative paths of the files in each split ("train", "val"), in window order."""
+        self.skipped: list[SkippedFile] = []
+        """What the scan left out, and why."""
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -137,6 +137,8 @@ class CodeDataModule(L.LightningDataModule):
         scan_s = time.perf_counter() - started
         by_path = {f.rel_path: f for f in scan.files}
         train_paths, val_paths = split_paths(list(by_path), self.hparams.val_fraction, self.hparams.seed)
+        self.split_files = {"train": train_paths, "val": val_paths}
+        self.skipped = scan.skipped
         train_texts = [by_path[p].text for p in train_paths]
         val_texts = [by_path[p].text for p in val_paths]
 

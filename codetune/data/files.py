@@ -51,8 +51,10 @@ original bytes.
 `secrets.redact_secrets` and the counts per kind are summed in `ScanResult.secrets_redacted`.
 
 Cost: one `scandir` per directory, one `read` per candidate file and a few C-speed passes over
-each text (decode, split, redaction hints). No content-sniffing library: the bytes are already in
-memory and the NUL test is the one git applies. Measured (warm page cache, best of 5): tokio 1.24.2,
+each text (decode, split, redaction hints). No content-sniffing library: `identify` was weighed and
+left out, because its text test opens and reads each file again while the bytes are already in
+memory here, the NUL test is the one git applies, and the walk needs the language of only the
+extensions it trains on (`LANGUAGE_BY_EXTENSION`). Measured (warm page cache, best of 5): tokio 1.24.2,
 425 files and 101k lines (3.2 MB), in 0.11 s, about 4,000 files/s and 30 MB/s; the CPython 3.11
 standard library, 1,734 `.py` files (31 MB), in 0.8 s.
 """
@@ -129,6 +131,11 @@ DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
     "flake.lock",
     "go.sum",
 )
+
+# What a run trains on unless --data.extensions says otherwise: code, plus the configs and docs
+# that sit next to it in most repositories.
+DEFAULT_EXTENSIONS: tuple[str, ...] = (".py", ".pyi", ".rs", ".toml", ".md", ".c", ".h", ".cpp", ".hpp", ".go",
+                                       ".js", ".ts", ".tsx", ".java", ".kt", ".sh", ".yaml", ".yml")
 
 LANGUAGE_BY_EXTENSION: dict[str, str] = {
     ".rs": "rust",

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from codetune.errors import ConfigError
 
@@ -41,6 +41,14 @@ def resolve_dtype(dtype: DType, cuda_available: bool) -> torch.dtype:
     if cuda_available and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16 if cuda_available else torch.float32
+
+
+def check_context(seq_len: int, config: PretrainedConfig) -> None:
+    """A window must fit the model's context (`max_position_embeddings`), or positions past it are garbage."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"--data.seq_len={seq_len} is longer than the model's context ({context} tokens). "
+                          f"Use --data.seq_len {context} or less.")
 
 
 def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype, trust_remote_code: bool,

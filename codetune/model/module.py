@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from codetune.errors import ConfigError
-from codetune.model.loading import (DType, Quantization, apply_lora, enable_gradient_checkpointing,
+from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.tiny import TINY_NAME, build_tiny_model
@@ -107,7 +107,7 @@ class CodeLoRAModule(L.LightningModule):
         source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
         model = load_causal_lm(source, resolve_quantization(hp.quantization, cuda), resolve_dtype(hp.dtype, cuda),
                                hp.trust_remote_code, hp.attn_implementation, device)
-        self._check_context(model)
+        check_context(self.hparams.seq_len, model.config)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
@@ -126,12 +126,6 @@ class CodeLoRAModule(L.LightningModule):
                 self.tokenizer.save_pretrained(tmp)
         self.trainer.strategy.barrier("codetune-tiny-base")
         return target
-
-    def _check_context(self, model) -> None:
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context is not None and self.hparams.seq_len > context:
-            raise ConfigError(f"--data.seq_len={self.hparams.seq_len} is longer than the model's context "
-                              f"({context} tokens). Use --data.seq_len {context} or less.")
 
     @property
     def causal_lm(self):

@@ -1,0 +1,27 @@
+"""`codetune` / `python -m codetune`: dispatch to a command.
+
+`inspect` is answered without importing Lightning, peft or bitsandbytes (seconds of import time);
+everything else goes to the Lightning CLI in `codetune.cli` (`fit`, `validate`, `prepare`, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from codetune.errors import exit_status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect"]:
+        from codetune.inspect import main as inspect_main
+
+        return exit_status(lambda: inspect_main(argv[1:]), "codetune inspect")
+    from codetune.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""A repository's language mix and the config it calls for.
+
+`language_table` sums files, lines, bytes and (when token counts are given) tokens per language over
+the files a scan kept. `recommend_config` applies the rule users know from the two configs: when
+more than 70% of the *code* lines are Rust, `configs/training_config_rust.yaml` (longer windows,
+rank 16); otherwise `configs/training_config.yaml`.
+
+"Code" means programming languages: prose and data files (`NON_CODE_LANGUAGES`: Markdown, reST,
+plain text, JSON, YAML, TOML) are listed and trained on but left out of the share, because a crate
+with a long README or a big `Cargo.toml` is still a Rust crate. Exactly 70% is not "more than 70%",
+and a repository without code gets the default config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from codetune.data.files import SourceFile
+
+NON_CODE_LANGUAGES = frozenset({"markdown", "restructuredtext", "text", "json", "yaml", "toml"})
+RUST_SHARE_THRESHOLD = 0.70
+DEFAULT_CONFIG = "configs/training_config.yaml"
+RUST_CONFIG = "configs/training_config_rust.yaml"
+
+
+@dataclass(frozen=True)
+class LanguageRow:
+    """Totals of one language over the kept files."""
+
+    language: str
+    files: int
+    lines: int
+    bytes: int
+    tokens: int | None
+    """Token count under the tokenizer used, or None when tokens were not counted."""
+    is_code: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    config: str
+    rust_share: float
+    """Rust lines / code lines (0.0 when there is no code)."""
+    reason: str
+
+
+def language_table(files: Sequence[SourceFile], token_counts: Sequence[int] | None = None) -> list[LanguageRow]:
+    """One row per language, most lines first (ties by name); `token_counts[i]` belongs to `files[i]`."""
+    if token_counts is not None and len(token_counts) != len(files):
+        raise ValueError(f"{len(token_counts)} token counts for {len(files)} files")
+    totals: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        row = totals.setdefault(f.language, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += f.n_lines
+        row[2] += len(f.text.encode("utf-8"))
+        row[3] += token_counts[i] if token_counts is not None else 0
+    rows = [
+        LanguageRow(lang, n_files, lines, n_bytes, tokens if token_counts is not None else None,
+                    lang not in NON_CODE_LANGUAGES)
+        for lang, (n_files, lines, n_bytes, tokens) in totals.items()
+    ]
+    return sorted(rows, key=lambda r: (-r.lines, r.language))
+
+
+def rust_share(rows: Sequence[LanguageRow]) -> float:
+    """Share of code lines that are Rust; 0.0 when the rows hold no code."""
+    code_lines = sum(r.lines for r in rows if r.is_code)
+    rust_lines = sum(r.lines for r in rows if r.language == "rust")
+    return rust_lines / code_lines if code_lines else 0.0
+
+
+def recommend_config(rows: Sequence[LanguageRow]) -> Recommendation:
+    """The config for a repository with these language totals (see the module docstring for the rule)."""
+    share = rust_share(rows)
+    if not any(r.is_code for r in rows):
+        return Recommendation(DEFAULT_CONFIG, share, "no code files were kept, so the default applies")
+    if share > RUST_SHARE_THRESHOLD:
+        return Recommendation(RUST_CONFIG, share, f"{share:.1%} of code lines are Rust (more than 70%)")
+    return Recommendation(DEFAULT_CONFIG, share, f"{share:.1%} of code lines are Rust (70% or less)")

@@ -1,0 +1,178 @@
+"""`codetune inspect REPO`: what a run would train on, per language, and which config fits.
+
+It runs the same scan as training (ignore rules, filters, secret redaction; see
+`codetune.data.files`), counts tokens with a tokenizer, and prints a rich table of files, lines and
+tokens per language, the skipped files by reason with examples, and the recommended config
+(`codetune.data.languages`). `--json` prints the same as one JSON object with a
+`recommended_config` key. No model weights are loaded and nothing runs on a GPU.
+
+Tokens: `--tokenizer tiny` (the default, offline) trains the embedded default's byte-level BPE on the
+kept files, as `fit` does with the training files; a local model directory or a cached hub id
+(`Qwen/Qwen2.5-Coder-1.5B`) counts with that model's tokenizer; `none` skips token counting for the
+fastest answer. Token ids go through the same on-disk cache as training (`--cache_dir`), so a
+second look at an unchanged repository re-tokenizes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, scan_argument_problems, scan_repository
+from codetune.data.languages import language_table, recommend_config
+from codetune.errors import ConfigError
+
+NO_TOKENIZER = "none"
+EXAMPLES_PER_REASON = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codetune inspect",
+        description="Show what codetune would train on in a repository, and which config fits it.",
+    )
+    parser.add_argument("repo", help="The repository's root directory.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
+    parser.add_argument("--tokenizer", default="tiny",
+                        help="Tokenizer for the token counts: 'tiny' (trained on the repo, offline), a local "
+                             "model directory or cached hub id, or 'none' to skip counting. Default: tiny.")
+    parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_EXTENSIONS), metavar="EXT",
+                        help="File extensions to consider, as --data.extensions in training.")
+    parser.add_argument("--ignore_patterns", nargs="*", default=[], metavar="PATTERN",
+                        help="Extra gitignore-style patterns, as --data.ignore_patterns in training.")
+    parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="As --data.max_file_bytes.")
+    parser.add_argument("--max_line_length", type=int, default=1000, help="As --data.max_line_length.")
+    parser.add_argument("--cache_dir", default="~/.cache/codetune",
+                        help="Token cache, shared with training ('none' disables it).")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow a hub tokenizer's custom code.")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    report = inspect_repository(
+        Path(args.repo), args.extensions, args.ignore_patterns, args.max_file_bytes, args.max_line_length,
+        args.tokenizer, None if args.cache_dir == NO_TOKENIZER else args.cache_dir, args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, Console())
+    return 0
+
+
+def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: Sequence[str], max_file_bytes: int,
+                       max_line_length: int, tokenizer: str, cache_dir: str | None,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+    """The inspection report of `repo` as a JSON-ready dict (see `print_report` for its parts)."""
+    problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
+    if problems:
+        raise ConfigError("; ".join(f"--{p}" for p in problems))
+    if not repo.expanduser().is_dir():
+        what = "is not a directory" if repo.expanduser().exists() else "does not exist"
+        raise ConfigError(f"REPO {str(repo)!r} {what}. Give the path of your repository's root directory.")
+    started = time.perf_counter()
+    scan = scan_repository(repo.expanduser(), extensions, ignore_patterns, max_file_bytes, max_line_length)
+    scan_s = time.perf_counter() - started
+    started = time.perf_counter()
+    token_counts, cache = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code)
+    tokenize_s = time.perf_counter() - started
+    rows = language_table(scan.files, token_counts)
+    advice = recommend_config(rows)
+    return {
+        "repo": str(repo.expanduser().resolve()),
+        "tokenizer": tokenizer,
+        "languages": [r.as_dict() for r in rows],
+        "totals": {
+            "files": len(scan.files),
+            "lines": sum(r.lines for r in rows),
+            "bytes": sum(r.bytes for r in rows),
+            "tokens": None if token_counts is None else int(sum(token_counts)),
+        },
+        "files_skipped": scan.skip_counts(),
+        "skipped_examples": _skipped_examples(scan),
+        "secrets_redacted": dict(scan.secrets_redacted),
+        "rust_share_of_code_lines": round(advice.rust_share, 4),
+        "recommended_config": advice.config,
+        "recommendation_reason": advice.reason,
+        "token_cache": cache,
+        "wall_s": {"scan": round(scan_s, 3), "tokenize": round(tokenize_s, 3)},
+    }
+
+
+def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None,
+                  trust_remote_code: bool) -> tuple[list[int] | None, dict[str, Any] | None]:
+    """Tokens per kept file and the token cache's hits and misses (None, None: not counted)."""
+    if tokenizer == NO_TOKENIZER or not scan.files:
+        return None, None
+    # Imported here: transformers costs seconds to import, and `--tokenizer none` needs none of it.
+    from codetune.data.tokens import load_tokenizer, tokenize_cached
+
+    texts = [f.text for f in scan.files]
+    try:
+        loaded = load_tokenizer(tokenizer, texts, trust_remote_code)
+    except ConfigError as err:
+        # load_tokenizer names the training flag; here the flag is --tokenizer.
+        raise ConfigError(str(err).replace("--model.name_or_path", "--tokenizer")) from err
+    ids, stats = tokenize_cached(loaded, texts, cache_dir)
+    return [len(x) for x in ids], {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory}
+
+
+def _skipped_examples(scan: ScanResult) -> dict[str, list[str]]:
+    examples: dict[str, list[str]] = {}
+    for skipped in scan.skipped:
+        paths = examples.setdefault(skipped.reason, [])
+        if len(paths) < EXAMPLES_PER_REASON:
+            paths.append(skipped.rel_path)
+    return dict(sorted(examples.items()))
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """Languages table, skipped table, secrets and the recommendation."""
+    console.print(_language_table(report))
+    if report["files_skipped"]:
+        console.print(_skipped_table(report))
+    if report["secrets_redacted"]:
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in report["secrets_redacted"].items())
+        console.print(f"Secrets replaced by a placeholder in kept files: {kinds}")
+    # soft_wrap: a command wrapped at the terminal width could not be pasted.
+    console.print(f"Recommended config: [bold]{report['recommended_config']}[/bold] "
+                  f"({report['recommendation_reason']})", soft_wrap=True)
+    target = "train-rust" if report["recommended_config"].endswith("_rust.yaml") else "train"
+    console.print(f"  make {target} REPO={report['repo']}", soft_wrap=True, highlight=False)
+
+
+def _language_table(report: dict[str, Any]) -> Table:
+    counted = report["totals"]["tokens"] is not None
+    table = Table(title=f"{report['repo']}: kept files per language", title_justify="left")
+    for name in ("language", "files", "lines", "tokens" if counted else None, "share of code lines"):
+        if name:
+            table.add_column(name, justify="left" if name == "language" else "right")
+    code_lines = sum(r["lines"] for r in report["languages"] if r["is_code"])
+    for r in report["languages"]:
+        share = f"{r['lines'] / code_lines:.1%}" if r["is_code"] and code_lines else "(not code)"
+        tokens = [f"{r['tokens']:,}"] if counted else []
+        table.add_row(r["language"], f"{r['files']:,}", f"{r['lines']:,}", *tokens, share)
+    totals = report["totals"]
+    tokens = [f"{totals['tokens']:,}"] if counted else []
+    table.add_row("[bold]total[/bold]", f"{totals['files']:,}", f"{totals['lines']:,}", *tokens, "", end_section=True)
+    if counted:
+        table.caption = f"tokens under tokenizer {report['tokenizer']!r}"
+    return table
+
+
+def _skipped_table(report: dict[str, Any]) -> Table:
+    table = Table(title="Skipped (directories end in /)", title_justify="left")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_column("examples")
+    for reason, n in report["files_skipped"].items():
+        table.add_row(reason, f"{n:,}", ", ".join(report["skipped_examples"].get(reason, [])))
+    return table

@@ -1,0 +1,96 @@
+"""`codetune inspect REPO`: language table, skipped files, recommended config, JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PY_FILE, RUST_FILE
+
+from codetune.__main__ import main
+from codetune.data.files import count_lines
+
+RUST_LINES, PY_LINES = count_lines(RUST_FILE), count_lines(PY_FILE)
+
+
+def inspect_json(capsys, *args: str) -> dict:
+    assert main(["inspect", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def rust_crate(root: Path) -> Path:
+    """Mostly Rust, with a README longer than the code (prose does not count against the share)."""
+    (root / "src").mkdir(parents=True)
+    for i in range(5):
+        (root / "src" / f"m{i}.rs").write_text(RUST_FILE.replace("Counter", f"Counter{i}"))
+    (root / "build.py").write_text("print('codegen helper')\n")
+    (root / "README.md").write_text("".join(f"Line {i} of the docs.\n" for i in range(500)))
+    (root / "Cargo.toml").write_text('[package]\nname = "demo"\nversion = "0.1.0"\n')
+    (root / "Cargo.lock").write_text("# lockfile\n")
+    return root
+
+
+def test_mixed_repo_report(fixture_repo, tmp_path, capsys):
+    report = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"))
+    by_lang = {r["language"]: r for r in report["languages"]}
+    assert set(by_lang) == {"rust", "python"}
+    assert by_lang["rust"]["files"] == 7 and by_lang["python"]["files"] == 6
+    assert by_lang["python"]["lines"] == 6 * PY_LINES and by_lang["rust"]["lines"] == 6 * RUST_LINES + 4
+    assert report["totals"]["tokens"] == sum(r["tokens"] for r in report["languages"]) > 0
+    assert report["files_skipped"] == {"binary": 1, "extension": 1, "ignored": 3}
+    assert report["skipped_examples"]["ignored"] == ["debug.log", "ignored_dir/", "target/"]
+    # 7 Rust files vs 6 Python files of similar length: about half Rust, not more than 70%.
+    rust = 6 * RUST_LINES + 4
+    assert report["rust_share_of_code_lines"] == pytest.approx(rust / (rust + 6 * PY_LINES), abs=1e-4)
+    assert report["recommended_config"] == "configs/training_config.yaml"
+    assert report["token_cache"]["misses"] == 13 and report["token_cache"]["hits"] == 0
+    again = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"))
+    assert again["token_cache"]["hits"] == 13 and again["token_cache"]["misses"] == 0
+    assert again["languages"] == report["languages"]
+
+
+def test_rust_crate_gets_the_rust_config_in_the_table(tmp_path, capsys):
+    crate = rust_crate(tmp_path / "crate")
+    assert main(["inspect", str(crate), "--tokenizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "kept files per language" in out and "(not code)" in out and "tokens" not in out.split("Skipped")[0]
+    assert "configs/training_config_rust.yaml" in out and "make train-rust REPO=" in out
+    assert "Cargo.lock" in out  # skipped, as a lockfile, with its reason
+    report = inspect_json(capsys, str(crate), "--tokenizer", "none")
+    assert report["recommended_config"] == "configs/training_config_rust.yaml"
+    assert report["totals"]["tokens"] is None and report["token_cache"] is None
+    assert report["rust_share_of_code_lines"] == pytest.approx(5 * RUST_LINES / (5 * RUST_LINES + 1), abs=1e-4)
+
+
+@pytest.mark.parametrize(("make_path", "message"), [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: (tmp / "file.rs").write_text("fn main() {}\n") and tmp / "file.rs", "is not a directory"),
+])
+def test_bad_repo_is_one_clear_error(tmp_path, capsys, make_path, message):
+    assert main(["inspect", str(make_path(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("codetune inspect: error: REPO") and message in err and "Traceback" not in err
+
+
+def test_bad_extension_names_the_flag(fixture_repo, capsys):
+    assert main(["inspect", str(fixture_repo), "--extensions", "rs"]) == 2
+    assert "--extensions ['rs'] are not supported" in capsys.readouterr().err
+
+
+def test_inspect_never_imports_the_training_stack(fixture_repo):
+    """Seconds matter: inspect must not pay for importing Lightning, peft or bitsandbytes."""
+    code = ("import sys; from codetune.__main__ import main; "
+            f"main(['inspect', {str(fixture_repo)!r}, '--json', '--tokenizer', 'none']); "
+            "print(sorted(m for m in ('lightning', 'peft', 'bitsandbytes', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lightning_cli_entry_forwards_inspect(fixture_repo, capsys):
+    from codetune.cli import main as cli_main
+
+    assert cli_main(["inspect", str(fixture_repo), "--json", "--tokenizer", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["files"] == 13

@@ -1,0 +1,108 @@
+"""`codetune prepare`: the data phases alone, written for inspection (arrays, tokenizer, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from codetune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "training_config.yaml")
+
+
+def prepare_args(repo: Path, out: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["prepare", "--config", DEFAULT, "--data.repo", str(repo), "--out", str(out), "--model.name_or_path",
+            "tiny", "--data.seq_len", "64", "--data.cache_dir", str(tmp_path / "token-cache"), *extra]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run from tmp_path, so a stray `runs/` directory would show."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_writes_arrays_tokenizer_and_report(fixture_repo, in_tmp, capsys):
+    out = in_tmp / "prepared"
+    assert main(prepare_args(fixture_repo, out, in_tmp)) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["data_report.json", "tokenizer.json", "tokenizer_config.json",
+                                                     "train.npy", "val.npy"]
+    train, val = np.load(out / "train.npy"), np.load(out / "val.npy")
+    assert train.dtype == np.int32 and val.dtype == np.int32
+    assert train.ndim == 2 and train.shape[1] == 64 and val.shape[1] == 64 and len(val) >= 1
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["arrays"] == {"train.npy": list(train.shape), "val.npy": list(val.shape)}
+    assert report["files_skipped"] == {"binary": 1, "extension": 1, "ignored": 3}
+    assert report["phase_2_tokenize"]["train_windows"] == len(train)
+    assert 0.9 < report["packing_efficiency"] <= 1.0
+    assert len(report["files"]["train"]) + len(report["files"]["val"]) == 13
+    assert not set(report["files"]["train"]) & set(report["files"]["val"])
+    assert {"path": "blob.py", "reason": "binary"} in report["skipped"]
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.decode(train.ravel())
+    assert "pub struct Counter" in text or "class Energy" in text
+    # Windows hold whole files joined by EOS: every training file's text is in the decoded windows.
+    assert text.count(tokenizer.eos_token) == len(report["files"]["train"])
+    assert not (in_tmp / "runs").exists()
+
+
+def test_rerun_replaces_its_own_output_but_never_a_foreign_directory(fixture_repo, in_tmp, capsys):
+    out = in_tmp / "prepared"
+    assert main(prepare_args(fixture_repo, out, in_tmp)) == 0
+    assert main(prepare_args(fixture_repo, out, in_tmp, "--data.seq_len", "32")) == 0
+    assert np.load(out / "train.npy").shape[1] == 32
+    assert not [p for p in in_tmp.iterdir() if p.name.startswith(".prepared")]  # no temporary left over
+
+    foreign = in_tmp / "important"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(prepare_args(fixture_repo, foreign, in_tmp)) == 2
+    assert "--out" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_missing_out_is_one_clear_error(fixture_repo, in_tmp, capsys):
+    args = prepare_args(fixture_repo, in_tmp / "x", in_tmp)
+    i = args.index("--out")
+    assert main(args[:i] + args[i + 2:]) == 2
+    err = capsys.readouterr().err
+    assert "--out is required" in err and "Traceback" not in err
+
+
+def test_window_longer_than_the_models_context(fixture_repo, in_tmp, capsys):
+    """Only the model's config is read; the error comes before anything is written."""
+    from conftest import PY_FILE, RUST_FILE
+
+    from codetune.model.tiny import build_tiny_model, train_tokenizer
+
+    local = in_tmp / "local-model"
+    tokenizer = train_tokenizer([RUST_FILE, PY_FILE], vocab_size=512)
+    build_tiny_model(tokenizer, max_position_embeddings=128).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    out = in_tmp / "prepared"
+    args = prepare_args(fixture_repo, out, in_tmp, "--model.name_or_path", str(local))
+    assert main([*args, "--data.seq_len", "256"]) == 2
+    assert "--data.seq_len=256 is longer than the model's context (128 tokens)" in capsys.readouterr().err
+    assert not out.exists()
+    # Within the context, the local model's own tokenizer is the one written.
+    assert main([*args, "--data.seq_len", "128"]) == 0
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((local / "tokenizer.json").read_text())
+
+
+def test_bad_repo_writes_nothing(in_tmp, capsys):
+    out = in_tmp / "prepared"
+    assert main(prepare_args(in_tmp / "nope", out, in_tmp)) == 2
+    assert "--data.repo" in capsys.readouterr().err and not out.exists()
+    empty = in_tmp / "empty-repo"
+    empty.mkdir()
+    (empty / "notes.bin").write_bytes(b"\x00" * 8)
+    assert main(prepare_args(empty, out, in_tmp)) == 2
+    assert "nothing to train on" in capsys.readouterr().err and not out.exists()
