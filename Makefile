@@ -60,11 +60,12 @@ tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 test: install ## Run the test suite (offline, CPU)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: install ## Print the benchmark figures (training throughput vs TRL, memory); installs trl
+bench: install ## Print the benchmark figures (training throughput vs TRL, memory, secrets, ingest); installs trl
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_throughput.py
 	$(PY) bench/memory.py
 	$(PY) bench/secret_redaction.py
+	$(PY) bench/ingest.py
 
 clean: ## Remove the venv, runs and caches
 	rm -rf $(VENV) runs .pytest_cache *.egg-info
