@@ -29,7 +29,8 @@ class ManifestWriter(Callback):
     - ``phase_3_model``: base model, quantization, dtype, gradient checkpointing, fully trained layers,
       trainable and total parameters;
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
-      ``final_perplexity``, optimizer steps, epochs, tokens trained;
+      ``final_perplexity``, optimizer steps, epochs, tokens trained; plus what any other callback
+      returns from a ``manifest_results()`` method (``oom_backoffs``, ``peak_vram_gb``...);
     - ``phase_6_export``: the adapter directory (peft ``save_pretrained``, safetensors).
 
     Top level: ``run_name``, ``run_dir``, ``status``, ``training_time_minutes``, ``started_at``,
@@ -121,7 +122,7 @@ class ManifestWriter(Callback):
             "optimizer_steps": trainer.global_step,
             "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
             "tokens_trained": self.tokens_trained,
-        }})
+        }, **_callback_results(trainer)})
         self.manifest.update(training_time_minutes=round(minutes, 4))
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,6 +146,15 @@ class ManifestWriter(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_trained = state_dict.get("tokens_trained", 0)
+
+
+def _callback_results(trainer: L.Trainer) -> dict[str, Any]:
+    """Results that other callbacks report through a `manifest_results()` method (OOM back-offs, VRAM peaks)."""
+    results: dict[str, Any] = {}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "manifest_results"):
+            results.update(callback.manifest_results())
+    return results
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:

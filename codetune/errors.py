@@ -7,14 +7,22 @@ import sys
 from collections.abc import Callable
 
 
-class ConfigError(ValueError):
-    """A bad flag, config value, path or input repository."""
+class CodetuneError(Exception):
+    """An error whose message tells the user what to change; printed without a traceback."""
+
+
+class ConfigError(CodetuneError, ValueError):
+    """A bad flag, config value, path or input repository, found before anything was trained."""
+
+
+class OutOfMemoryAtMinimumError(CodetuneError):
+    """Training ran out of device memory with a micro-batch of one window: only a config change helps."""
 
 
 def exit_status(command: Callable[[], int], program: str = "codetune") -> int:
-    """Run `command`; a ConfigError becomes one line on stderr and status 2."""
+    """Run `command`; a CodetuneError becomes one line on stderr and status 2."""
     try:
         return command()
-    except ConfigError as err:
+    except CodetuneError as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return 2

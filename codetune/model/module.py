@@ -10,6 +10,7 @@ see `codetune.model.loss`.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
+from codetune.backoff import accumulation_steps
 from codetune.errors import ConfigError
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
@@ -91,6 +94,8 @@ class CodeLoRAModule(L.LightningModule):
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base is rebuilt on load.
         self.strict_loading = False
         self.micro_batch_size = micro_batch_size
+        # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
+        self.backoff = None
         self.model = None
         self.tokenizer = None
         self.val_loss = MeanMetric()
@@ -144,10 +149,18 @@ class CodeLoRAModule(L.LightningModule):
         return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), batch["labels"],
                                   self.hparams.loss_chunk_size)
 
+    def on_train_start(self) -> None:
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, DistributedDataParallel):
+            # Gradients are all-reduced once per optimizer step, after every rank finished its micro-batches
+            # (`_all_reduce_gradients`): with DDP's own per-backward sync, a rank that ran out of memory
+            # mid-batch would leave the others waiting in a collective forever.
+            ddp.require_backward_grad_sync = False
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
-        loss = self.accumulate_gradients(batch)
+        loss = self.backward_with_backoff(batch)
         if self.hparams.max_grad_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -160,13 +173,59 @@ class CodeLoRAModule(L.LightningModule):
         self.log("train/tokens_per_s", batch["input_ids"].numel() / (time.perf_counter() - started))
         self.log("train/lr", scheduler.get_last_lr()[0])
         self.log("train/micro_batch_size", float(self.micro_batch_size))
+        self.log("train/grad_accum", float(accumulation_steps(batch["input_ids"].shape[0], self.micro_batch_size)))
         return loss
+
+    def backward_with_backoff(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gradients of one optimizer batch, summed over ranks; after an OOM on any rank, every rank drops its
+        partial gradients and runs the same batch again at half the micro-batch (see codetune/backoff.py)."""
+        while True:
+            loss = self._attempt(batch)
+            # Every rank reaches this point whether or not it ran out of memory, so the vote cannot hang.
+            if self.trainer.strategy.reduce_boolean_decision(loss is not None, all=True):
+                self._all_reduce_gradients()
+                return loss
+            self._discard_attempt()
+            self.micro_batch_size = self.backoff.after_oom(self.trainer, self.micro_batch_size,
+                                                           batch["input_ids"].shape[0], ran_out=loss is None)
+
+    def _attempt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        try:
+            return self.accumulate_gradients(batch)
+        except torch.OutOfMemoryError:
+            if self.backoff is None:
+                raise
+            # Leaving the except block drops the traceback, and with it the failed attempt's activations.
+            return None
+
+    def _discard_attempt(self) -> None:
+        self.optimizers().zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the trainable parameters' gradients over ranks in one collective (LoRA grads are small)."""
+        world_size = self.trainer.world_size
+        if world_size == 1:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world_size
+        for p, synced in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = synced.view_as(p).clone()
 
     def accumulate_gradients(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward/backward every micro-batch of an optimizer batch; returns the batch's mean token loss."""
         n_targets = _count_targets(batch["labels"]).clamp(min=1)
         total = torch.zeros((), device=self.device)
-        for micro in split_batch(batch, self.micro_batch_size):
+        micro_batches = split_batch(batch, self.micro_batch_size)
+        for i, micro in enumerate(micro_batches):
+            if self.backoff is not None:
+                # Testing aid (CODETUNE_INJECT_OOM): fails on the second micro-batch, after a backward.
+                self.backoff.maybe_inject_oom(self.trainer, self.micro_batch_size, i == min(1, len(micro_batches) - 1))
             loss_sum, _ = self.loss_sum(micro)
             # Divide by the whole batch's target count: gradients do not depend on the split.
             self.manual_backward(loss_sum / n_targets)
@@ -174,9 +233,11 @@ class CodeLoRAModule(L.LightningModule):
         return total / n_targets
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n = self.loss_sum(batch)
-        if n > 0:
-            self.val_loss.update(loss_sum / n, weight=n)
+        # At the training micro-batch: after an OOM back-off, validation fits in memory too.
+        for micro in split_batch(batch, self.micro_batch_size):
+            loss_sum, n = self.loss_sum(micro)
+            if n > 0:
+                self.val_loss.update(loss_sum / n, weight=n)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:

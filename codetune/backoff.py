@@ -1,0 +1,58 @@
+"""OOM back-off arithmetic: how a failed optimizer step is cut more finely, and the fault injector.
+
+An optimizer batch of `B` windows is run as micro-batches of `m` windows, `ceil(B / m)` of them
+(gradient accumulation). After an out-of-memory error the same batch is run again with `m // 2`:
+the windows, their order, the loss normalisation (summed token losses divided by the batch's target
+count) and so the gradient are those of the failed attempt, up to float summation order. At `m == 1`
+there is nothing left to halve; `oom_at_minimum_message` says what to change instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+INJECT_OOM_ENV = "CODETUNE_INJECT_OOM"
+
+
+def accumulation_steps(optimizer_batch: int, micro_batch_size: int) -> int:
+    """Micro-batches per optimizer batch (the last one may be smaller)."""
+    return math.ceil(optimizer_batch / micro_batch_size)
+
+
+def halved(micro_batch_size: int) -> int | None:
+    """The next micro-batch after an OOM, or None at 1."""
+    return micro_batch_size // 2 if micro_batch_size > 1 else None
+
+
+def oom_at_minimum_message(step: int, seq_len: int | None) -> str:
+    window = f" of {seq_len} tokens" if seq_len else ""
+    return (
+        f"out of device memory at optimizer step {step} with a micro-batch of one window{window}; halving "
+        f"cannot go further. To fit, change one of: a shorter --data.seq_len (e.g. half), "
+        f"--model.gradient_checkpointing true, a smaller --model.lora_rank, --model.quantization nf4, a smaller "
+        f"--model.loss_chunk_size; or close other programs using the GPU. Resume with --ckpt_path last."
+    )
+
+
+@dataclass(frozen=True)
+class InjectedOOM:
+    """`CODETUNE_INJECT_OOM=<global_step>[@<rank>]`, a testing aid: the first attempt of that optimizer step
+    raises `torch.OutOfMemoryError` (on every rank, or only on `rank`) while the micro-batch is above 1."""
+
+    step: int
+    rank: int | None = None
+
+    @classmethod
+    def parse(cls, value: str | None) -> InjectedOOM | None:
+        if not value:
+            return None
+        step, _, rank = value.partition("@")
+        try:
+            return cls(int(step), int(rank) if rank else None)
+        except ValueError:
+            raise ValueError(f"{INJECT_OOM_ENV}={value!r}: use <global_step> or <global_step>@<rank>, "
+                             f"e.g. 3 or 3@1") from None
+
+    def fires(self, step: int, rank: int, micro_batch_size: int) -> bool:
+        return step == self.step and (self.rank is None or self.rank == rank) and micro_batch_size > 1

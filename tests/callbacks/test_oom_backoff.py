@@ -1,0 +1,150 @@
+"""OOM back-off: an injected OOM at step k changes the split, never what is learned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import codetune.model.module as module_lib
+from codetune.backoff import InjectedOOM, accumulation_steps, halved
+from codetune.cli import build_cli, main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
+           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+INJECT_AT = 2
+
+
+def fit_args(repo: Path, tmp: Path, name: str, *extra: str) -> list[str]:
+    # Dropout off: a retried micro-batch would otherwise draw other dropout masks.
+    return ["fit", *CONFIGS, "--data.repo", str(repo), "--runs_dir", str(tmp / "runs"), "--run_name", name,
+            "--data.cache_dir", str(tmp / "token-cache"), "--data.seq_len", "64", "--data.batch_size", "2",
+            "--data.gradient_accumulation_steps", "2", "--model.lora_dropout", "0.0",
+            "--generation.max_new_tokens", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.val_check_interval", "1.0", "--trainer.max_epochs", "1", *extra]
+
+
+class MicroBatchRecorder:
+    """Records the micro-batches of every attempt; the last attempt of a step is the one applied."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.attempts: list[list[torch.Tensor]] = []
+        original = module_lib.split_batch
+
+        def recording(batch, micro_batch_size):
+            micro = original(batch, micro_batch_size)
+            if torch.is_grad_enabled():  # training, not validation
+                self.attempts.append([m["sample_ids"].clone() for m in micro])
+            return micro
+
+        monkeypatch.setattr(module_lib, "split_batch", recording)
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    from conftest import write_fixture_repo
+
+    return write_fixture_repo(tmp_path_factory.mktemp("oom") / "repo")
+
+
+def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkeypatch):
+    clean = MicroBatchRecorder(monkeypatch)
+    build_cli(fit_args(repo, tmp_path, "clean"))
+    clean_attempts = list(clean.attempts)  # the next recorder wraps this one, which keeps recording
+
+    monkeypatch.setenv("CODETUNE_INJECT_OOM", str(INJECT_AT))
+    injected = MicroBatchRecorder(monkeypatch)
+    with pytest.warns(UserWarning, match=f"out of device memory at step {INJECT_AT} with micro-batch 2"):
+        cli = build_cli(fit_args(repo, tmp_path, "oom"))
+
+    # One extra (failed) attempt, at step k: micro-batches of 2 before, of 1 from the retry on.
+    assert len(clean_attempts) > INJECT_AT + 1, "the epoch must go past the injected step"
+    assert len(injected.attempts) == len(clean_attempts) + 1
+    failed = injected.attempts.pop(INJECT_AT)
+    assert [len(m) for m in failed] == [2, 2]
+    sizes = [[len(m) for m in attempt] for attempt in injected.attempts]
+    assert all(s == [2, 2] for s in sizes[:INJECT_AT]) and all(max(s) == 1 for s in sizes[INJECT_AT:]), sizes
+    assert all(len(s) == 4 for s in sizes[INJECT_AT:-1]), "accumulation doubled to 4"
+    # Every window is trained exactly once in the epoch, with or without the OOM, in the same steps.
+    trained = torch.cat([m for attempt in injected.attempts for m in attempt])
+    assert sorted(trained.tolist()) == list(range(cli.datamodule.train_windows.input_ids.shape[0]))
+    for a, b in zip(injected.attempts, clean_attempts):
+        assert torch.equal(torch.cat(a), torch.cat(b))
+
+    clean_w, oom_w = adapter(tmp_path / "runs" / "clean"), adapter(tmp_path / "runs" / "oom")
+    assert clean_w.keys() == oom_w.keys()
+    moved = max((oom_w[k] - clean_w[k]).abs().max().item() for k in clean_w)
+    assert moved < 1e-5, moved
+    # ...while training moved the weights by far more than that (the comparison is not vacuous).
+    assert any(("lora_B" in k) and clean_w[k].abs().max() > 1e-2 for k in clean_w)
+
+    manifest = json.loads((tmp_path / "runs" / "oom" / "MANIFEST.json").read_text())
+    training = manifest["phase_results"]["phase_4_training"]
+    assert training["oom_backoffs"] == [{"step": INJECT_AT, "micro_batch_size": 1, "gradient_accumulation_steps": 4}]
+    assert training["final_micro_batch_size"] == 1
+    # The schedule did not advance for the failed attempt: same number of optimizer steps.
+    clean_manifest = json.loads((tmp_path / "runs" / "clean" / "MANIFEST.json").read_text())
+    assert training["training_stats"]["optimizer_steps"] == \
+        clean_manifest["phase_results"]["phase_4_training"]["training_stats"]["optimizer_steps"]
+
+    # The halved micro-batch is in the checkpoint, and a resumed run starts from it.
+    ckpt = torch.load(tmp_path / "runs" / "oom" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("OOMBackoff"))
+    assert state["micro_batch_size"] == 1
+    monkeypatch.delenv("CODETUNE_INJECT_OOM")
+    resumed = MicroBatchRecorder(monkeypatch)
+    build_cli(fit_args(repo, tmp_path, "oom", "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert resumed.attempts and all(max(len(m) for m in a) == 1 for a in resumed.attempts)
+
+
+def test_oom_at_micro_batch_one_stops_with_what_to_change(repo, tmp_path, monkeypatch, capsys):
+    """The injector only fires above micro-batch 1, so a real OOM is simulated by patching the forward."""
+
+    original = module_lib.CodeLoRAModule.loss_sum
+
+    def always_oom_in_training(self, batch):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", always_oom_in_training)
+    assert main(fit_args(repo, tmp_path, "hopeless")) == 2
+    err = capsys.readouterr().err
+    assert "with a micro-batch of one window of 64 tokens" in err and "--data.seq_len" in err
+    assert "--model.gradient_checkpointing true" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "runs" / "hopeless" / "MANIFEST.json").read_text())
+    training = manifest["phase_results"]["phase_4_training"]
+    assert training["status"] == "failed" and "micro-batch of one window" in training["error"]
+
+
+def test_without_the_callback_an_oom_is_not_swallowed(repo, tmp_path, monkeypatch):
+    original = module_lib.CodeLoRAModule.loss_sum
+
+    def oom_in_training(self, batch):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, batch)
+
+    monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", oom_in_training)
+    with pytest.raises(torch.OutOfMemoryError):
+        build_cli(fit_args(repo, tmp_path, "off", "--oom_backoff.enabled", "false"))
+
+
+def test_arithmetic_and_injector_parsing():
+    assert [halved(m) for m in (8, 5, 2, 1)] == [4, 2, 1, None]
+    assert accumulation_steps(16, 4) == 4 and accumulation_steps(16, 3) == 6
+    assert InjectedOOM.parse("3") == InjectedOOM(3, None) and InjectedOOM.parse("3@1") == InjectedOOM(3, 1)
+    assert InjectedOOM.parse("") is None
+    with pytest.raises(ValueError, match="CODETUNE_INJECT_OOM='x'"):
+        InjectedOOM.parse("x")
+    inject = InjectedOOM(3, 1)
+    assert inject.fires(3, 1, 2) and not inject.fires(3, 0, 2) and not inject.fires(3, 1, 1)
+    assert not inject.fires(2, 1, 2)
