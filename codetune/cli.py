@@ -3,7 +3,7 @@
 `main(args=None)` is the entry point (tests call `main(["fit", "--config", ...])`). Configs compose
 with repeated `--config`; every knob is a typed `__init__` parameter of the data module
 (`--data.*`), the module (`--model.*`), the trainer (`--trainer.*`) or a callback
-(`--generation.*`, `--oom_backoff.*`, `--checkpoint.*`). The last line a training command prints is its run directory.
+(`--generation.*`, `--oom_backoff.*`, `--vram.*`, `--checkpoint.*`). The last line a training command prints is its run directory.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing_extensions import override
 from callbacks.generation_eval import GenerationEval
 from callbacks.manifest import ManifestWriter
 from callbacks.oom_backoff import OOMBackoff
+from callbacks.vram_monitor import VRAMMonitor
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, exit_status
 from codetune.model.module import CodeLoRAModule
@@ -53,6 +54,7 @@ class CodetuneCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are created.")
         parser.add_lightning_class_args(GenerationEval, "generation")
         parser.add_lightning_class_args(OOMBackoff, "oom_backoff")
+        parser.add_lightning_class_args(VRAMMonitor, "vram")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         # Facts stated once: the model fixes the tokenizer; the window and micro-batch are data settings.

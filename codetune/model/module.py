@@ -149,15 +149,8 @@ class CodeLoRAModule(L.LightningModule):
         return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), batch["labels"],
                                   self.hparams.loss_chunk_size)
 
-    def on_train_start(self) -> None:
-        ddp = self.trainer.strategy.model
-        if isinstance(ddp, DistributedDataParallel):
-            # Gradients are all-reduced once per optimizer step, after every rank finished its micro-batches
-            # (`_all_reduce_gradients`): with DDP's own per-backward sync, a rank that ran out of memory
-            # mid-batch would leave the others waiting in a collective forever.
-            ddp.require_backward_grad_sync = False
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._disable_ddp_backward_sync()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
         loss = self.backward_with_backoff(batch)
@@ -188,6 +181,15 @@ class CodeLoRAModule(L.LightningModule):
             self._discard_attempt()
             self.micro_batch_size = self.backoff.after_oom(self.trainer, self.micro_batch_size,
                                                            batch["input_ids"].shape[0], ran_out=loss is None)
+
+    def _disable_ddp_backward_sync(self) -> None:
+        """Gradients are all-reduced once per optimizer step, after every rank finished its micro-batches
+        (`_all_reduce_gradients`): with DDP's sync inside each backward, a rank that ran out of memory
+        mid-batch would leave the others waiting in a collective forever. Lightning turns the flag back
+        on after every forward (manual optimization), so it is turned off inside each step."""
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, DistributedDataParallel):
+            ddp.require_backward_grad_sync = False
 
     def _attempt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         try:
