@@ -10,9 +10,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from codetune.backoff import INJECT_OOM_ENV, InjectedOOM, accumulation_steps, halved, oom_at_minimum_message
+from callbacks.vram_monitor import VRAMMonitor
 from codetune.errors import ConfigError, OutOfMemoryAtMinimumError
 
 
@@ -36,19 +38,31 @@ class OOMBackoff(Callback):
     Records: each back-off is logged to TensorBoard (``oom/micro_batch_size``,
     ``oom/gradient_accumulation_steps``, ``oom/backoffs``), warned on the console by each rank that
     ran out, and listed in the manifest (``phase_4_training.oom_backoffs``: step, new micro-batch
-    and accumulation). The current micro-batch is in ``state_dict``, so a resumed run starts from it.
+    and accumulation, and ``reason``: ``oom`` or ``proactive``). The current micro-batch is in ``state_dict``, so a resumed run starts from it.
 
     Testing aid: ``CODETUNE_INJECT_OOM=<global_step>[@<rank>]`` makes the first attempt of that
     optimizer step raise ``torch.OutOfMemoryError`` (on the second micro-batch, after one backward),
     on every rank or only on ``rank``, while the micro-batch is above 1; the recovery then runs for
     real, on CPU too.
 
+    Pro-active mode (``proactive_fraction``): before each optimizer step, when the card's used memory
+    (NVML, read through the VRAM monitor, ``--vram.*``) is above that fraction on any rank, back off
+    once before trying, and release torch's cached blocks so the next reading shows the new size.
+    NVML counts everything on the card, so set it near the top (0.95): a back-off is permanent.
+
     Args:
         enabled: Catch out-of-memory errors and back off. When false, an OOM ends the run as usual.
+        proactive_fraction: Back off before a step when the card is fuller than this fraction
+            (0 < f < 1); null waits for an actual OOM. Needs the VRAM monitor (a CUDA device and NVML).
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, proactive_fraction: float | None = None) -> None:
+        if proactive_fraction is not None and not 0.0 < proactive_fraction < 1.0:
+            raise ConfigError(f"--oom_backoff.proactive_fraction={proactive_fraction}: use a fraction of the card "
+                              f"between 0 and 1, e.g. 0.95, or null to back off only on an actual OOM.")
         self.enabled = enabled
+        self.proactive_fraction = proactive_fraction
+        self._monitor: VRAMMonitor | None = None
         self.micro_batch_size: int | None = None
         self.events: list[dict[str, Any]] = []
         self._inject: InjectedOOM | None = None
@@ -70,6 +84,24 @@ class OOMBackoff(Callback):
             self.micro_batch_size = pl_module.micro_batch_size
         else:  # restored from a checkpoint: keep the micro-batch the earlier segment backed off to
             pl_module.micro_batch_size = self.micro_batch_size
+        if self.proactive_fraction is not None and self.enabled:
+            self._monitor = next((c for c in trainer.callbacks if isinstance(c, VRAMMonitor) and c.enabled), None)
+            if self._monitor is None:
+                rank_zero_warn("codetune: --oom_backoff.proactive_fraction is set but the VRAM monitor is off "
+                               "(no CUDA device or NVML, see its warning), so back-offs wait for an actual OOM.")
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._monitor is None:
+            return
+        fraction = self._monitor.used_fraction()
+        full = fraction is not None and fraction > self.proactive_fraction
+        # Every rank votes every step (the same collective on all of them), and all follow the fullest card.
+        if trainer.strategy.reduce_boolean_decision(full, all=False) and halved(pl_module.micro_batch_size):
+            pl_module.micro_batch_size = self._back_off(trainer, pl_module.micro_batch_size,
+                                                        batch["input_ids"].shape[0], "proactive")
+            torch.cuda.empty_cache()
 
     def maybe_inject_oom(self, trainer: L.Trainer, micro_batch_size: int, at_this_micro_batch: bool) -> None:
         """Raise the injected OOM if `CODETUNE_INJECT_OOM` names this step (first attempt only)."""
@@ -83,21 +115,28 @@ class OOMBackoff(Callback):
     def after_oom(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int, ran_out: bool) -> int:
         """The micro-batch to retry the step with; records the back-off. Raises at micro-batch 1."""
         step = trainer.global_step
-        new = halved(micro_batch_size)
-        if new is None:
+        if halved(micro_batch_size) is None:
             raise OutOfMemoryAtMinimumError(oom_at_minimum_message(step, getattr(trainer.datamodule, "seq_len", None)))
+        new = self._back_off(trainer, micro_batch_size, optimizer_batch, "oom")
         accumulation = accumulation_steps(optimizer_batch, new)
-        self.micro_batch_size = new
-        self.events.append({"step": step, "micro_batch_size": new, "gradient_accumulation_steps": accumulation})
         if ran_out:
             # Each rank that ran out says so; the ranks that did not simply follow the vote.
             warnings.warn(rank_prefixed_message(
                 f"codetune: out of device memory at step {step} with micro-batch {micro_batch_size}; redoing the "
                 f"step as {new} x {accumulation} (effective batch {optimizer_batch} kept).", trainer.global_rank),
                 stacklevel=2)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"oom/micro_batch_size": new, "oom/gradient_accumulation_steps": accumulation,
-                                        "oom/backoffs": len(self.events)}, step=step)
+        return new
+
+    def _back_off(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int, reason: str) -> int:
+        """Halve the micro-batch and record it (`reason`: "oom" or "proactive")."""
+        new = halved(micro_batch_size)
+        accumulation = accumulation_steps(optimizer_batch, new)
+        self.micro_batch_size = new
+        self.events.append({"step": trainer.global_step, "micro_batch_size": new,
+                            "gradient_accumulation_steps": accumulation, "reason": reason})
+        for logger in trainer.loggers:
+            logger.log_metrics({"oom/micro_batch_size": new, "oom/gradient_accumulation_steps": accumulation,
+                                "oom/backoffs": len(self.events)}, step=trainer.global_step)
         return new
 
     def manifest_results(self) -> dict[str, Any]:

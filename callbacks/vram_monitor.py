@@ -183,6 +183,14 @@ class VRAMMonitor(Callback):
             self._nvml.nvmlShutdown()
         self._nvml = self._handle = None
 
+    def used_fraction(self) -> float | None:
+        """The card's used memory over its total right now (NVML; the CUDA context, torch's cache and
+        other processes included), or None while the monitor is off. Used by OOMBackoff's pro-active mode."""
+        if not self.enabled or self._nvml is None:
+            return None
+        memory = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return int(memory.used) / int(memory.total)
+
     def summary(self) -> dict[str, Any]:
         """The run's VRAM figures (keys in the class docstring); GB = 10**9 bytes."""
         return vram_summary(self.peaks, self.device_name, self.enabled, self.disabled_reason)

@@ -88,7 +88,8 @@ def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkey
 
     manifest = json.loads((tmp_path / "runs" / "oom" / "MANIFEST.json").read_text())
     training = manifest["phase_results"]["phase_4_training"]
-    assert training["oom_backoffs"] == [{"step": INJECT_AT, "micro_batch_size": 1, "gradient_accumulation_steps": 4}]
+    assert training["oom_backoffs"] == [{"step": INJECT_AT, "micro_batch_size": 1, "gradient_accumulation_steps": 4,
+                                        "reason": "oom"}]
     assert training["final_micro_batch_size"] == 1
     # The schedule did not advance for the failed attempt: same number of optimizer steps.
     clean_manifest = json.loads((tmp_path / "runs" / "clean" / "MANIFEST.json").read_text())
@@ -148,3 +149,45 @@ def test_arithmetic_and_injector_parsing():
     inject = InjectedOOM(3, 1)
     assert inject.fires(3, 1, 2) and not inject.fires(3, 0, 2) and not inject.fires(3, 1, 1)
     assert not inject.fires(2, 1, 2)
+
+
+class FakeMonitor:
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.enabled = True
+
+    def used_fraction(self) -> float:
+        return self.fraction
+
+
+def test_proactive_backoff_follows_the_card_fill(monkeypatch):
+    from types import SimpleNamespace
+
+    from callbacks.oom_backoff import OOMBackoff
+    from codetune.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    votes = []
+
+    def vote(decision, all=True):
+        votes.append((decision, all))
+        return decision
+
+    trainer = SimpleNamespace(global_step=5, loggers=[], strategy=SimpleNamespace(reduce_boolean_decision=vote))
+    module = SimpleNamespace(micro_batch_size=4)
+    batch = {"input_ids": torch.zeros(8, 16)}
+    backoff = OOMBackoff(proactive_fraction=0.9)
+    backoff._monitor = FakeMonitor(0.5)
+    backoff.on_train_batch_start(trainer, module, batch, 0)
+    assert module.micro_batch_size == 4 and not backoff.events
+    backoff._monitor.fraction = 0.95
+    backoff.on_train_batch_start(trainer, module, batch, 0)
+    assert module.micro_batch_size == 2
+    assert backoff.events == [{"step": 5, "micro_batch_size": 2, "gradient_accumulation_steps": 4,
+                               "reason": "proactive"}]
+    assert votes == [(False, False), (True, False)]  # "any rank": all=False
+    module.micro_batch_size = 1
+    backoff.on_train_batch_start(trainer, module, batch, 0)  # nothing left to halve: no error, no event
+    assert module.micro_batch_size == 1 and len(backoff.events) == 1
+    with pytest.raises(ConfigError, match="--oom_backoff.proactive_fraction=1.5"):
+        OOMBackoff(proactive_fraction=1.5)
