@@ -82,6 +82,7 @@ class ManifestWriter(Callback):
             "dtype": str(base.dtype).replace("torch.", ""),
             "gradient_checkpointing": bool(base.is_activation_checkpointing),
             "modules_to_save": list(pl_module.hparams.modules_to_save),
+            "optimizer": pl_module.optimizer_name,
             "trainable_parameters": trainable,
             "total_parameters": total,
         }, wall_s=0.0)

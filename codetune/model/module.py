@@ -28,6 +28,7 @@ from codetune.errors import ConfigError
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
 from codetune.model.loss import causal_lm_loss_sum
+from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.model.tiny import TINY_NAME, build_tiny_model
 from codetune.run import atomic_save_dir
 
@@ -59,6 +60,8 @@ class CodeLoRAModule(L.LightningModule):
         weight_decay: AdamW weight decay on the LoRA weights.
         warmup_steps: Linear warm-up optimizer steps before the cosine decay.
         max_grad_norm: Gradient clipping by global norm (0 disables it).
+        optimizer: 'auto' (paged 8-bit AdamW for a 4-bit base on CUDA, AdamW otherwise), 'adamw',
+            'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes); see codetune/model/optim.py.
         loss_chunk_size: Tokens per chunk of the output projection + cross-entropy (None: plain path).
         seq_len: Window length (linked from --data.seq_len).
         micro_batch_size: Windows per forward/backward (linked from --data.batch_size).
@@ -82,6 +85,7 @@ class CodeLoRAModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         max_grad_norm: float = 1.0,
+        optimizer: OptimizerName = "auto",
         loss_chunk_size: int | None = 1024,
         seq_len: int = 2048,
         micro_batch_size: int = 8,
@@ -94,6 +98,7 @@ class CodeLoRAModule(L.LightningModule):
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base is rebuilt on load.
         self.strict_loading = False
         self.micro_batch_size = micro_batch_size
+        self.optimizer_name: str | None = None  # resolved in configure_model, once the device is known
         # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
         self.backoff = None
         self.model = None
@@ -110,7 +115,9 @@ class CodeLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device
         cuda = device.type == "cuda"
         source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
-        model = load_causal_lm(source, resolve_quantization(hp.quantization, cuda), resolve_dtype(hp.dtype, cuda),
+        quantize = resolve_quantization(hp.quantization, cuda)
+        self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
+        model = load_causal_lm(source, quantize, resolve_dtype(hp.dtype, cuda),
                                hp.trust_remote_code, hp.attn_implementation, device)
         check_context(self.hparams.seq_len, model.config)
         if hp.gradient_checkpointing:
@@ -254,7 +261,7 @@ class CodeLoRAModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        optimizer = build_optimizer(self.optimizer_name, params, self.hparams.learning_rate, self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
