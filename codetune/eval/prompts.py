@@ -1,0 +1,177 @@
+"""Completion prompts cut from held-out files of the user's repository.
+
+A prompt is a held-out file cut just after the first line of a function or item: the model sees
+everything up to and including that line (its signature, so it must write the body) and its
+generation is compared with the file's own text after the cut (`codetune.eval.metrics`).
+
+**Boundaries** are found by a regular expression on line starts, after optional indentation (so
+methods and nested items count). Tree-sitter was weighed and left out: a line-start rule needs no
+parse, never depends on the file being valid, and finds the same items in ordinary code; its one
+miss is a matching line inside a multi-line string, which still makes a fair completion prompt.
+
+* Rust: an optional visibility (`pub`, `pub(crate)`, `pub(super)`, ...) and optional qualifiers
+  (`async`, `const`, `unsafe`, `extern "C"`), then `fn`, `struct`, `enum`, `trait` or `mod` and
+  whitespace, or `impl` as a whole word (`impl<T>`); or an attribute `#[` (not the inner `#![`).
+* Python: `def `, `async def `, `class `, or a decorator `@`.
+* Any other language (Markdown, TOML, ...): a paragraph start, i.e. a non-blank line right after a
+  blank line.
+
+**Cutting.** For a boundary on line *i*, `prefix` is the file's text from the start of the file
+through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines
+are dropped from the front (it starts at a line start) and kept in `head`, so
+`head + prefix + generation` (`RepoPrompt.program`) is the whole file up to the cut followed by the
+generation: that is the text `syntax_valid` should parse, since a prefix cut inside an `impl` or
+`class` would leave brackets or indentation unmatched. `continuation` is the text after line *i*: at most
+`max_continuation_lines` lines, and if that is longer than `max_continuation_chars`, cut to its
+whole lines that fit (or hard-cut, when not even the first line fits).
+A boundary is skipped when `prefix` has fewer than `min_prefix_lines` lines before the boundary
+line, when the boundary line alone is longer than `max_prefix_chars`, when it is the file's last
+line, or when its (bounded) continuation is blank.
+
+**Choosing.** Deterministic, and stable when other files change: files are visited in the order of
+a hash of (seed, path), boundaries within a file in the order of a hash of (seed, path, line).
+Prompts are taken round-robin, the first-ranked boundary of every file, then the second of every
+file, ..., up to `max_per_file` per file and `max_prompts` in all, so a few large files cannot take
+every slot. The result is sorted by path and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+_BOUNDARY = {
+    "rust": re.compile(
+        r"[ \t]*(?:#\[|(?:pub(?:\([^)\n]*\))?\s+)?(?:(?:async|const|unsafe|extern\s+\"[^\"\n]*\")\s+)*"
+        r"(?:(?:fn|struct|enum|trait|mod)\s|impl\b))"
+    ),
+    "python": re.compile(r"[ \t]*(?:def\s|async\s+def\s|class\s|@)"),
+}
+_LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
+
+
+@dataclass(frozen=True)
+class RepoPrompt:
+    """One completion prompt: the model continues `prefix`; `continuation` is what the file says."""
+
+    path: str
+    language: str
+    prefix: str
+    """Model input: the file up to and including the boundary line, at most `max_prefix_chars`."""
+    continuation: str
+    """The file's own text after `prefix`, bounded in lines and characters."""
+    line: int = 0
+    """1-based line number of the boundary line in the file."""
+    head: str = ""
+    """File text before `prefix`, cut off to respect `max_prefix_chars` (empty when nothing was)."""
+
+    def program(self, generation: str) -> str:
+        """`head + prefix + generation`: the file up to the cut, then the generation (what `syntax_valid` parses)."""
+        return self.head + self.prefix + generation
+
+
+def repo_prompts(
+    files: Sequence[tuple[str, str, str]],
+    max_prompts: int,
+    min_prefix_lines: int = 5,
+    max_prefix_chars: int = 4000,
+    max_continuation_lines: int = 20,
+    max_continuation_chars: int = 1200,
+    max_per_file: int = 3,
+    seed: int = 0,
+) -> list[RepoPrompt]:
+    """Up to `max_prompts` prompts cut at function/item starts of `files` (rel_path, language, text).
+
+    Raises:
+        ValueError: a bound is not positive (all problems in one message), or a path repeats.
+    """
+    _check_arguments(files, max_prompts, min_prefix_lines, max_prefix_chars, max_continuation_lines,
+                     max_continuation_chars, max_per_file)
+    ranked: list[tuple[str, list[RepoPrompt]]] = []
+    for path, language, text in files:
+        lines = _split_lines(text)
+        offsets = list(accumulate(map(len, lines), initial=0))
+        prompts = [
+            p for i in _boundary_indices(lines, language)
+            if (p := _cut(path, language, lines, offsets, i, min_prefix_lines, max_prefix_chars,
+                          max_continuation_lines, max_continuation_chars)) is not None
+        ]
+        prompts.sort(key=lambda p: _rank(seed, p.path, p.line))
+        ranked.append((path, prompts[:max_per_file]))
+    ranked.sort(key=lambda item: _rank(seed, item[0]))
+    chosen: list[RepoPrompt] = []
+    for round_ in range(max_per_file):
+        for _, prompts in ranked:
+            if len(chosen) == max_prompts:
+                break
+            if round_ < len(prompts):
+                chosen.append(prompts[round_])
+    return sorted(chosen, key=lambda p: (p.path, p.line))
+
+
+def boundary_lines(text: str, language: str) -> list[int]:
+    """0-based indices of the lines of `text` that start a function or item (a paragraph elsewhere)."""
+    return _boundary_indices(_split_lines(text), language)
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines of `text` with their newlines; only "\\n" ends a line (`str.splitlines` also splits at
+    form feeds and U+2028, which would shift line numbers against every editor)."""
+    return _LINE.findall(text)
+
+
+def _boundary_indices(lines: Sequence[str], language: str) -> list[int]:
+    pattern = _BOUNDARY.get(language)
+    if pattern is None:
+        return [i for i in range(1, len(lines)) if lines[i].strip() and not lines[i - 1].strip()]
+    return [i for i, line in enumerate(lines) if pattern.match(line)]
+
+
+def _cut(path: str, language: str, lines: Sequence[str], offsets: Sequence[int], i: int, min_prefix_lines: int,
+         max_prefix_chars: int, max_continuation_lines: int, max_continuation_chars: int) -> RepoPrompt | None:
+    """The prompt for the boundary on line `i` (0-based), or None when it is skipped.
+
+    `offsets[k]` is the character offset of line `k` (`offsets[len(lines)]` is the text's length).
+    """
+    if not lines[i].endswith("\n") or len(lines[i]) > max_prefix_chars:
+        return None
+    # The first line start from which the prefix fits in max_prefix_chars.
+    start = bisect_left(offsets, offsets[i + 1] - max_prefix_chars, 0, i)
+    if i - start < min_prefix_lines:
+        return None
+    continuation = _bounded("".join(lines[i + 1 : i + 1 + max_continuation_lines]), max_continuation_chars)
+    if not continuation.strip():
+        return None
+    return RepoPrompt(path, language, "".join(lines[start : i + 1]), continuation, i + 1, "".join(lines[:start]))
+
+
+def _bounded(text: str, max_chars: int) -> str:
+    """`text` cut to the whole lines that fit in `max_chars`, or hard-cut if no whole line fits."""
+    if len(text) <= max_chars:
+        return text
+    end = text.rfind("\n", 0, max_chars)
+    return text[: end + 1] if end >= 0 else text[:max_chars]
+
+
+def _rank(seed: int, *key: object) -> bytes:
+    return hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+
+
+def _check_arguments(files: Sequence[tuple[str, str, str]], max_prompts: int, min_prefix_lines: int,
+                     max_prefix_chars: int, max_continuation_lines: int, max_continuation_chars: int,
+                     max_per_file: int) -> None:
+    problems = [f"{name} must be positive, got {value}" for name, value in (
+        ("max_prompts", max_prompts), ("max_prefix_chars", max_prefix_chars),
+        ("max_continuation_lines", max_continuation_lines), ("max_continuation_chars", max_continuation_chars),
+        ("max_per_file", max_per_file)) if value < 1]
+    if min_prefix_lines < 0:
+        problems.append(f"min_prefix_lines must be zero or more, got {min_prefix_lines}")
+    paths = [path for path, _, _ in files]
+    if len(set(paths)) != len(paths):
+        problems.append(f"paths repeat: {sorted({p for p in paths if paths.count(p) > 1})}")
+    if problems:
+        raise ValueError("invalid repo_prompts arguments:\n  " + "\n  ".join(problems))
