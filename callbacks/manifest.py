@@ -31,6 +31,8 @@ class ManifestWriter(Callback):
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
       ``final_perplexity``, optimizer steps, epochs, tokens trained; plus what any other callback
       returns from a ``manifest_results()`` method (``oom_backoffs``, ``peak_vram_gb``...);
+    - ``phase_5_evaluation`` and any other phase a callback returns from ``manifest_phases()``
+      (the generation eval: base and tuned metrics, deltas);
     - ``phase_6_export``: the adapter directory (peft ``save_pretrained``, safetensors).
 
     Top level: ``run_name``, ``run_dir``, ``status``, ``training_time_minutes``, ``started_at``,
@@ -125,6 +127,9 @@ class ManifestWriter(Callback):
             "tokens_trained": self.tokens_trained,
         }, **_callback_results(trainer)})
         self.manifest.update(training_time_minutes=round(minutes, 4))
+        for callback in trainer.callbacks:
+            for phase, results in getattr(callback, "manifest_phases", dict)().items():
+                self.manifest.finish_phase(phase, results, wall_s=results.get("eval_seconds"))
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -80,7 +80,8 @@ def test_tensorboard_has_the_grouped_scalars_and_no_placeholder(trained_run):
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/micro_batch_size", "val/loss",
             "val/perplexity"} <= tags
     assert "hp_metric" not in tags
-    assert all(t.startswith(("train/", "val/")) for t in tags - {"epoch"}), tags
+    assert {"eval/perplexity_base", "eval/chrf_base", "eval/perplexity", "eval/chrf"} <= tags
+    assert all(t.startswith(("train/", "val/", "eval/")) for t in tags - {"epoch"}), tags
     assert events.Tags()["tensors"], "generation samples are logged as text"
 
 

@@ -126,6 +126,8 @@ class CodeDataModule(L.LightningDataModule):
         """Relative paths of the files in each split ("train", "val"), in window order."""
         self.skipped: list[SkippedFile] = []
         """What the scan left out, and why."""
+        self.val_sources: list[tuple[str, str, str]] = []
+        """(path, language, text) of the held-out files, for the completion eval (callbacks/generation_eval.py)."""
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class CodeDataModule(L.LightningDataModule):
         by_path = {f.rel_path: f for f in scan.files}
         train_paths, val_paths = split_paths(list(by_path), self.hparams.val_fraction, self.hparams.seed)
         self.split_files = {"train": train_paths, "val": val_paths}
+        self.val_sources = [(p, by_path[p].language, by_path[p].text) for p in val_paths]
         self.skipped = scan.skipped
         train_texts = [by_path[p].text for p in train_paths]
         val_texts = [by_path[p].text for p in val_paths]

@@ -257,6 +257,22 @@ class CodeLoRAModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/perplexity", torch.exp(loss))
 
+    @torch.no_grad()
+    def held_out_loss(self) -> float | None:
+        """Mean token NLL over the whole validation split on this process (the base-model eval uses it with
+        the adapter disabled; during training, validation logs the same quantity as val/loss)."""
+        total, count = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in self.trainer.datamodule.val_dataloader():
+                for micro in split_batch({k: v.to(self.device) for k, v in batch.items()}, self.micro_batch_size):
+                    loss_sum, n = self.loss_sum(micro)
+                    total, count = total + float(loss_sum), count + int(n)
+        finally:
+            self.model.train(was_training)
+        return total / count if count else None
+
     # -- optimizer and checkpoints ------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
