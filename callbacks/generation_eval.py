@@ -121,8 +121,10 @@ class GenerationEval(Callback):
         self._repo_prompts = repo_prompts(getattr(trainer.datamodule, "val_sources", []), self.n_repo_prompts,
                                           seed=self.seed) if self.n_repo_prompts else []
         if self.base_eval and self.results["base"] is None:  # not again when a run resumes
-            with pl_module.model.disable_adapter():
-                self.results["base"] = self._evaluate(trainer, pl_module, BASE, pl_module.held_out_loss())
+            with pl_module.model.disable_adapter(), torch.random.fork_rng(devices=[]):
+                # fork_rng: the validation loader draws a seed from the global RNG (see _evaluate).
+                base_nll = pl_module.held_out_loss()
+                self.results["base"] = self._evaluate(trainer, pl_module, BASE, base_nll)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,6 +144,13 @@ class GenerationEval(Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str,
                   mean_nll: float | None) -> dict[str, Any]:
+        # Evaluating must not change what is learned: data loaders and sampling draw from the global
+        # RNG, which would otherwise shift every later dropout mask of training.
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            return self._evaluate_unseeded(trainer, pl_module, name, mean_nll)
+
+    def _evaluate_unseeded(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str,
+                           mean_nll: float | None) -> dict[str, Any]:
         started = time.perf_counter()
         texts = [_model_prompt(p) for p in self._repo_prompts] + self.prompts
         try:

@@ -107,3 +107,21 @@ def test_bad_settings_name_the_flag():
 
     with pytest.raises(ConfigError, match="--generation.repo_prompts=-1.*--generation.batch_size=0"):
         GenerationEval(repo_prompts=-1, batch_size=0)
+
+
+@pytest.mark.slow
+def test_evaluating_does_not_change_what_is_learned(tmp_path, fixture_repo):
+    """The eval draws from the global RNG (data loaders); it must not shift training's dropout masks."""
+    losses = {}
+    for base_eval, repo_prompts in (("false", "0"), ("true", "16")):
+        name = f"e{base_eval}"
+        build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
+                   "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(fixture_repo),
+                   "--data.cache_dir", str(tmp_path / "cache"), "--runs_dir", str(tmp_path / "runs"),
+                   "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
+                   "--data.gradient_accumulation_steps", "1", "--trainer.max_epochs", "2",
+                   "--trainer.enable_progress_bar", "false", "--generation.max_new_tokens", "4",
+                   "--generation.base_eval", base_eval, "--generation.repo_prompts", repo_prompts])
+        stats = json.loads((tmp_path / "runs" / name / "MANIFEST.json").read_text())
+        losses[base_eval] = stats["phase_results"]["phase_4_training"]["training_stats"]["final_train_loss"]
+    assert losses["true"] == losses["false"]
