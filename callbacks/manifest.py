@@ -85,6 +85,7 @@ class ManifestWriter(Callback):
             "gradient_checkpointing": bool(base.is_activation_checkpointing),
             "modules_to_save": list(pl_module.hparams.modules_to_save),
             "optimizer": pl_module.optimizer_name,
+            "vram_plan": pl_module.vram_plan,
             "trainable_parameters": trainable,
             "total_parameters": total,
         }, wall_s=0.0)

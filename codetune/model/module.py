@@ -18,13 +18,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from codetune.backoff import accumulation_steps
 from codetune.errors import ConfigError
+from codetune.memory_plan import DEFAULT_LORA_TARGETS, ModelShape, TrainingShape, format_plan, plan_memory
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
 from codetune.model.loss import causal_lm_loss_sum
@@ -32,7 +33,6 @@ from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimiz
 from codetune.model.tiny import TINY_NAME, build_tiny_model
 from codetune.run import atomic_save_dir
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_MODEL_DIR = "base_model"
 
 
@@ -99,6 +99,7 @@ class CodeLoRAModule(L.LightningModule):
         self.strict_loading = False
         self.micro_batch_size = micro_batch_size
         self.optimizer_name: str | None = None  # resolved in configure_model, once the device is known
+        self.vram_plan: dict[str, Any] | None = None
         # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
         self.backoff = None
         self.model = None
@@ -117,8 +118,8 @@ class CodeLoRAModule(L.LightningModule):
         source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
         quantize = resolve_quantization(hp.quantization, cuda)
         self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
-        model = load_causal_lm(source, quantize, resolve_dtype(hp.dtype, cuda),
-                               hp.trust_remote_code, hp.attn_implementation, device)
+        dtype = resolve_dtype(hp.dtype, cuda)
+        model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device)
         check_context(self.hparams.seq_len, model.config)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -126,6 +127,36 @@ class CodeLoRAModule(L.LightningModule):
                                 hp.modules_to_save)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
+        self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
+
+    def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
+        """The predicted peak of one step (codetune/memory_plan.py), printed next to the card's free memory."""
+        hp = self.hparams
+        try:
+            plan = plan_memory(ModelShape.from_config(config), TrainingShape(
+                seq_len=hp.seq_len, micro_batch_size=self.micro_batch_size, quantization="nf4" if quantize else "none",
+                compute_dtype_bytes=dtype.itemsize, lora_rank=hp.lora_rank,
+                lora_target_modules=tuple(hp.lora_target_modules), lora_dropout=hp.lora_dropout,
+                modules_to_save=tuple(hp.modules_to_save),
+                optimizer="adamw" if self.optimizer_name == "adamw" else "paged_adamw_8bit",
+                gradient_checkpointing=hp.gradient_checkpointing, loss_chunk_size=hp.loss_chunk_size,
+                attn_implementation=hp.attn_implementation,
+                packed_windows=getattr(self.trainer.datamodule, "packing", "isolated") == "isolated",
+                device="cuda" if device.type == "cuda" else "cpu"))
+        except (ConfigError, AttributeError, KeyError, TypeError) as err:
+            rank_zero_warn(f"codetune: no VRAM plan for this model ({err}); training goes on without one.")
+            return None
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}):\n{format_plan(plan, free)}")
+        if free is not None and not plan.fits(free):
+            rank_zero_warn(f"codetune: the plan predicts {plan.total / 2**30:.2f} GiB, more than the "
+                           f"{free / 2**30:.2f} GiB free; expect OOM back-offs (or turn on "
+                           f"--model.gradient_checkpointing / lower --data.batch_size).")
+        return {"predicted_peak_gib": round(plan.total / 2**30, 3),
+                "free_gib": None if free is None else round(free / 2**30, 3),
+                "terms_gib": {k: round(getattr(plan, k) / 2**30, 3) for k in (
+                    "cuda_context", "weights_4bit", "weights_16bit", "lora_params", "lora_grads", "optimizer_state",
+                    "activations", "loss_chunk", "recompute", "forward_transient")}}
 
     def _tiny_base_dir(self) -> Path:
         """Build the tiny model once per run directory (rank zero) so every rank and a resume load the same."""

@@ -1,0 +1,674 @@
+"""Peak GPU memory of one QLoRA training step, and the largest micro-batch that fits a card.
+
+The estimate is a sum of closed-form terms, each a count of bytes that a named tensor takes, for a
+Llama/Qwen2-style decoder (RMSNorm, rotary attention with grouped KV heads, gated SiLU MLP)
+fine-tuned the way `codetune.model` does it: base weights frozen (4-bit NF4 or in the compute
+dtype), peft LoRA adapters, the chunked loss of `codetune.model.loss`, no autocast.
+
+Notation: ``T = micro_batch x seq_len`` tokens, ``h`` hidden size, ``i`` MLP size, ``L`` layers,
+``nh`` / ``nkv`` query / key-value heads of size ``d``, ``V`` vocabulary, ``r`` LoRA rank, ``p``
+bytes of the compute dtype (bf16: 2, fp32: 4). Sizes are in bytes; ``GiB = 2**30``.
+
+Held for the whole run (``persistent``):
+
+- ``cuda_context``: `CUDA_CONTEXT_BYTES` = 400 MiB, the CUDA driver context plus the kernels that
+  CUDA >= 11.7 loads lazily. PyTorch maintainers quote "around 400MB" for it
+  (pytorch/pytorch#109888; ~300 MB in #107667). torch's allocator never counts it; NVML does.
+- ``weights_4bit``: every decoder ``nn.Linear`` weight (q/k/v/o/gate/up/down) in bitsandbytes NF4
+  with double quantization, as `load_causal_lm` asks: 4-bit codes packed two to a byte, one 8-bit
+  absmax per block of 64 values, one fp32 absmax per 256 of those, plus a fp32 offset and the
+  16-entry NF4 code table per tensor. Per tensor of n values::
+
+      ceil(n/2) + ceil(n/64) + 4 ceil(n/64/256) + 4 + 64   (about 4.127 bits per value)
+
+- ``weights_16bit``: what bitsandbytes leaves unquantized, in the compute dtype (so 2 bytes with
+  bf16, 4 with fp32): the embedding, ``lm_head`` when untied, RMSNorm weights, projection biases
+  (Qwen2: q/k/v). With ``quantization="none"`` every weight is here.
+- ``lora_params``: the trainable parameters. LoRA A and B matrices are fp32 whatever the base
+  dtype (peft's ``autocast_adapter_dtype``): ``4 r (in + out)`` per adapted Linear per layer.
+  ``modules_to_save`` layers (``embed_tokens``, ``lm_head``) are trainable *copies* in the
+  compute dtype next to the frozen original (peft does not share them, even when tied).
+- ``lora_grads``: one gradient per trainable parameter, in its dtype (kept across the
+  micro-batches of a gradient-accumulation step).
+- ``optimizer_state``: ``adamw`` (`torch.optim.AdamW`, what `CodeLoRAModule` uses): exp_avg and
+  exp_avg_sq in the parameter's dtype, so 8 bytes per fp32 LoRA value; no fp32 master copy exists
+  because the LoRA weights are fp32 already. ``paged_adamw_8bit`` (bitsandbytes): two uint8 states
+  plus two fp32 absmax per 256 values (2.03 bytes per value) for tensors of at least 4096 values,
+  fp32 states for smaller ones; paged memory can be evicted to the host, counted here as resident.
+
+One micro-batch (``step``). ``activations`` is what autograd (and the checkpoint closures) hold
+at the end of the forward pass; on top of it comes the largest of three transients that never
+overlap: ``loss_chunk`` (the loss's backward), ``recompute`` (checkpointing's re-run of the last
+layer) and ``forward_transient`` (the end of the last layer's forward, without checkpointing).
+
+- ``activations``, per decoder layer and token (a layer whose input requires grad), with LoRA on
+  every projection and dropout > 0:
+
+  * each RMSNorm: its input upcast to fp32 and the rsqrt, ``4 h + 4`` (x2 per layer);
+  * each LoRA adapter with input width ``n``: peft casts the input to fp32 and applies dropout, so
+    the dropout mask (bool on CUDA, 1 byte; an fp32 noise tensor on CPU, 4 bytes), the fp32
+    dropout output that A saves, and A's output that B saves: ``(1 + 4) n + 4 r``. With dropout 0
+    only the fp32 input remains (``4 n + 4 r``; shared by q/k/v, and by gate/up, when the compute
+    dtype is fp32 already, since the cast is then a no-op);
+  * the gated MLP: gate (SiLU's input), SiLU's output and up (the product's inputs), ``3 i p``;
+  * attention, ``sdpa`` without a mask (flash kernel on CUDA, GQA native): q, k, v, output and the
+    fp32 log-sum-exp, ``(2 nh + 2 nkv) d p + 4 nh``, no ``[s, s]`` tensor. Packed windows (the
+    position ids restart at each file, so transformers builds a block-diagonal mask) change that:
+    k and v are repeated to ``nh`` heads and SDPA converts the boolean mask to a ``[b, 1, s, s]``
+    compute-dtype bias in *every* layer and saves it: ``4 nh d p + 4 nh + s p``.
+    ``flash_attention_2``: like unmasked sdpa (packing goes through varlen, without a mask).
+    ``eager``: q and the repeated k, v, ``3 nh d p``, plus the ``[b, nh, s, s]`` attention
+    probabilities in fp32 and their compute-dtype copy, ``nh s (4 + p)`` (``4 nh s`` in fp32).
+
+  The first layer is cheaper: its input (the frozen embedding's output) does not require grad, so
+  its first RMSNorm and the q/k/v dropout masks are not saved. Once per step: the rotary cos/sin
+  ``2 T d p``, the final RMSNorm ``(4 h + 4) T``, and what the loss keeps: chunked, its inputs
+  (the final hidden states ``T h p`` and int64 targets ``8 T``); plain, the fp32 log-probabilities
+  ``4 n V`` and targets ``8 n`` (``n = b (s - 1)``).
+
+  With gradient checkpointing (non-reentrant, per layer) a layer keeps only its input, ``T h p``
+  per layer, plus the step-wide tensors above and the ones the checkpoint closures hold (cos/sin,
+  and the ``[b, 1, s, s]`` boolean packing mask, ``b s^2`` bytes; eager: its float mask).
+- ``loss_chunk``: `causal_lm_loss_sum` runs one chunk of ``c = loss_chunk_size`` tokens at a time
+  (``c`` counts tokens of the whole micro-batch, not of one row). Backward through a chunk holds
+  three fp32 ``[c, V]`` buffers at once (the log-probabilities, their gradient, the logits'
+  gradient): ``12 c V``; the gradients of the chunks done so far wait to be joined, ``(T - c) h p``.
+  The plain path (``loss_chunk_size`` None or >= T) saved its
+  log-probabilities already, so backward adds ``8 n V``. A trainable ``lm_head`` adds its weight
+  gradient's accumulation buffer, ``V h p``.
+- ``recompute`` (checkpointing only): backward re-runs the last layer's forward, which brings back
+  one layer's full activations (as above, input requiring grad; in fp32 its first norm's input is
+  the checkpointed input itself) next to the gradient buffers the final norm's backward left
+  (``8 h``, measured). On top, the larger of two moments. The end of the re-run: alive but not
+  saved, the MLP input and, in 16-bit, the residual (``h p`` each), the MLP product (``i p``,
+  unless LoRA saved it) and its fp32 copy for LoRA (``4 i``, 16-bit with dropout), the down
+  projection's base output (``h p``). Or the MLP's backward: three compute-dtype gradients of the
+  product (base, LoRA, their sum), ``3 i p``, minus the down adapter's saved tensors, freed by
+  then (this one wins only in fp32 without dropout). Minus the loss's and the final norm's saved
+  tensors, freed before.
+- ``forward_transient`` (without checkpointing): at the end of the last layer's forward, alive but
+  not saved: the embeddings and the attention mask (held by the model's forward), the layer's
+  input and residual (16-bit only; fp32 norms save them), the MLP input, product and its fp32
+  copy, the down projection's output, and LoRA's two fp32 ``[T, h]`` outputs (B's and its
+  scaled copy); minus the final norm's and the loss's saved tensors, which do not exist yet.
+
+``total = persistent + activations + max(loss_chunk, recompute, forward_transient)``.
+
+What it ignores: allocator rounding and fragmentation (the caching allocator's reserved memory is
+usually 5-15% above its allocated peak), memory cached but unused, cuBLAS/bitsandbytes workspaces
+and the transient dequantized weight of one projection in backward (``out x in x p``, under
+30 MB for a 1.5B model), the batch's token tensors (a few MB), the optimizer step's own
+temporaries (AdamW's foreach buffers, a few bytes per LoRA value, when activations are already
+freed), and other processes on the card.
+
+Error target: ``total - cuda_context`` within 10% of ``torch.cuda.max_memory_allocated`` over a
+training step on a real GPU (NVML's peak adds the context and the allocator's reserve on top).
+Not yet checked on a GPU (none was available). `tests/test_memory_plan.py` checks the parameter
+counts exactly against real model definitions (meta device), and the activation and transient
+terms against what a tiny Qwen2 really holds on CPU (saved-tensor hooks and a live-storage
+tracker; fp32, bf16 and NF4): the saved activations to the byte, the step's peak within 3.5%
+(to the byte in most configurations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from codetune.errors import ConfigError
+
+GiB = 2**30
+# Linear layers that get adapters by default; `CodeLoRAModule` uses the same list.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# "around 400MB if CUDA >= 11.7 is used and lazy module loading enabled" (pytorch/pytorch#109888).
+CUDA_CONTEXT_BYTES = 400 * 2**20
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+NF4_CODE_BYTES = 16 * 4
+# bitsandbytes' 8-bit optimizers keep fp32 states for tensors smaller than this (`min_8bit_size`).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_8BIT_BLOCKSIZE = 256
+# Log-probabilities, their gradient and the logits' gradient, all fp32, during a chunk's backward.
+LOSS_FP32_BUFFERS = 3
+FP32 = 4
+INT64 = 8
+
+Quantization = Literal["nf4", "none"]
+Optimizer = Literal["adamw", "paged_adamw_8bit"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Device = Literal["cuda", "cpu"]
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FULL_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama/Qwen2-style decoder that decide its memory."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool
+    head_dim: int | None = None
+    """Size of one attention head; None means hidden_size // num_attention_heads."""
+    qkv_bias: bool = False
+    """Whether q/k/v projections have a bias (Qwen2: yes; Llama: `attention_bias`)."""
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """The shape of a transformers config (`Qwen2Config`, `LlamaConfig`, or a look-alike)."""
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        # Qwen2's attention hard-codes bias=True on q/k/v and none on o; its config has no flag for it.
+        qwen2 = getattr(config, "model_type", None) == "qwen2"
+        heads = config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def projections(self) -> dict[str, tuple[int, int, bool]]:
+        """``(in_features, out_features, has_bias)`` of each Linear inside one decoder layer."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_size
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        return {
+            "q_proj": (h, q, self.qkv_bias), "k_proj": (h, kv, self.qkv_bias), "v_proj": (h, kv, self.qkv_bias),
+            "o_proj": (q, h, self.o_bias), "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias),
+            "down_proj": (i, h, self.mlp_bias),
+        }
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """How one micro-batch is trained: the knobs of `CodeLoRAModule` and the data that move memory."""
+
+    seq_len: int = 2048
+    """Tokens per window (--data.seq_len)."""
+    micro_batch_size: int = 8
+    """Windows per forward/backward (--data.batch_size)."""
+    quantization: Quantization = "nf4"
+    """Base weights in bitsandbytes NF4 ('nf4') or in the compute dtype ('none')."""
+    compute_dtype_bytes: int = 2
+    """Bytes per value of the compute dtype: 2 for bf16/fp16, 4 for fp32."""
+    lora_rank: int = 8
+    """LoRA rank r (--model.lora_rank)."""
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Linears that get adapters (--model.lora_target_modules): the seven projections and/or 'lm_head'."""
+    lora_dropout: float = 0.05
+    """Only whether it is 0 matters: dropout > 0 keeps a mask per adapter."""
+    modules_to_save: tuple[str, ...] = ()
+    """Layers trained in full: 'embed_tokens' and/or 'lm_head'."""
+    optimizer: Optimizer = "adamw"
+    """'adamw' (torch, what CodeLoRAModule uses) or 'paged_adamw_8bit' (bitsandbytes)."""
+    gradient_checkpointing: bool = False
+    """Per-layer non-reentrant checkpointing (--model.gradient_checkpointing)."""
+    loss_chunk_size: int | None = 1024
+    """Tokens per loss chunk (--model.loss_chunk_size); None: the whole micro-batch at once."""
+    attn_implementation: Attention = "sdpa"
+    """--model.attn_implementation: 'sdpa', 'eager' or 'flash_attention_2'."""
+    packed_windows: bool = True
+    """Windows hold several files (position ids restart), so sdpa gets a materialised mask."""
+    device: Device = "cuda"
+    """Where the kernels run: only the LoRA dropout mask differs (bool on CUDA, fp32 noise on CPU)."""
+
+    def __post_init__(self) -> None:
+        # Lists from a config file are fine; stored as tuples so the shape stays hashable.
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        problems = _training_problems(self)
+        if problems:
+            raise ConfigError("memory plan: " + "; ".join(problems))
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated device memory of one training step, in bytes, term by term (see the module docstring)."""
+
+    cuda_context: int
+    weights_4bit: int
+    weights_16bit: int
+    lora_params: int
+    lora_grads: int
+    optimizer_state: int
+    activations: int
+    loss_chunk: int
+    recompute: int
+    forward_transient: int
+    model: ModelShape
+    training: TrainingShape
+
+    @property
+    def persistent(self) -> int:
+        """Memory held between steps: context, weights, trainable parameters, their gradients and optimizer state."""
+        return (self.cuda_context + self.weights_4bit + self.weights_16bit + self.lora_params + self.lora_grads
+                + self.optimizer_state)
+
+    @property
+    def step(self) -> int:
+        """The micro-batch's own peak: saved activations plus the largest of the three transients."""
+        return self.activations + max(self.loss_chunk, self.recompute, self.forward_transient)
+
+    @property
+    def total(self) -> int:
+        """Predicted peak device memory (NVML's view: the CUDA context included)."""
+        return self.persistent + self.step
+
+    def fits(self, free_bytes: int) -> bool:
+        """Whether the predicted peak is at most `free_bytes` (no margin for fragmentation added)."""
+        return self.total <= free_bytes
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    """A micro-batch size that fits, the accumulation that keeps the effective batch, and its plan."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    plan: MemoryPlan
+
+
+# -- parameter counts --------------------------------------------------------------------------
+
+
+def base_parameter_count(model: ModelShape) -> int:
+    """Parameters of the base model as transformers counts them (a tied head counted once)."""
+    embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+    return embeddings + model.num_hidden_layers * _layer_parameters(model) + model.hidden_size
+
+
+def quantized_parameter_count(model: ModelShape) -> int:
+    """Values that bitsandbytes stores in NF4: the weights of every decoder Linear."""
+    return model.num_hidden_layers * sum(n_in * n_out for n_in, n_out, _ in model.projections().values())
+
+
+def lora_parameter_count(model: ModelShape, rank: int, target_modules: tuple[str, ...] | list[str]) -> int:
+    """LoRA A and B values: ``r (in + out)`` per adapted Linear."""
+    return sum(rank * (n_in + n_out) for n_in, n_out in _adapted_linears(model, tuple(target_modules)))
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one tensor in NF4 with double quantization (blocks of 64, absmax blocks of 256)."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    return math.ceil(numel / 2) + blocks + FP32 * math.ceil(blocks / NF4_NESTED_BLOCKSIZE) + FP32 + NF4_CODE_BYTES
+
+
+def _layer_parameters(model: ModelShape) -> int:
+    linear = sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out, bias in model.projections().values())
+    return linear + 2 * model.hidden_size
+
+
+def _adapted_linears(model: ModelShape, targets: tuple[str, ...]) -> list[tuple[int, int]]:
+    """``(in, out)`` of every Linear that gets an adapter, all layers."""
+    shapes = model.projections()
+    layer = [shapes[name][:2] for name in _PROJECTIONS if name in targets]
+    head = [(model.hidden_size, model.vocab_size)] if "lm_head" in targets else []
+    return layer * model.num_hidden_layers + head
+
+
+def _trainable_tensors(model: ModelShape, training: TrainingShape) -> list[tuple[int, int]]:
+    """``(numel, bytes per value)`` of each trainable tensor: LoRA A and B (fp32), full copies (compute dtype)."""
+    r = training.lora_rank
+    tensors = []
+    for n_in, n_out in _adapted_linears(model, training.lora_target_modules):
+        tensors += [(r * n_in, FP32), (n_out * r, FP32)]
+    full = model.vocab_size * model.hidden_size
+    tensors += [(full, training.compute_dtype_bytes) for _ in training.modules_to_save]
+    return tensors
+
+
+# -- persistent memory ---------------------------------------------------------------------------
+
+
+def _weight_bytes(model: ModelShape, training: TrainingShape) -> tuple[int, int]:
+    """(NF4 bytes, compute-dtype bytes) of the frozen base model."""
+    p = training.compute_dtype_bytes
+    if training.quantization == "none":
+        return 0, base_parameter_count(model) * p
+    weights = [n_in * n_out for n_in, n_out, _ in model.projections().values()]
+    quantized = model.num_hidden_layers * sum(nf4_bytes(n) for n in weights)
+    return quantized, (base_parameter_count(model) - quantized_parameter_count(model)) * p
+
+
+def _optimizer_bytes(tensors: list[tuple[int, int]], optimizer: Optimizer) -> int:
+    if optimizer == "adamw":
+        # exp_avg and exp_avg_sq, each like the parameter.
+        return sum(2 * numel * size for numel, size in tensors)
+    total = 0
+    for numel, _ in tensors:
+        if numel < BNB_MIN_8BIT_SIZE:
+            total += 2 * FP32 * numel
+        else:
+            total += 2 * (numel + FP32 * math.ceil(numel / BNB_8BIT_BLOCKSIZE))
+    return total
+
+
+# -- activations ---------------------------------------------------------------------------------
+
+
+def saved_activation_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Bytes that autograd (and the checkpoint closures) hold at the end of one micro-batch's forward."""
+    t, h, p = training.tokens, model.hidden_size, training.compute_dtype_bytes
+    rope = 2 * t * model.head_size * p
+    final_norm = t * _rms_norm_bytes(h)
+    shared = rope + final_norm + _loss_saved_bytes(model, training)
+    if training.gradient_checkpointing:
+        return shared + model.num_hidden_layers * t * h * p + _closure_mask_bytes(training, p)
+    embedding_trainable = "embed_tokens" in training.modules_to_save
+    first = _layer_bytes_per_token(model, training, input_requires_grad=embedding_trainable)
+    rest = _layer_bytes_per_token(model, training, input_requires_grad=True)
+    return shared + t * (first + (model.num_hidden_layers - 1) * rest)
+
+
+def layer_activation_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Bytes one decoder layer saves for backward (input requiring grad), for the whole micro-batch."""
+    return training.tokens * _layer_bytes_per_token(model, training, input_requires_grad=True)
+
+
+def _layer_bytes_per_token(model: ModelShape, training: TrainingShape, input_requires_grad: bool) -> int:
+    """Saved bytes per token of one decoder layer, following which tensors require grad."""
+    targets = set(training.lora_target_modules)
+    shapes = model.projections()
+    h, i, p = model.hidden_size, model.intermediate_size, training.compute_dtype_bytes
+    x_grad = input_requires_grad
+    total = _rms_norm_bytes(h) if x_grad else 0
+    total += _lora_group_bytes(shapes, ("q_proj", "k_proj", "v_proj"), targets, training, x_grad)
+    attention_grad = x_grad or bool(targets & {"q_proj", "k_proj", "v_proj"})
+    total += _attention_bytes(model, training) if attention_grad else 0
+    total += _lora_group_bytes(shapes, ("o_proj",), targets, training, attention_grad)
+    if _o_proj_input_is_attention_output(training) and "o_proj" in targets and attention_grad:
+        # SDPA's output is laid out [b, s, heads, d], so o_proj's input is the very tensor SDPA saved.
+        total -= FP32 * model.num_attention_heads * model.head_size
+    residual_grad = x_grad or attention_grad or "o_proj" in targets
+    total += _rms_norm_bytes(h) if residual_grad else 0
+    total += _lora_group_bytes(shapes, ("gate_proj", "up_proj"), targets, training, residual_grad)
+    mlp_grad = residual_grad or bool(targets & {"gate_proj", "up_proj"})
+    # SiLU saves gate; the product saves SiLU(gate) and up.
+    total += 3 * i * p if mlp_grad else 0
+    total += _lora_group_bytes(shapes, ("down_proj",), targets, training, mlp_grad)
+    return total
+
+
+def _lora_group_bytes(shapes: dict[str, tuple[int, int, bool]], group: tuple[str, ...], targets: set[str],
+                      training: TrainingShape, input_requires_grad: bool) -> int:
+    """Per-token bytes the adapters on Linears sharing one input save."""
+    adapted = [name for name in group if name in targets]
+    if not adapted:
+        return 0
+    n_in, r = shapes[adapted[0]][0], training.lora_rank
+    lora_out = len(adapted) * FP32 * r
+    if training.lora_dropout > 0:
+        # Native dropout keeps a bool mask on CUDA; the CPU fallback keeps its fp32 noise tensor.
+        mask = (1 if training.device == "cuda" else FP32) if input_requires_grad else 0
+        return len(adapted) * (mask + FP32) * n_in + lora_out
+    # No dropout: A saves its fp32 input itself, one cast per adapter (or the shared input, if fp32 already).
+    copies = 1 if training.compute_dtype_bytes == FP32 else len(adapted)
+    return copies * FP32 * n_in + lora_out
+
+
+def _attention_bytes(model: ModelShape, training: TrainingShape) -> int:
+    nh, nkv, d = model.num_attention_heads, model.num_key_value_heads, model.head_size
+    p, s = training.compute_dtype_bytes, training.seq_len
+    lse = FP32 * nh
+    if training.attn_implementation == "eager":
+        probabilities = nh * s * (FP32 if p == FP32 else FP32 + p)
+        return 3 * nh * d * p + probabilities
+    if training.attn_implementation == "sdpa" and training.packed_windows:
+        # repeat_kv'd k and v, and the per-layer [b, 1, s, s] bias SDPA makes from the boolean mask.
+        return 4 * nh * d * p + lse + s * p
+    return (2 * nh + 2 * nkv) * d * p + lse
+
+
+def _o_proj_input_is_attention_output(training: TrainingShape) -> bool:
+    # Only when LoRA saves its input as is: no dropout and an fp32 compute dtype (no cast).
+    no_copy = training.lora_dropout == 0 and training.compute_dtype_bytes == FP32
+    return no_copy and training.attn_implementation != "eager"
+
+
+def _lora_copies_product(training: TrainingShape) -> bool:
+    # down_proj's adapter casts the MLP product to fp32; with dropout that copy is not saved, only held.
+    cast = training.compute_dtype_bytes != FP32 and training.lora_dropout > 0
+    return cast and "down_proj" in training.lora_target_modules
+
+
+def _lora_saves_product(training: TrainingShape) -> bool:
+    # Without dropout in fp32, down_proj's adapter saves the MLP product itself: it is an activation.
+    no_copy = training.lora_dropout == 0 and training.compute_dtype_bytes == FP32
+    return no_copy and "down_proj" in training.lora_target_modules
+
+
+def _rms_norm_bytes(hidden: int) -> int:
+    # The fp32 upcast of the input (the input itself when it is fp32) and one fp32 rsqrt per token.
+    return FP32 * hidden + FP32
+
+
+def _loss_saved_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """What the loss keeps for backward: chunked, the final hidden states and the shifted int64 targets
+    (inputs of its checkpoints); plain, the fp32 log-probabilities and the targets."""
+    t, n = training.tokens, _loss_tokens(training)
+    if _chunked_loss(training):
+        return t * model.hidden_size * training.compute_dtype_bytes + INT64 * t
+    return FP32 * n * model.vocab_size + INT64 * n
+
+
+def _closure_mask_bytes(training: TrainingShape, p: int) -> int:
+    """The step-wide attention mask that checkpointed layers keep alive (their keyword arguments)."""
+    b, s = training.micro_batch_size, training.seq_len
+    if training.attn_implementation == "eager":
+        return b * s * s * p
+    if training.attn_implementation == "sdpa" and training.packed_windows:
+        return b * s * s
+    return 0
+
+
+def _chunked_loss(training: TrainingShape) -> bool:
+    """Whether `causal_lm_loss_sum` takes its chunked path (else one plain head call)."""
+    return training.loss_chunk_size is not None and training.loss_chunk_size < training.tokens
+
+
+def _loss_tokens(training: TrainingShape) -> int:
+    """Tokens in the loss's largest head call: one chunk, or all shifted positions for the plain path."""
+    if _chunked_loss(training):
+        return training.loss_chunk_size
+    return training.micro_batch_size * (training.seq_len - 1)
+
+
+def loss_chunk_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """The loss's logits buffers on top of the activations at its backward peak.
+
+    Chunked: three fp32 ``[c, V]`` buffers, none of them saved, ``12 c V``, plus the gradients of
+    the chunks already done, which wait for the split's backward to join them, ``(T - c) h p``.
+    Plain: the fp32 log-probabilities are saved (so in the activations already); backward adds two
+    more, ``8 n V``. A trainable ``lm_head`` adds its weight gradient's accumulation buffer, ``V h p``.
+    """
+    n, h, p = _loss_tokens(training), model.hidden_size, training.compute_dtype_bytes
+    if _chunked_loss(training):
+        logits = LOSS_FP32_BUFFERS * FP32 * n * model.vocab_size + (training.tokens - n) * h * p
+    else:
+        logits = (LOSS_FP32_BUFFERS - 1) * FP32 * n * model.vocab_size
+    head_grad = model.vocab_size * h * p if "lm_head" in training.modules_to_save else 0
+    return logits + head_grad
+
+
+def recompute_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Extra memory while backward runs the last checkpointed layer (0 without checkpointing).
+
+    The larger of two moments: the end of the layer's re-run forward, and its MLP's backward.
+    """
+    if not training.gradient_checkpointing:
+        return 0
+    t, h, i, p = training.tokens, model.hidden_size, model.intermediate_size, training.compute_dtype_bytes
+    layer = layer_activation_bytes(model, training)
+    if p == FP32:
+        # The first RMSNorm saves its input as is, and that is the checkpoint's input, counted already.
+        layer -= t * FP32 * h
+    # Gradient buffers the final RMSNorm's backward leaves alive (measured: 8 bytes per hidden value).
+    incoming = 2 * FP32 * h
+    # Held by the layer's frames, not saved: the MLP input, and the residual when the norm saved an fp32 copy.
+    frames = h * p + (h * p if p != FP32 else 0)
+    product = (0 if _lora_saves_product(training) else i * p) + (FP32 * i if _lora_copies_product(training) else 0)
+    down_output = h * p  # peft's 4-bit path clones it, but the original is freed at once
+    end_of_rerun = frames + product + down_output
+    # Then the product's gradients (from the base, from LoRA, their sum) replace the down adapter's saved tensors.
+    down_saved = _lora_group_bytes(model.projections(), ("down_proj",), set(training.lora_target_modules), training,
+                                   input_requires_grad=True)
+    mlp_backward = 3 * i * p - down_saved
+    freed = _loss_saved_bytes(model, training) + t * _rms_norm_bytes(h)
+    return layer + t * (incoming + max(end_of_rerun, mlp_backward)) - freed
+
+
+def forward_transient_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Excess over the activations at the end of the last layer's forward (0 with checkpointing).
+
+    Alive but not saved at that moment: the embeddings and the attention mask (held by the model's
+    forward), the layer's input, residual and MLP input (held by frames; in fp32 the norms save the
+    first two), the MLP product and its fp32 copy for LoRA, the down projection's base output and
+    two fp32 ``[T, h]`` LoRA outputs (B's output and its scaled copy). Not yet alive: the final
+    norm's and the loss's saved tensors.
+    """
+    if training.gradient_checkpointing:
+        return 0  # every checkpointed layer's forward is smaller than the recompute of one
+    t, h, i, p = training.tokens, model.hidden_size, model.intermediate_size, training.compute_dtype_bytes
+    # The embeddings, the layer's input and residual (saved as is by fp32 norms), the MLP input.
+    held = h * p + (2 * h * p if p != FP32 else 0) + h * p
+    product = i * p + (FP32 * i if _lora_copies_product(training) else 0)
+    # LoRA B's fp32 output and its scaled copy.
+    product += 2 * FP32 * h if "down_proj" in training.lora_target_modules else 0
+    down_output = h * p
+    not_yet = _loss_saved_bytes(model, training) + t * _rms_norm_bytes(h)
+    excess = t * (held + product + down_output) + _closure_mask_bytes(training, p) - not_yet
+    return max(0, excess)
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def plan_memory(model: ModelShape, training: TrainingShape) -> MemoryPlan:
+    """The memory plan of one training step of `model` trained as `training`.
+
+    Raises:
+        ConfigError: if a LoRA target or a `modules_to_save` name is not a layer this estimate knows.
+    """
+    _check_module_names(training)
+    tensors = _trainable_tensors(model, training)
+    weights_4bit, weights_16bit = _weight_bytes(model, training)
+    trainable = sum(numel * size for numel, size in tensors)
+    return MemoryPlan(
+        cuda_context=CUDA_CONTEXT_BYTES if training.device == "cuda" else 0,
+        weights_4bit=weights_4bit,
+        weights_16bit=weights_16bit,
+        lora_params=trainable,
+        lora_grads=trainable,
+        optimizer_state=_optimizer_bytes(tensors, training.optimizer),
+        activations=saved_activation_bytes(model, training),
+        loss_chunk=loss_chunk_bytes(model, training),
+        recompute=recompute_bytes(model, training),
+        forward_transient=forward_transient_bytes(model, training),
+        model=model,
+        training=training,
+    )
+
+
+def largest_micro_batch(effective_batch: int, free_bytes: int, model: ModelShape,
+                        training: TrainingShape) -> MicroBatchChoice | None:
+    """The largest micro-batch dividing `effective_batch` whose plan fits `free_bytes`, or None.
+
+    Every divisor is tried, largest first, so ``micro x accumulation == effective_batch`` always
+    holds; `training.micro_batch_size` is ignored.
+    """
+    if effective_batch < 1:
+        raise ConfigError(f"effective batch {effective_batch}: must be >= 1 (--data.batch_size x "
+                          f"--data.gradient_accumulation_steps)")
+    for micro in sorted((m for m in range(1, effective_batch + 1) if effective_batch % m == 0), reverse=True):
+        plan = plan_memory(model, replace(training, micro_batch_size=micro))
+        if plan.fits(free_bytes):
+            return MicroBatchChoice(micro, effective_batch // micro, plan)
+    return None
+
+
+def format_plan(plan: MemoryPlan, free_bytes: int | None = None) -> str:
+    """A human summary: one line per term in GiB, the predicted peak, and whether it fits `free_bytes`."""
+    tr = plan.training
+    chunk = "none" if tr.loss_chunk_size is None else str(tr.loss_chunk_size)
+    lines = [f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
+             f"LoRA r{tr.lora_rank}, checkpointing {'on' if tr.gradient_checkpointing else 'off'}, "
+             f"loss chunk {chunk}, {tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}"]
+    rows = [("cuda context", plan.cuda_context), ("weights, 4-bit", plan.weights_4bit),
+            ("weights, 16-bit", plan.weights_16bit), ("trainable params", plan.lora_params),
+            ("gradients", plan.lora_grads), ("optimizer state", plan.optimizer_state),
+            ("activations", plan.activations), ("loss chunk*", plan.loss_chunk),
+            ("recompute*", plan.recompute), ("forward transient*", plan.forward_transient)]
+    lines += [f"  {name:<20} {_gib(size):>8} GiB" for name, size in rows]
+    lines.append(f"  {'peak':<20} {_gib(plan.total):>8} GiB  (* only the largest counts)")
+    if free_bytes is not None:
+        verdict = "fits" if plan.fits(free_bytes) else "does NOT fit"
+        lines.append(f"  {verdict} in {_gib(free_bytes)} GiB free ({_gib(free_bytes - plan.total)} GiB left)")
+    return "\n".join(lines)
+
+
+def _gib(size: int) -> str:
+    return f"{size / GiB:.2f}"
+
+
+def _check_module_names(training: TrainingShape) -> None:
+    problems = []
+    unknown = [name for name in training.lora_target_modules if name not in (*_PROJECTIONS, "lm_head")]
+    if unknown:
+        problems.append(f"--model.lora_target_modules={list(training.lora_target_modules)}: the estimate knows "
+                        f"{[*_PROJECTIONS, 'lm_head']}, not {unknown}")
+    unknown = [name for name in training.modules_to_save if name not in _FULL_MODULES]
+    if unknown:
+        problems.append(f"--model.modules_to_save={list(training.modules_to_save)}: the estimate knows "
+                        f"{list(_FULL_MODULES)}, not {unknown}")
+    if problems:
+        raise ConfigError("memory plan: " + "; ".join(problems))
+
+
+def _training_problems(tr: TrainingShape) -> list[str]:
+    problems = []
+    if tr.seq_len < 2:
+        problems.append(f"--data.seq_len={tr.seq_len}: must be >= 2")
+    if tr.micro_batch_size < 1:
+        problems.append(f"--data.batch_size={tr.micro_batch_size}: must be >= 1")
+    if tr.quantization not in ("nf4", "none"):
+        problems.append(f"quantization={tr.quantization!r}: use 'nf4' or 'none'")
+    if tr.compute_dtype_bytes not in (2, 4):
+        problems.append(f"compute_dtype_bytes={tr.compute_dtype_bytes}: use 2 (bf16/fp16) or 4 (fp32)")
+    if tr.lora_rank < 1:
+        problems.append(f"--model.lora_rank={tr.lora_rank}: must be >= 1")
+    if not tr.lora_target_modules:
+        problems.append("--model.lora_target_modules is empty: name at least one Linear, e.g. q_proj")
+    if not 0.0 <= tr.lora_dropout < 1.0:
+        problems.append(f"--model.lora_dropout={tr.lora_dropout}: must be in [0, 1)")
+    if tr.optimizer not in ("adamw", "paged_adamw_8bit"):
+        problems.append(f"optimizer={tr.optimizer!r}: use 'adamw' or 'paged_adamw_8bit'")
+    if tr.loss_chunk_size is not None and tr.loss_chunk_size < 1:
+        problems.append(f"--model.loss_chunk_size={tr.loss_chunk_size}: must be a positive integer or null")
+    if tr.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        problems.append(f"--model.attn_implementation={tr.attn_implementation!r}: use sdpa, eager or "
+                        f"flash_attention_2")
+    if tr.device not in ("cuda", "cpu"):
+        problems.append(f"device={tr.device!r}: use 'cuda' or 'cpu'")
+    return problems
