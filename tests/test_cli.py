@@ -234,3 +234,18 @@ def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing)
     calls = next(c for c in cli.trainer.callbacks if isinstance(c, DecoderLayerCalls)).calls
     # 2 optimizer steps x 2 micro-batches; checkpointing runs each layer's forward again in backward.
     assert calls == 4 * (2 if checkpointing else 1)
+
+
+def test_batch_size_auto_keeps_the_effective_batch(tmp_path, fixture_repo, capsys):
+    args = ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(fixture_repo),
+            "--runs_dir", str(tmp_path / "runs"), "--run_name", "auto", "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.seq_len", "64", "--data.batch_size", "auto", "--generation.max_new_tokens", "2",
+            "--generation.repo_prompts", "0", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2"]
+    assert main(args) == 2
+    assert "--data.batch_size auto needs --data.effective_batch_size" in capsys.readouterr().err
+    assert main([*args, "--data.effective_batch_size", "6"]) == 0
+    manifest = json.loads((tmp_path / "runs" / "auto" / "MANIFEST.json").read_text())
+    # On CPU there is no card to fit: the whole optimizer batch is one micro-batch.
+    assert manifest["config"]["data"]["batch_size"] == "auto"
+    assert scalars(tmp_path / "runs" / "auto", "train/micro_batch_size") == [6.0, 6.0]
+    assert manifest["phase_results"]["phase_3_model"]["vram_plan"]["predicted_peak_gib"] > 0

@@ -395,3 +395,27 @@ def test_bad_values_are_one_error_naming_the_flags():
         plan_memory(QWEN, TrainingShape(lora_target_modules=("c_attn",)))
     with pytest.raises(ConfigError, match=r"--model.modules_to_save=\['norm'\]"):
         plan_memory(QWEN, TrainingShape(modules_to_save=("norm",)))
+
+
+def test_batch_size_auto_on_a_6_gib_card_picks_what_the_plan_fits(monkeypatch):
+    """The module's `--data.batch_size auto` on CUDA: the Rust config on the 1.5B shape, 6 GiB free."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import Qwen2Config
+
+    from codetune.model.module import CodeLoRAModule
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    module = CodeLoRAModule(lora_rank=16, lora_alpha=32, gradient_checkpointing=True, seq_len=4096,
+                            micro_batch_size="auto")
+    module.optimizer_name = "adamw"
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(optimizer_batch_size=16, packing="isolated"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * GiB, 8 * GiB))
+    assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * GiB, 8 * GiB))
+    assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * GiB, 8 * GiB))
+    with pytest.warns(UserWarning, match="even micro-batch 1 is predicted not to fit"):
+        assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 1

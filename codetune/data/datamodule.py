@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -64,9 +64,11 @@ class CodeDataModule(L.LightningDataModule):
         tokenizer: The model whose tokenizer is used (linked from --model.name_or_path; 'tiny'
             trains a byte-level BPE tokenizer on the training files).
         seq_len: Tokens per window.
-        batch_size: Micro-batch: windows per forward/backward pass.
+        batch_size: Micro-batch: windows per forward/backward pass, or 'auto': the largest that the VRAM
+            plan predicts to fit the card (codetune/memory_plan.py), with --data.effective_batch_size.
         gradient_accumulation_steps: Micro-batches per optimizer step (effective batch is
-            batch_size x gradient_accumulation_steps windows).
+            batch_size x gradient_accumulation_steps windows); ignored with batch_size 'auto'.
+        effective_batch_size: Windows per optimizer step when batch_size is 'auto' (required then).
         extensions: File extensions to train on (with the dot).
         ignore_patterns: Extra gitignore-style patterns, on top of the built-in ones and .gitignore.
         val_fraction: Share of files held out for validation (file-level, deterministic).
@@ -86,8 +88,9 @@ class CodeDataModule(L.LightningDataModule):
         repo: str = ".",
         tokenizer: str = "tiny",
         seq_len: int = 2048,
-        batch_size: int = 8,
+        batch_size: int | Literal["auto"] = 8,
         gradient_accumulation_steps: int = 2,
+        effective_batch_size: int | None = None,
         extensions: list[str] = list(DEFAULT_EXTENSIONS),
         ignore_patterns: list[str] = [],
         val_fraction: float = 0.1,
@@ -101,8 +104,8 @@ class CodeDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        _check_positive(seq_len=seq_len, batch_size=batch_size,
-                        gradient_accumulation_steps=gradient_accumulation_steps)
+        _check_batch(batch_size, gradient_accumulation_steps, effective_batch_size)
+        _check_positive(seq_len=seq_len)
         problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
         if problems:
             raise ConfigError("; ".join(f"--data.{p}" for p in problems))
@@ -206,6 +209,8 @@ class CodeDataModule(L.LightningDataModule):
 
     @property
     def optimizer_batch_size(self) -> int:
+        if self.batch_size == "auto":
+            return self.hparams.effective_batch_size
         return self.batch_size * self.gradient_accumulation_steps
 
     def train_dataloader(self) -> DataLoader:
@@ -217,7 +222,8 @@ class CodeDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(WindowDataset(self.val_windows), batch_size=self.batch_size, shuffle=False,
+        # The module cuts every batch into micro-batches (which an OOM back-off may shrink).
+        return DataLoader(WindowDataset(self.val_windows), batch_size=self.optimizer_batch_size, shuffle=False,
                           collate_fn=WindowCollator(self.val_windows, self.packing),
                           num_workers=self.hparams.num_workers)
 
@@ -229,6 +235,17 @@ def _existing_dir(repo: str) -> Path:
     if not path.is_dir():
         raise ConfigError(f"--data.repo {repo!r} is not a directory. Point it at your repository's root directory.")
     return path
+
+
+def _check_batch(batch_size: int | str, accumulation: int, effective: int | None) -> None:
+    if batch_size == "auto":
+        if effective is None or effective < 1:
+            raise ConfigError(f"--data.batch_size auto needs --data.effective_batch_size N (windows per optimizer "
+                              f"step, e.g. 16); got {effective}.")
+        return
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--data.batch_size={batch_size}: must be a positive integer or 'auto'.")
+    _check_positive(gradient_accumulation_steps=accumulation)
 
 
 def _check_positive(**values: int) -> None:

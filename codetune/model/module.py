@@ -14,7 +14,7 @@ import gc
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -25,7 +25,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from codetune.backoff import accumulation_steps
 from codetune.errors import ConfigError
-from codetune.memory_plan import DEFAULT_LORA_TARGETS, ModelShape, TrainingShape, format_plan, plan_memory
+from codetune.memory_plan import (DEFAULT_LORA_TARGETS, ModelShape, TrainingShape, format_plan,
+                                  largest_micro_batch, plan_memory)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
 from codetune.model.loss import causal_lm_loss_sum
@@ -64,7 +65,8 @@ class CodeLoRAModule(L.LightningModule):
             'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes); see codetune/model/optim.py.
         loss_chunk_size: Tokens per chunk of the output projection + cross-entropy (None: plain path).
         seq_len: Window length (linked from --data.seq_len).
-        micro_batch_size: Windows per forward/backward (linked from --data.batch_size).
+        micro_batch_size: Windows per forward/backward (linked from --data.batch_size); 'auto' picks the
+            largest that the VRAM plan fits in the card's free memory (the whole batch on CPU).
         seed: Seed of the tiny model's initialisation.
     """
 
@@ -88,7 +90,7 @@ class CodeLoRAModule(L.LightningModule):
         optimizer: OptimizerName = "auto",
         loss_chunk_size: int | None = 1024,
         seq_len: int = 2048,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | Literal["auto"] = 8,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -127,22 +129,45 @@ class CodeLoRAModule(L.LightningModule):
                                 hp.modules_to_save)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
+        if self.micro_batch_size == "auto":
+            self.micro_batch_size = self._auto_micro_batch(model.config, quantize, dtype, device)
         self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
+
+    def _auto_micro_batch(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> int:
+        """`--data.batch_size auto`: the largest divisor of the optimizer batch predicted to fit the free memory."""
+        effective = self.trainer.datamodule.optimizer_batch_size
+        if device.type != "cuda":
+            rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
+            return effective
+        free = torch.cuda.mem_get_info(device)[0]
+        choice = largest_micro_batch(effective, free, ModelShape.from_config(config),
+                                     self._training_shape(1, quantize, dtype, device))
+        if choice is None:
+            rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
+                           f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")
+            return 1
+        rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {choice.micro_batch_size} x "
+                       f"{choice.gradient_accumulation_steps} accumulation fits {free / 2**30:.2f} GiB free.")
+        return choice.micro_batch_size
+
+    def _training_shape(self, micro: int, quantize: bool, dtype: torch.dtype, device: torch.device) -> TrainingShape:
+        hp = self.hparams
+        return TrainingShape(
+            seq_len=hp.seq_len, micro_batch_size=micro, quantization="nf4" if quantize else "none",
+            compute_dtype_bytes=dtype.itemsize, lora_rank=hp.lora_rank,
+            lora_target_modules=tuple(hp.lora_target_modules), lora_dropout=hp.lora_dropout,
+            modules_to_save=tuple(hp.modules_to_save),
+            optimizer="adamw" if self.optimizer_name == "adamw" else "paged_adamw_8bit",
+            gradient_checkpointing=hp.gradient_checkpointing, loss_chunk_size=hp.loss_chunk_size,
+            attn_implementation=hp.attn_implementation,
+            packed_windows=getattr(self.trainer.datamodule, "packing", "isolated") == "isolated",
+            device="cuda" if device.type == "cuda" else "cpu")
 
     def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
         """The predicted peak of one step (codetune/memory_plan.py), printed next to the card's free memory."""
-        hp = self.hparams
         try:
-            plan = plan_memory(ModelShape.from_config(config), TrainingShape(
-                seq_len=hp.seq_len, micro_batch_size=self.micro_batch_size, quantization="nf4" if quantize else "none",
-                compute_dtype_bytes=dtype.itemsize, lora_rank=hp.lora_rank,
-                lora_target_modules=tuple(hp.lora_target_modules), lora_dropout=hp.lora_dropout,
-                modules_to_save=tuple(hp.modules_to_save),
-                optimizer="adamw" if self.optimizer_name == "adamw" else "paged_adamw_8bit",
-                gradient_checkpointing=hp.gradient_checkpointing, loss_chunk_size=hp.loss_chunk_size,
-                attn_implementation=hp.attn_implementation,
-                packed_windows=getattr(self.trainer.datamodule, "packing", "isolated") == "isolated",
-                device="cuda" if device.type == "cuda" else "cpu"))
+            plan = plan_memory(ModelShape.from_config(config),
+                               self._training_shape(self.micro_batch_size, quantize, dtype, device))
         except (ConfigError, AttributeError, KeyError, TypeError) as err:
             rank_zero_warn(f"codetune: no VRAM plan for this model ({err}); training goes on without one.")
             return None
@@ -350,7 +375,7 @@ def _validate(rank, alpha, dropout, lr, warmup, micro_batch, chunk) -> None:
         problems.append(f"--model.learning_rate={lr}: must be a positive number (e.g. 1e-4)")
     if warmup < 0:
         problems.append(f"--model.warmup_steps={warmup}: must be >= 0")
-    if micro_batch < 1:
+    if micro_batch != "auto" and micro_batch < 1:
         problems.append(f"--data.batch_size={micro_batch}: must be >= 1")
     if chunk is not None and chunk < 1:
         problems.append(f"--model.loss_chunk_size={chunk}: must be a positive integer or null")
