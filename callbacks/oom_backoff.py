@@ -99,8 +99,8 @@ class OOMBackoff(Callback):
         full = fraction is not None and fraction > self.proactive_fraction
         # Every rank votes every step (the same collective on all of them), and all follow the fullest card.
         if trainer.strategy.reduce_boolean_decision(full, all=False) and halved(pl_module.micro_batch_size):
-            pl_module.micro_batch_size = self._back_off(trainer, pl_module.micro_batch_size,
-                                                        batch["input_ids"].shape[0], "proactive")
+            event = self._back_off(trainer, pl_module.micro_batch_size, batch["input_ids"].shape[0], "proactive")
+            pl_module.micro_batch_size = event["micro_batch_size"]
             torch.cuda.empty_cache()
 
     def maybe_inject_oom(self, trainer: L.Trainer, micro_batch_size: int, at_this_micro_batch: bool) -> None:
@@ -117,27 +117,28 @@ class OOMBackoff(Callback):
         step = trainer.global_step
         if halved(micro_batch_size) is None:
             raise OutOfMemoryAtMinimumError(oom_at_minimum_message(step, getattr(trainer.datamodule, "seq_len", None)))
-        new = self._back_off(trainer, micro_batch_size, optimizer_batch, "oom")
-        accumulation = accumulation_steps(optimizer_batch, new)
+        event = self._back_off(trainer, micro_batch_size, optimizer_batch, "oom")
         if ran_out:
             # Each rank that ran out says so; the ranks that did not simply follow the vote.
             warnings.warn(rank_prefixed_message(
                 f"codetune: out of device memory at step {step} with micro-batch {micro_batch_size}; redoing the "
-                f"step as {new} x {accumulation} (effective batch {optimizer_batch} kept).", trainer.global_rank),
-                stacklevel=2)
-        return new
+                f"step as {event['micro_batch_size']} x {event['gradient_accumulation_steps']} (effective batch "
+                f"{optimizer_batch} kept).", trainer.global_rank), stacklevel=2)
+        return event["micro_batch_size"]
 
-    def _back_off(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int, reason: str) -> int:
-        """Halve the micro-batch and record it (`reason`: "oom" or "proactive")."""
+    def _back_off(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int,
+                  reason: str) -> dict[str, Any]:
+        """Halve the micro-batch, record and log it (`reason`: "oom" or "proactive"); returns the event."""
         new = halved(micro_batch_size)
         accumulation = accumulation_steps(optimizer_batch, new)
         self.micro_batch_size = new
-        self.events.append({"step": trainer.global_step, "micro_batch_size": new,
-                            "gradient_accumulation_steps": accumulation, "reason": reason})
+        event = {"step": trainer.global_step, "micro_batch_size": new, "gradient_accumulation_steps": accumulation,
+                 "reason": reason}
+        self.events.append(event)
         for logger in trainer.loggers:
             logger.log_metrics({"oom/micro_batch_size": new, "oom/gradient_accumulation_steps": accumulation,
                                 "oom/backoffs": len(self.events)}, step=trainer.global_step)
-        return new
+        return event
 
     def manifest_results(self) -> dict[str, Any]:
         """What the run's manifest records under phase_4_training."""

@@ -9,15 +9,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from codetune.errors import exit_status
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["inspect"]:
-        from codetune.inspect import main as inspect_main
+        from codetune.inspect import run
 
-        return exit_status(lambda: inspect_main(argv[1:]), "codetune inspect")
+        return run(argv[1:])
     from codetune.cli import main as cli_main
 
     return cli_main(argv)

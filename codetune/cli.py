@@ -122,9 +122,9 @@ def main(args: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else list(args)
     command = args[0] if args else None
     if command == "inspect":
-        from codetune.inspect import main as inspect_main
+        from codetune.inspect import run
 
-        return exit_status(lambda: inspect_main(args[1:]), "codetune inspect")
+        return run(args[1:])
     if command == "prepare":
         from codetune.prepare import main as prepare_main
 

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, scan_argument_problems, scan_repository
 from codetune.data.languages import language_table, recommend_config
-from codetune.errors import ConfigError
+from codetune.errors import ConfigError, exit_status
 
 NO_TOKENIZER = "none"
 EXAMPLES_PER_REASON = 3
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Token cache, shared with training ('none' disables it).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow a hub tokenizer's custom code.")
     return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """`codetune inspect ...` from either entry point: bad input is one line on stderr and status 2."""
+    return exit_status(lambda: main(argv), "codetune inspect")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -116,11 +121,7 @@ def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None,
     from codetune.data.tokens import load_tokenizer, tokenize_cached
 
     texts = [f.text for f in scan.files]
-    try:
-        loaded = load_tokenizer(tokenizer, texts, trust_remote_code)
-    except ConfigError as err:
-        # load_tokenizer names the training flag; here the flag is --tokenizer.
-        raise ConfigError(str(err).replace("--model.name_or_path", "--tokenizer")) from err
+    loaded = load_tokenizer(tokenizer, texts, trust_remote_code, flag="--tokenizer")
     ids, stats = tokenize_cached(loaded, texts, cache_dir)
     return [len(x) for x in ids], {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory}
 

@@ -78,6 +78,8 @@ def test_bad_repo_is_one_clear_error(tmp_path, capsys, make_path, message):
 def test_bad_extension_names_the_flag(fixture_repo, capsys):
     assert main(["inspect", str(fixture_repo), "--extensions", "rs"]) == 2
     assert "--extensions ['rs'] are not supported" in capsys.readouterr().err
+    assert main(["inspect", str(fixture_repo), "--tokenizer", str(fixture_repo / "no-such-model")]) == 2
+    assert f"--tokenizer {str(fixture_repo / 'no-such-model')!r}: no tokenizer could be loaded" in capsys.readouterr().err
 
 
 def test_inspect_never_imports_the_training_stack(fixture_repo):

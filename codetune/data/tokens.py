@@ -36,23 +36,23 @@ TOKEN_DTYPE = np.dtype("<i4")
 
 
 def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remote_code: bool = False,
-                   tiny_vocab_size: int = 2048) -> PreTrainedTokenizerBase:
-    """The tokenizer of `name_or_path` (hub id or local dir), or a new one trained for `tiny`."""
+                   tiny_vocab_size: int = 2048, flag: str = "--model.name_or_path") -> PreTrainedTokenizerBase:
+    """The tokenizer of `name_or_path` (hub id or local dir), or a new one trained for `tiny`; errors name `flag`."""
     if name_or_path == TINY_NAME:
         return train_tokenizer(training_texts, vocab_size=tiny_vocab_size)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(
-            f"--model.name_or_path {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "
+            f"{flag} {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "
             f"Use a local model directory, a Hugging Face id that is cached or reachable (with HF_HUB_OFFLINE "
             f"unset), or 'tiny' for the offline default."
         ) from err
     if not tokenizer.is_fast:
-        raise ConfigError(f"--model.name_or_path {name_or_path!r} has no fast tokenizer; codetune needs one "
+        raise ConfigError(f"{flag} {name_or_path!r} has no fast tokenizer; codetune needs one "
                           f"(tokenizer.json) to tokenize repositories in parallel.")
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"--model.name_or_path {name_or_path!r}: its tokenizer has no EOS token, which "
+        raise ConfigError(f"{flag} {name_or_path!r}: its tokenizer has no EOS token, which "
                           f"codetune needs to separate files.")
     return tokenizer
 

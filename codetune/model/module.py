@@ -140,8 +140,12 @@ class CodeLoRAModule(L.LightningModule):
             rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
             return effective
         free = torch.cuda.mem_get_info(device)[0]
-        choice = largest_micro_batch(effective, free, ModelShape.from_config(config),
-                                     self._training_shape(1, quantize, dtype, device))
+        try:
+            choice = largest_micro_batch(effective, free, ModelShape.from_config(config),
+                                         self._training_shape(1, quantize, dtype, device))
+        except (ConfigError, AttributeError, KeyError, TypeError) as err:
+            raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
+                              f"({err}). Give --data.batch_size a number.") from err
         if choice is None:
             rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
                            f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")

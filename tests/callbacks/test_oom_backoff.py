@@ -44,6 +44,18 @@ class MicroBatchRecorder:
         monkeypatch.setattr(module_lib, "split_batch", recording)
 
 
+def oom_in_every_training_forward(monkeypatch) -> None:
+    """A card too small for any micro-batch: every training forward raises; validation still runs."""
+    original = module_lib.CodeLoRAModule.loss_sum
+
+    def oom_in_training(self, batch):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", oom_in_training)
+
+
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
@@ -109,14 +121,7 @@ def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkey
 def test_oom_at_micro_batch_one_stops_with_what_to_change(repo, tmp_path, monkeypatch, capsys):
     """The injector only fires above micro-batch 1, so a real OOM is simulated by patching the forward."""
 
-    original = module_lib.CodeLoRAModule.loss_sum
-
-    def always_oom_in_training(self, batch):
-        if torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, batch)
-
-    monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", always_oom_in_training)
+    oom_in_every_training_forward(monkeypatch)
     assert main(fit_args(repo, tmp_path, "hopeless")) == 2
     err = capsys.readouterr().err
     assert "with a micro-batch of one window of 64 tokens" in err and "--data.seq_len" in err
@@ -127,14 +132,7 @@ def test_oom_at_micro_batch_one_stops_with_what_to_change(repo, tmp_path, monkey
 
 
 def test_without_the_callback_an_oom_is_not_swallowed(repo, tmp_path, monkeypatch):
-    original = module_lib.CodeLoRAModule.loss_sum
-
-    def oom_in_training(self, batch):
-        if torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return original(self, batch)
-
-    monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", oom_in_training)
+    oom_in_every_training_forward(monkeypatch)
     with pytest.raises(torch.OutOfMemoryError):
         build_cli(fit_args(repo, tmp_path, "off", "--oom_backoff.enabled", "false"))
 
