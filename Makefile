@@ -52,7 +52,7 @@ train-rust: install ## Train with the Rust config: make train-rust REPO=~/code/c
 
 resume: install ## Continue a run from its last checkpoint: make resume RUN=runs/<name>
 	@test -f "$(RUN)/config.yaml" || { echo "make resume: set RUN=runs/<name> (a run directory with config.yaml)"; exit 2; }
-	@$(PY) -m codetune.cli fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
+	@$(PY) -m codetune.cli fit --config "$(RUN)/config.yaml" --ckpt_path last $(ARGS)
 
 tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

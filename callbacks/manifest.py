@@ -11,6 +11,8 @@ import lightning as L
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.markup import escape
 from typing_extensions import override
 
 from codetune.run import Manifest, git_commit, package_versions, utc_now
@@ -37,7 +39,13 @@ class ManifestWriter(Callback):
 
     Top level: ``run_name``, ``run_dir``, ``status``, ``training_time_minutes``, ``started_at``,
     ``finished_at``, ``repo``, ``repo_git_commit``, ``versions``, ``config`` (the resolved CLI
-    config, when the CLI saved one). A failure marks the running phase ``failed`` with the error.
+    config, when the CLI saved one), ``segments`` (one per training process: the first and each
+    resume, with ``resumed_from``, ``start_step``, ``end_step``, ``training_minutes``, ``status``;
+    brought up to date at every checkpoint, so a killed segment still shows how far it got).
+    A failure marks the running phase and segment ``failed`` with the error.
+
+    The console shows each phase as it ends (status, wall time, its key figures); Lightning's rich
+    progress bar shows the training itself.
 
     Example::
 
@@ -48,6 +56,7 @@ class ManifestWriter(Callback):
         self.manifest: Manifest | None = None
         self.tokens_trained = 0
         self._train_started = 0.0
+        self._console = Console(highlight=False, soft_wrap=True)
 
     @property
     def run_dir(self) -> Path:
@@ -61,12 +70,15 @@ class ManifestWriter(Callback):
         self.manifest = Manifest(self.run_dir)
         datamodule = trainer.datamodule
         repo = Path(getattr(datamodule, "repo", ".")).resolve()
+        for stale in ("failed_phase", "error", "finished_at"):  # of an earlier process in this directory
+            self.manifest.data.pop(stale, None)
         self.manifest.update(run_name=self.run_dir.name, run_dir=str(self.run_dir.resolve()), status="running",
-                             started_at=utc_now(), repo=str(repo), repo_git_commit=git_commit(repo),
-                             versions=package_versions())
+                             started_at=self.manifest.data.get("started_at") or utc_now(), repo=str(repo),
+                             repo_git_commit=git_commit(repo), versions=package_versions())
         for phase, results in getattr(datamodule, "report", {}).items():
             self.manifest.finish_phase(phase, {k: v for k, v in results.items() if k != "wall_s"},
                                        wall_s=results.get("wall_s", 0.0))
+            self._show(phase)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,12 +101,26 @@ class ManifestWriter(Callback):
             "trainable_parameters": trainable,
             "total_parameters": total,
         }, wall_s=0.0)
+        self._show("phase_3_model")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_started = time.perf_counter()
         if self.manifest is not None:
             self.manifest.start_phase("phase_4_training")
+            # The checkpoint is known (and loaded) by now; without one, earlier segments were another run.
+            self.manifest.start_segment(resumed_from=str(trainer.ckpt_path) if trainer.ckpt_path else None)
+            self.manifest.update_segment(start_step=trainer.global_step, end_step=trainer.global_step,
+                                         training_minutes=0.0)
+            resumed = f" (resumed at step {trainer.global_step})" if trainer.ckpt_path else ""
+            self._console.print(f"[bold]codetune[/] [cyan]…[/] phase_4_training{resumed}")
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # What a later resume will start from: if this process is killed, its segment ends here.
+        if self.manifest is not None and self.manifest.segments:
+            self.manifest.update_segment(end_step=trainer.global_step, last_checkpoint_at=utc_now(),
+                                         training_minutes=self._training_minutes())
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -107,8 +133,10 @@ class ManifestWriter(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        minutes = (time.perf_counter() - self._train_started) / 60
-        self._finish_training(trainer, minutes)
+        self._finish_training(trainer, self._training_minutes())
+
+    def _training_minutes(self) -> float:
+        return (time.perf_counter() - self._train_started) / 60 if self._train_started else 0.0
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,6 +147,8 @@ class ManifestWriter(Callback):
     def _finish_training(self, trainer: L.Trainer, minutes: float) -> None:
         metrics = trainer.callback_metrics
         val_loss = _metric(metrics, "val/loss")
+        self.manifest.update_segment(end_step=trainer.global_step, training_minutes=round(minutes, 4))
+        total_s = 60 * self.manifest.data["training_time_minutes"]  # every segment of a resumed run
         self.manifest.finish_phase("phase_4_training", {"training_stats": {
             "final_train_loss": _metric(metrics, "train/loss"),
             "final_val_loss": val_loss,
@@ -126,8 +156,7 @@ class ManifestWriter(Callback):
             "optimizer_steps": trainer.global_step,
             "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
             "tokens_trained": self.tokens_trained,
-        }, **_callback_results(trainer)})
-        self.manifest.update(training_time_minutes=round(minutes, 4))
+        }, **_callback_results(trainer)}, wall_s=total_s)
         for callback in trainer.callbacks:
             for phase, results in getattr(callback, "manifest_phases", dict)().items():
                 self.manifest.finish_phase(phase, results, wall_s=results.get("eval_seconds"))
@@ -139,12 +168,31 @@ class ManifestWriter(Callback):
         adapter = self.run_dir / ADAPTER_DIR
         pl_module.save_adapter(adapter)
         self.manifest.finish_phase("phase_6_export", {"adapter_dir": str(adapter.resolve())})
+        if self.manifest.segments:  # none when a resumed run had nothing left to train
+            self.manifest.segments[-1].update(status="completed", finished_at=utc_now())
         self.manifest.update(status="completed", finished_at=utc_now())
+        # Shown once the progress bar is gone (printing under its live display would garble both).
+        for phase in ("phase_4_training", *self._extra_phases(trainer), "phase_6_export"):
+            self._show(phase)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.manifest is not None:
             self.manifest.fail_running_phases(exception)
+            for name, phase in self.manifest.phases.items():
+                if phase.get("status") == "failed":
+                    self._show(name)
+
+    @staticmethod
+    def _extra_phases(trainer: L.Trainer) -> list[str]:
+        return [name for cb in trainer.callbacks for name in getattr(cb, "manifest_phases", dict)()]
+
+    def _show(self, name: str) -> None:
+        """One console line for a finished (or failed) phase: status, wall time, key figures."""
+        phase = self.manifest.phases.get(name, {})
+        mark = {"completed": "[green]✓[/]", "failed": "[red]✗[/]"}.get(phase.get("status"), "·")
+        detail = escape(phase.get("error") or phase_summary(name, phase))
+        self._console.print(f"[bold]codetune[/] {mark} {name:<18} {phase.get('wall_s') or 0.0:>8.2f} s  {detail}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -153,6 +201,27 @@ class ManifestWriter(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_trained = state_dict.get("tokens_trained", 0)
+
+
+def phase_summary(name: str, phase: dict[str, Any]) -> str:
+    """The figures a user looks for first in each phase."""
+    if name == "phase_1_scan":
+        return f"{phase.get('files_kept')} files, {phase.get('lines')} lines, {sum((phase.get('files_skipped') or {}).values())} skipped"
+    if name == "phase_2_tokenize":
+        return (f"{phase.get('train_windows')} train / {phase.get('val_windows')} val windows of {phase.get('seq_len')} "
+                f"tokens, packing {100 * (phase.get('packing_efficiency') or 0):.2f}%")
+    if name == "phase_3_model":
+        return f"{phase.get('name_or_path')}: {phase.get('trainable_parameters'):,} of {phase.get('total_parameters'):,} parameters trained"
+    if name == "phase_4_training":
+        stats = phase.get("training_stats") or {}
+        return f"{stats.get('optimizer_steps')} steps, train loss {_fmt(stats.get('final_train_loss'))}, val loss {_fmt(stats.get('final_val_loss'))}"
+    if name == "phase_6_export":
+        return f"adapter in {phase.get('adapter_dir')}"
+    return ""
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _callback_results(trainer: L.Trainer) -> dict[str, Any]:

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
 from callbacks.manifest import ManifestWriter
 from callbacks.oom_backoff import OOMBackoff
+from callbacks.random_state import RandomState
 from callbacks.vram_monitor import VRAMMonitor
+from codetune.checkpoint_io import AtomicCheckpointIO
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, exit_status
 from codetune.model.module import CodeLoRAModule
@@ -52,11 +55,16 @@ class CodetuneCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Run directory name under --runs_dir (default: a timestamp).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are created.")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=25,
+                            help="Also write checkpoints/last.ckpt every N optimizer steps (0: only at epoch ends, "
+                                 "per --checkpoint.*). A killed run resumes from it with --ckpt_path last.")
         parser.add_lightning_class_args(GenerationEval, "generation")
         parser.add_lightning_class_args(OOMBackoff, "oom_backoff")
         parser.add_lightning_class_args(VRAMMonitor, "vram")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # No version counter: both checkpoint callbacks must overwrite one last.ckpt, not write last-v1.ckpt.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.enable_version_counter": False})
         # Facts stated once: the model fixes the tokenizer; the window and micro-batch are data settings.
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
@@ -75,17 +83,41 @@ class CodetuneCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
             )
-        if config.trainer.enable_progress_bar is not False:
-            config.trainer.callbacks = [*(config.trainer.callbacks or []),
-                                        Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar")]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if config.checkpoint_every_n_steps < 0:
+            raise ConfigError(f"--checkpoint_every_n_steps={config.checkpoint_every_n_steps}: use a positive number "
+                              "of optimizer steps, or 0 to checkpoint only at epoch ends.")
+
+    @override
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The trainer, plus what codetune derives from flags. Added here rather than to the config, so
+        config.yaml holds only what the user chose and `--config RUN/config.yaml` can resume a run."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.trainer
+        callbacks = list(trainer.callbacks or [])
+        if trainer.enable_progress_bar is not False:
+            callbacks.append(RichProgressBar())
+        if config.checkpoint_every_n_steps > 0:
+            # A second ModelCheckpoint: Lightning's triggers are exclusive, so the --checkpoint.* one cannot
+            # also save every N steps. Both write the same last.ckpt; the newest is what a resume loads.
+            callbacks.append(ModelCheckpoint(dirpath=config.checkpoint.dirpath, save_last=True, save_top_k=0,
+                                             every_n_train_steps=config.checkpoint_every_n_steps,
+                                             enable_version_counter=False))
+        plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
 
     def fit(self, **kwargs) -> None:
         """`trainer.fit`; bad input found once the run started (an empty repository, a model that will
         not load) leaves no half-made run directory behind, unless the directory held an earlier run."""
         try:
-            self.trainer.fit(**kwargs)
+            with warnings.catch_warnings():
+                # Lightning's guess, from the DataLoader alone, that a mid-epoch resume replays data: the data
+                # module holds the data position and restores it (codetune/data/sampler.py).
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+                self.trainer.fit(**kwargs)
         except ConfigError:
             if self.new_run_dir is not None:
                 shutil.rmtree(self.new_run_dir, ignore_errors=True)
@@ -108,7 +140,7 @@ def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], r
         seed_everything_default=42,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ManifestWriter()], "log_every_n_steps": 1},
+        trainer_defaults={"callbacks": [ManifestWriter(), RandomState()], "log_every_n_steps": 1},
         auto_configure_optimizers=False,
         run=run,
         parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA. Other commands: "

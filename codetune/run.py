@@ -7,7 +7,10 @@ or half an adapter behind.
 
 The manifest is a plain JSON document: `phase_results.<phase>` holds status, start time, wall
 seconds and its results (as keys of the phase itself) for each phase (`phase_1_scan` ... `phase_6_export`); top-level keys hold the
-run's identity, versions and `training_time_minutes`.
+run's identity, versions and `training_time_minutes`. `segments` lists each process that trained
+the run: the first, then one per resume (`resumed_from`, `start_step`, `end_step`, `status`,
+`training_minutes`); `training_time_minutes` is their sum. A segment still `running` when the next
+one starts was killed: it becomes `interrupted`, its figures those of its last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,14 +41,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary sibling, then rename it over `path`: readers see all of it or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # os.open with 0o666 honours the umask (mkstemp's 0600 would make every run file private).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            # On disk before the rename: after a power loss the file is the old or the new one, never empty.
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _readable_by_umask(directory: Path) -> None:
+    """Give the files under `directory` the mode a plain `open` would (some writers, e.g. safetensors, use 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; restored at once
+    for file in directory.rglob("*"):
+        if file.is_file():
+            os.chmod(file, 0o666 & ~umask)
 
 
 @contextmanager
@@ -59,6 +75,7 @@ def atomic_save_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _readable_by_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -132,12 +149,39 @@ class Manifest:
         self.write()
 
     def fail_running_phases(self, error: BaseException) -> None:
-        """Mark whatever phase was running as failed, naming the error."""
+        """Mark whatever phase (and segment) was running as failed, naming the error."""
         failed = [n for n, p in self.phases.items() if p.get("status") == "running"]
+        message = f"{type(error).__name__}: {error}"
         for name in failed:
-            self.phases[name].update(status="failed", error=f"{type(error).__name__}: {error}")
-        self.data.update(status="failed", failed_phase=failed[0] if failed else None,
-                         error=f"{type(error).__name__}: {error}")
+            self.phases[name].update(status="failed", error=message)
+        if self.segments and self.segments[-1].get("status") == "running":
+            self.segments[-1].update(status="failed", finished_at=utc_now())
+        self.data.update(status="failed", failed_phase=failed[0] if failed else None, error=message)
+        self.write()
+
+    # -- segments: one per training process (the first, then each resume) -------------------------
+
+    @property
+    def segments(self) -> list[dict[str, Any]]:
+        return self.data.setdefault("segments", [])
+
+    def start_segment(self, resumed_from: str | None) -> None:
+        """A new training process. Resuming, a segment left `running` by an earlier process was killed;
+        starting from scratch, earlier segments belonged to another run in this directory and go."""
+        if resumed_from is None:
+            self.segments.clear()
+        for segment in self.segments:
+            if segment.get("status") == "running":
+                segment["status"] = "interrupted"
+        self.segments.append({"segment": len(self.segments) + 1, "status": "running", "started_at": utc_now(),
+                              "resumed_from": resumed_from})
+        self.write()
+
+    def update_segment(self, **values: Any) -> None:
+        """Progress of the current segment; `training_time_minutes` becomes the sum over segments."""
+        self.segments[-1].update(values)
+        total = sum(s.get("training_minutes") or 0.0 for s in self.segments)
+        self.data["training_time_minutes"] = round(total, 4)
         self.write()
 
     def write(self) -> None:

@@ -59,3 +59,16 @@ def test_atomic_writes_leave_the_old_file_or_directory_whole_on_failure(tmp_path
     with atomic_save_dir(adapter) as tmp:
         (tmp / "weights").write_text("v2")
     assert (adapter / "weights").read_text() == "v2" and target.read_text() == "old"
+
+
+def test_run_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "MANIFEST.json", "{}")
+        with atomic_save_dir(tmp_path / "adapter") as tmp:
+            fd = os.open(tmp / "weights.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)  # as safetensors writes
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "MANIFEST.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter" / "weights.safetensors").stat().st_mode & 0o777 == 0o644

@@ -3,6 +3,10 @@
 Each training batch is one *optimizer* batch of `batch_size x gradient_accumulation_steps` windows;
 the LightningModule splits it into micro-batches of `batch_size`. Keeping the split in the module
 means an OOM back-off only changes how a batch is cut, never which samples it holds.
+
+Under DDP each rank gets its own share of every optimizer batch (codetune/data/sampler.py): every
+window once per epoch across ranks. The data position (epoch, steps done in it) is part of every
+checkpoint (`state_dict`), so a run resumed mid-epoch continues with the very next batch.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, SkippedFile, scan_argument_problems, scan_repository
 from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
+from codetune.data.sampler import WindowBatchSampler, steps_per_epoch
 from codetune.data.split import split_paths
 from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
 from codetune.errors import ConfigError
@@ -32,7 +37,8 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, index: int) -> int:
+    def __getitem__(self, index: int | list[int]) -> int | list[int]:
+        # The sampler yields whole batches (lists of indices); the collator turns them into tensors.
         return index
 
 
@@ -44,7 +50,7 @@ class WindowCollator:
         self.packing = packing
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(indices)
+        idx = np.asarray(indices, dtype=np.int64)  # an empty list too (a rank with no window in a step)
         input_ids = self.windows.input_ids[idx]
         position_ids = self.windows.position_ids[idx]
         labels = window_labels(input_ids, position_ids, self.windows.n_real[idx], self.packing)
@@ -131,6 +137,7 @@ class CodeDataModule(L.LightningDataModule):
         """What the scan left out, and why."""
         self.val_sources: list[tuple[str, str, str]] = []
         """(path, language, text) of the held-out files, for the completion eval (callbacks/generation_eval.py)."""
+        self._resume_position: dict[str, int] | None = None
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -216,16 +223,64 @@ class CodeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not len(self.train_windows):
             raise ConfigError(f"--data.repo {str(self.repo)!r}: no training windows (no training files).")
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(WindowDataset(self.train_windows), batch_size=self.optimizer_batch_size, shuffle=True,
-                          generator=generator, collate_fn=WindowCollator(self.train_windows, self.packing),
-                          num_workers=self.hparams.num_workers)
+        epoch, start = self._start_position()
+        return self._loader(self.train_windows, shuffle=True, epoch=epoch, start_step=start)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, whole: bool = False) -> DataLoader:
+        """This rank's share of the validation windows, or with `whole` all of them (for a rank-zero eval)."""
         # The module cuts every batch into micro-batches (which an OOM back-off may shrink).
-        return DataLoader(WindowDataset(self.val_windows), batch_size=self.optimizer_batch_size, shuffle=False,
-                          collate_fn=WindowCollator(self.val_windows, self.packing),
-                          num_workers=self.hparams.num_workers)
+        return self._loader(self.val_windows, shuffle=False, whole=whole)
+
+    def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0,
+                whole: bool = False) -> DataLoader:
+        replicas, rank = (1, 0) if whole else self._replicas()
+        sampler = WindowBatchSampler(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
+                                     num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
+        # Its own generator: creating an iterator must not draw from the global RNG, which dropout uses
+        # (a resumed run restores that RNG and must see the same draws).
+        return DataLoader(WindowDataset(windows), sampler=sampler, batch_size=None,
+                          collate_fn=WindowCollator(windows, self.packing), num_workers=self.hparams.num_workers,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    # -- data position (checkpointed) ----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: Lightning saves this in every checkpoint."""
+        trainer = self._trainer_or_none()
+        if trainer is None or self.train_windows is None:
+            return {}
+        return {"epoch": trainer.current_epoch,
+                # Batches whose training step ran in this epoch (a checkpoint is saved after the step).
+                "steps_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "train_windows": len(self.train_windows), "optimizer_batch_size": self.optimizer_batch_size,
+                "world_size": trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = dict(state_dict) if state_dict else None
+
+    def _start_position(self) -> tuple[int, int]:
+        """(epoch, steps to skip) for the first training epoch of this fit: (0, 0) unless resuming."""
+        saved, self._resume_position = self._resume_position, None
+        if not saved:
+            return 0, 0
+        now = {"train_windows": len(self.train_windows), "optimizer_batch_size": self.optimizer_batch_size,
+               "world_size": self._replicas()[0]}
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if changed:
+            rank_zero_warn("codetune: resuming with different data or batching than the checkpoint ("
+                           + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                           + "); the step count continues, but the batches are not the ones the run would have seen.")
+        epoch, done = saved["epoch"], saved["steps_done"]
+        if done >= steps_per_epoch(now["train_windows"], self.optimizer_batch_size, now["world_size"]):
+            return epoch + 1, 0
+        return epoch, done
 
 
 def _existing_dir(repo: str) -> Path:

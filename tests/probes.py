@@ -1,0 +1,43 @@
+"""Callbacks that test subprocesses load by class path (`--trainer.callbacks+=...`, PYTHONPATH=tests)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class RankReport(Callback):
+    """Writes `rank<r>.json` into the run directory: micro-batch and a digest of the trainable weights."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        weights = {n: p.detach().double() for n, p in pl_module.named_parameters() if p.requires_grad}
+        report = {"micro_batch_size": pl_module.micro_batch_size,
+                  "weight_sum": sum(float(w.sum()) for w in weights.values()),
+                  "weight_abs_sum": sum(float(w.abs().sum()) for w in weights.values())}
+        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(report))
+
+
+class SampleLog(Callback):
+    """Appends `[epoch, step, sample ids]` of every training batch to `samples_rank<r>.jsonl` in the run dir."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        path = Path(trainer.default_root_dir) / f"samples_rank{trainer.global_rank}.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps([trainer.current_epoch, trainer.global_step, batch["sample_ids"].tolist()]) + "\n")
+
+
+class BlockAtStep(Callback):
+    """In a fresh (not resumed) run, stops before optimizer step `step` + 1: writes `blocked` into the run
+    directory and sleeps, so that a test can SIGKILL the process at a known point."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is None and trainer.global_step == self.step:
+            (Path(trainer.default_root_dir) / "blocked").write_text(str(self.step))
+            time.sleep(3600)

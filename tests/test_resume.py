@@ -1,0 +1,105 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed ends with the adapter of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import fit_command, subprocess_env
+
+EPOCHS = 3  # 14 windows of 64 tokens, optimizer batches of 4: 4 steps per epoch, 12 in all
+EVERY = 3  # checkpoints at steps 3, 6, 9 (and at each epoch end: 4, 8)
+KILL_BEFORE = 7  # blocked before step 8, in epoch 1: the last checkpoint is step 6, mid-epoch
+
+
+def train(repo: Path, runs: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps",
+                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", *extra)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+def train_and_kill(repo: Path, runs: Path, name: str) -> None:
+    """A real SIGKILL of the training process, while it waits before step KILL_BEFORE + 1."""
+    block = json.dumps({"class_path": "probes.BlockAtStep", "init_args": {"step": KILL_BEFORE}})
+    cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps",
+                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={block}")
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = runs / name / "blocked"
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached the kill point"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def samples(run_dir: Path) -> dict[int, list[int]]:
+    """Sample ids trained at each optimizer step (the last record of a step wins: a redone step replaces it)."""
+    lines = (run_dir / "samples_rank0.jsonl").read_text().splitlines()
+    return {step: ids for _, step, ids in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_repo, tmp_path):
+    runs = tmp_path / "runs"
+    full = train(fixture_repo, runs, "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    train_and_kill(fixture_repo, runs, "killed")
+    killed_dir = runs / "killed"
+    assert not (killed_dir / "adapter").exists()
+    ckpt = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["CodeDataModule"]["steps_done"] == 2, "a mid-epoch checkpoint"
+    interrupted = json.loads((killed_dir / "MANIFEST.json").read_text())
+    assert interrupted["status"] == "running" and interrupted["segments"][0]["end_step"] == 6
+
+    # Exactly what `make resume RUN=runs/killed` runs.
+    resumed = subprocess.run(fit_command_resume(killed_dir), env=subprocess_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
+
+    # The same windows at every step (each once per epoch), and the same final weights.
+    assert samples(killed_dir) == samples(runs / "full")
+    reference = load_file(runs / "full" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # ... which moved well away from the checkpoint resumed from: the resumed steps did train.
+    at_checkpoint = {adapter_key(k): v for k, v in ckpt["state_dict"].items()}
+    assert max(float((v - at_checkpoint[k]).abs().max()) for k, v in adapter.items()) > 1e-3
+
+    manifest = json.loads((killed_dir / "MANIFEST.json").read_text())
+    first, second = manifest["segments"]
+    assert first["status"] == "interrupted" and (first["start_step"], first["end_step"]) == (0, 6)
+    assert second["status"] == "completed" and (second["start_step"], second["end_step"]) == (6, 12)
+    assert second["resumed_from"].endswith("last.ckpt")
+    assert manifest["status"] == "completed"
+    assert manifest["training_time_minutes"] == pytest.approx(first["training_minutes"] + second["training_minutes"],
+                                                              abs=1e-3)
+    stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
+    reference_stats = json.loads((runs / "full" / "MANIFEST.json").read_text())["phase_results"][
+        "phase_4_training"]["training_stats"]
+    assert stats["optimizer_steps"] == 12
+    assert stats["tokens_trained"] == reference_stats["tokens_trained"]
+    assert stats["final_val_loss"] == pytest.approx(reference_stats["final_val_loss"], rel=1e-5)
+
+
+def fit_command_resume(run_dir: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "codetune", "fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last"]
+
+
+def adapter_key(checkpoint_key: str) -> str:
+    """The adapter file's name for a trainable weight in the checkpoint's state_dict."""
+    return checkpoint_key.removeprefix("model.").replace(".modules_to_save", "").replace(".default", "")
