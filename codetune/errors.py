@@ -19,6 +19,15 @@ class OutOfMemoryAtMinimumError(CodetuneError):
     """Training ran out of device memory with a micro-batch of one window: only a config change helps."""
 
 
+class NonFiniteLossError(CodetuneError):
+    """The loss or the gradient norm of an optimizer step was nan or inf: the run stopped before the step,
+    so the weights and every checkpoint are the last finite ones."""
+
+
+class NonFiniteWeightsError(CodetuneError):
+    """Trainable weights hold nan or inf: they are not exported as an adapter."""
+
+
 def exit_status(command: Callable[[], int], program: str = "codetune") -> int:
     """Run `command`; a CodetuneError becomes one line on stderr and status 2."""
     try:

@@ -6,6 +6,10 @@ The loss of every micro-batch is a *sum* of token cross-entropies divided by the
 the whole optimizer batch, so the gradient is the same however the batch is cut (an OOM back-off
 changes only `micro_batch_size`). The loss never materialises [batch, seq, vocab] logits at once:
 see `codetune.model.loss`.
+
+Before each optimizer step every rank votes that its loss and the gradient norm are finite; if any is
+not, the run stops (`NonFiniteLossError`) before the step, so the weights and every checkpoint stay
+the last finite ones. A resume at a new --model.learning_rate rescales the restored schedule to it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from codetune.backoff import accumulation_steps
-from codetune.errors import ConfigError
+from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError
 from codetune.memory_plan import (DEFAULT_LORA_TARGETS, ModelShape, TrainingShape, format_plan,
                                   largest_micro_batch, plan_memory)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
@@ -221,8 +225,10 @@ class CodeLoRAModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
         loss = self.backward_with_backoff(batch)
+        grad_norm = self.finite_grad_norm(loss, optimizer)
         if self.hparams.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+            # clip_grad_norm_ is exactly this, after computing the norm the guard already has.
+            torch.nn.utils.clip_grads_with_norm_(_stepped_parameters(optimizer), self.hparams.max_grad_norm, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -232,6 +238,7 @@ class CodeLoRAModule(L.LightningModule):
         self.log("train/loss", loss_value, prog_bar=True)
         self.log("train/tokens_per_s", batch["input_ids"].numel() / (time.perf_counter() - started))
         self.log("train/lr", scheduler.get_last_lr()[0])
+        self.log("train/grad_norm", grad_norm)  # before clipping
         self.log("train/micro_batch_size", float(self.micro_batch_size))
         self.log("train/grad_accum", float(accumulation_steps(batch["input_ids"].shape[0], self.micro_batch_size)))
         return loss
@@ -248,6 +255,23 @@ class CodeLoRAModule(L.LightningModule):
             self._discard_attempt()
             self.micro_batch_size = self.backoff.after_oom(self.trainer, self.micro_batch_size,
                                                            batch["input_ids"].shape[0], ran_out=loss is None)
+
+    def finite_grad_norm(self, loss: torch.Tensor, optimizer) -> torch.Tensor:
+        """The step's total gradient norm, once every rank found it and its loss finite. Otherwise the run stops
+        with NonFiniteLossError *before* the optimizer step, so no weight and no checkpoint ever holds nan/inf.
+        Under a float16 GradScaler (--trainer.precision 16-mixed) an infinite gradient is the scaler's to skip."""
+        grads = [p.grad for p in _stepped_parameters(optimizer) if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        # One device-to-host copy for both numbers.
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float().to(loss.device)]).tolist()
+        finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or _grad_scaler_enabled(self.trainer))
+        # Every rank votes, finite or not, so none waits in a collective that another never reaches.
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            hp = self.hparams
+            raise NonFiniteLossError(non_finite_step_message(
+                self.trainer.global_step, loss_value, norm_value, _last_checkpoint(self.trainer),
+                Path(self.trainer.default_root_dir), hp.learning_rate, hp.max_grad_norm, hp.dtype))
+        return grad_norm
 
     def _disable_ddp_backward_sync(self) -> None:
         """Gradients are all-reduced once per optimizer step, after every rank finished its micro-batches
@@ -325,7 +349,7 @@ class CodeLoRAModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in self.trainer.datamodule.val_dataloader():
+            for batch in self.trainer.datamodule.val_dataloader(whole=True):
                 for micro in split_batch({k: v.to(self.device) for k, v in batch.items()}, self.micro_batch_size):
                     loss_sum, n = self.loss_sum(micro)
                     total, count = total + float(loss_sum), count + int(n)
@@ -350,10 +374,80 @@ class CodeLoRAModule(L.LightningModule):
         # A full 4-bit state dict does not reload; the frozen base is rebuilt from name_or_path anyway.
         checkpoint["state_dict"] = self.trainable_state_dict()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rescale_learning_rate(checkpoint)
+
+    def _rescale_learning_rate(self, checkpoint: dict[str, Any]) -> None:
+        """A resume honours --model.learning_rate: the restored optimizer and schedule (which hold the rate the
+        checkpoint was trained at) are scaled to it, at the same point of the schedule. Resuming at a lower rate
+        is the fix after a nan/inf stop; without this the old rate would silently come back."""
+        trained_at = checkpoint.get("hyper_parameters", {}).get("learning_rate")
+        if not trained_at or trained_at == self.hparams.learning_rate or not checkpoint.get("optimizer_states"):
+            return
+        scale = self.hparams.learning_rate / trained_at
+        for state in checkpoint["optimizer_states"]:
+            for group in state["param_groups"]:
+                group.update({k: group[k] * scale for k in ("lr", "initial_lr") if k in group})
+        for state in checkpoint.get("lr_schedulers", []):
+            for key in ("base_lrs", "_last_lr"):
+                if key in state:
+                    state[key] = [lr * scale for lr in state[key]]
+        rank_zero_info(f"codetune: resuming at --model.learning_rate={self.hparams.learning_rate:g} (the checkpoint "
+                       f"was trained at {trained_at:g}); the schedule goes on from step "
+                       f"{checkpoint.get('global_step')}.")
+
     def save_adapter(self, directory: Path) -> None:
-        """The LoRA adapter in peft format (safetensors), loadable with PeftModel.from_pretrained."""
+        """The LoRA adapter in peft format (safetensors), loadable with PeftModel.from_pretrained. Trainable weights
+        holding nan or inf are refused (NonFiniteWeightsError) and nothing is written."""
+        diverged = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if diverged:
+            raise NonFiniteWeightsError(
+                f"not exporting the adapter to {directory}: {len(diverged)} trainable weight tensor(s) hold nan or "
+                f"inf (the first: {diverged[0]}), so training diverged. Resume from the last good checkpoint "
+                f"(--ckpt_path last, or make resume RUN=<run dir>) with a lower --model.learning_rate; the adapter "
+                f"is exported when that run ends.")
         with atomic_save_dir(directory) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
+
+
+def non_finite_step_message(step: int, loss: float, grad_norm: float, checkpoint: str | None, run_dir: Path,
+                            learning_rate: float, max_grad_norm: float, dtype: str) -> str:
+    """What NonFiniteLossError says: what was not finite, what was kept, and what to change."""
+    if not math.isfinite(loss):
+        what = f"the loss is {loss}"
+    elif not math.isfinite(grad_norm):
+        what = f"the gradient norm is {grad_norm} while the loss is finite ({loss:.4g}): an overflow in backward"
+    else:
+        what = (f"another rank's loss or gradient norm is not finite (here: loss {loss:.4g}, gradient norm "
+                f"{grad_norm:.4g})")
+    fixes = (f"lower --model.learning_rate (now {learning_rate:g}), keep --model.max_grad_norm > 0 (now "
+             f"{max_grad_norm:g}) and use --model.dtype bfloat16 rather than float16 (now {dtype})")
+    if checkpoint:
+        after = (f"The last good checkpoint is {checkpoint}. To fix: {fixes}; then resume from that checkpoint: "
+                 f"the same command with --run_name {run_dir.name} --ckpt_path last, or "
+                 f"make resume RUN={run_dir} ARGS='--model.learning_rate ...'.")
+    else:
+        after = (f"No checkpoint was written yet (--checkpoint_every_n_steps N writes one every N steps). "
+                 f"To fix: {fixes}; then train again.")
+    return (f"training stopped at optimizer step {step}: {what}. The step was not applied: the weights were not "
+            f"updated, so they and every checkpoint hold finite values, and no adapter is exported. {after}")
+
+
+def _stepped_parameters(optimizer) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer steps: what Lightning's clip_gradients would clip."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _grad_scaler_enabled(trainer: L.Trainer) -> bool:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and scaler.is_enabled()
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest checkpoint any ModelCheckpoint wrote (the CLI can run two that share last.ckpt)."""
+    paths = {path for cb in trainer.checkpoint_callbacks for path in (cb.last_model_path, cb.best_model_path)
+             if path and Path(path).is_file()}
+    return max(paths, key=lambda path: Path(path).stat().st_mtime) if paths else None
 
 
 def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
