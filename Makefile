@@ -9,17 +9,19 @@ REPO ?=
 MODEL ?=
 ARGS ?=
 RUN ?=
+RUNS ?=
+PROMPT ?=
 RUN_NAME ?=
 OUT ?=
 CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo inspect prepare train train-rust resume tensorboard test bench clean
+.PHONY: help install demo inspect compare prepare train train-rust resume generate merge tensorboard test bench clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUN_NAME=name OUT=dir CONFIG=file"
+	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUNS='runs/a runs/b' RUN_NAME=name OUT=dir CONFIG=file PROMPT='fn process'"
 
 install: $(VENV)/.installed ## Create .venv and install codetune with pinned versions (torch first)
 
@@ -38,6 +40,10 @@ inspect: install ## Language mix, skipped files and the config to use: make insp
 	@test -n "$(REPO)" || { echo "make inspect: set REPO=path/to/your/repository"; exit 2; }
 	@$(PY) -m codetune inspect "$(REPO)" $(ARGS)
 
+compare: install ## Metrics and config differences of runs: make compare RUNS="runs/a runs/b" [ARGS=--json]
+	@test -n "$(RUNS)" || { echo 'make compare: set RUNS="runs/a runs/b" (run directories or manifest files)'; exit 2; }
+	@$(PY) -m codetune compare $(RUNS) $(ARGS)
+
 prepare: install ## Only scan, tokenize and pack into OUT: make prepare REPO=... OUT=dir [CONFIG=...] [MODEL=...]
 	@test -n "$(REPO)" -a -n "$(OUT)" || { echo "make prepare: set REPO=path/to/your/repository and OUT=dir"; exit 2; }
 	@$(PY) -m codetune prepare --config $(CONFIG) --data.repo "$(REPO)" --out "$(OUT)" $(MODEL_ARG) $(ARGS)
@@ -53,6 +59,14 @@ train-rust: install ## Train with the Rust config: make train-rust REPO=~/code/c
 resume: install ## Continue a run from its last checkpoint: make resume RUN=runs/<name>
 	@test -f "$(RUN)/config.yaml" || { echo "make resume: set RUN=runs/<name> (a run directory with config.yaml)"; exit 2; }
 	@$(PY) -m codetune.cli fit --config "$(RUN)/config.yaml" --ckpt_path last $(ARGS)
+
+generate: install ## Complete code with a finished run: make generate RUN=runs/<name> PROMPT="fn process" [ARGS=...]
+	@test -n "$(RUN)" -a -n "$(PROMPT)" || { echo 'make generate: set RUN=runs/<name> and PROMPT="fn process"'; exit 2; }
+	@$(PY) -m codetune generate "$(RUN)" --prompt "$(PROMPT)" $(ARGS)
+
+merge: install ## Merge a run's adapter into its base (16-bit): make merge RUN=runs/<name> OUT=dir [ARGS=--dtype float32]
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "make merge: set RUN=runs/<name> and OUT=dir"; exit 2; }
+	@$(PY) -m codetune merge "$(RUN)" --out "$(OUT)" $(ARGS)
 
 tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

@@ -1,7 +1,7 @@
 """`codetune` / `python -m codetune`: dispatch to a command.
 
-`inspect` is answered without importing Lightning, peft or bitsandbytes (seconds of import time);
-everything else goes to the Lightning CLI in `codetune.cli` (`fit`, `validate`, `prepare`, ...).
+`inspect` and `compare` are answered without importing Lightning, peft or bitsandbytes (seconds of
+import time); everything else goes to the Lightning CLI in `codetune.cli` (`fit`, `validate`, `prepare`, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from codetune.inspect import run
 
         return run(argv[1:])
+    if argv[:1] == ["compare"]:
+        from codetune.compare import run as compare
+
+        return compare(argv[1:])
     from codetune.cli import main as cli_main
 
     return cli_main(argv)

@@ -157,10 +157,19 @@ def main(args: Sequence[str] | None = None) -> int:
         from codetune.inspect import run
 
         return run(args[1:])
+    if command == "compare":
+        from codetune.compare import run as compare
+
+        return compare(args[1:])
     if command == "prepare":
         from codetune.prepare import main as prepare_main
 
         return exit_status(lambda: prepare_main(args[1:]), "codetune prepare")
+    if command in ("generate", "merge"):
+        from codetune.use import main_generate, main_merge
+
+        use_main = main_generate if command == "generate" else main_merge
+        return exit_status(lambda: use_main(args[1:]), f"codetune {command}")
     return exit_status(lambda: _run_lightning_cli(args))
 
 

@@ -1,0 +1,223 @@
+"""`codetune generate` and `codetune merge` on one tiny run trained on CPU (12 steps).
+
+How merged and unmerged models are compared: in float32 the merge changes only the order of the
+additions (`x @ (W + BA)` against `x @ W + x @ B @ A`), so logits agree to ~1e-6 and greedy tokens
+are identical. In bfloat16 both paths round differently, each within about one bf16 step of the
+float32 model (1/64 at this model's logits of 2-4), and this tiny, barely trained model has many
+top tokens tied or one or two bf16 steps apart: on 79 prompts x 32 tokens the bf16 merge and bf16
+base+adapter produced identical greedy tokens on 73, the other 6 parted at such a near-tie, while
+either bf16 path agreed with float32 on fewer (62 and 64). So the bf16 test asserts what rounding
+allows: logits within two bf16 steps, and tokens that differ only where the reference's top two are
+that close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from codetune.cli import main
+
+PROMPTS = ["fn process", "    pub fn add(&mut self", "def analyze_", "class Energy"]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from conftest import write_fixture_repo
+    from test_cli import fit_args
+
+    tmp = tmp_path_factory.mktemp("use")
+    repo = write_fixture_repo(tmp / "repo")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", "12")) == 0
+    return tmp / "runs" / "t"
+
+
+@pytest.fixture(scope="module")
+def merged(run_dir) -> dict[str, Path]:
+    """The run merged in float32 and in the default dtype (bfloat16)."""
+    outs = {"float32": run_dir.parent / "merged32", "bfloat16": run_dir.parent / "merged16"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["merge", str(run_dir), "--out", str(outs["float32"]), "--dtype", "float32"]) == 0
+        assert main(["merge", str(run_dir), "--out", str(outs["bfloat16"])]) == 0
+    return outs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(run_dir):
+    return AutoTokenizer.from_pretrained(run_dir / "base_model")
+
+
+def base_plus_adapter(run_dir: Path, dtype: torch.dtype) -> PeftModel:
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model", dtype=dtype)
+    return PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor) -> list[int]:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                         do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits[0].float()
+
+
+def test_float32_merge_matches_base_plus_adapter(run_dir, merged, tokenizer):
+    reference = base_plus_adapter(run_dir, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(merged["float32"]).eval()
+    assert model.dtype == torch.float32 and not isinstance(model, PeftModel)
+    for prompt in PROMPTS:
+        ids = prompt_ids(tokenizer, prompt)
+        tokens = greedy(reference, ids)
+        assert greedy(model, ids) == tokens, prompt
+        full = torch.cat([ids, torch.tensor([tokens])], dim=1)
+        torch.testing.assert_close(logits(model, full), logits(reference, full), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_merge_matches_base_plus_adapter_up_to_bf16_ties(run_dir, merged, tokenizer):
+    reference = base_plus_adapter(run_dir, torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(merged["bfloat16"]).eval()
+    assert model.dtype == torch.bfloat16
+    for prompt in PROMPTS:
+        ids = prompt_ids(tokenizer, prompt)
+        expected, got = greedy(reference, ids), greedy(model, ids)
+        full = torch.cat([ids, torch.tensor([expected])], dim=1)
+        ref_logits = logits(reference, full)
+        # Two bf16 steps at the largest logit: what two differently rounded bf16 computations may differ by.
+        tol = 2 * torch.finfo(torch.bfloat16).eps * ref_logits.abs().max().item()
+        assert (logits(model, full) - ref_logits).abs().max().item() <= tol, prompt
+        if got != expected:
+            i = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
+            step = ref_logits[ids.shape[1] + i - 1]
+            gap = (step.max() - step[got[i]]).item()
+            assert gap <= tol, f"{prompt!r}: merged picks token {got[i]} at step {i}, {gap:.4f} below the top"
+
+
+def test_merge_adds_the_update_and_saves_the_requested_dtype(run_dir, merged):
+    base = load_file(run_dir / "base_model" / "model.safetensors")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    scale = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    scale = scale["lora_alpha"] / scale["r"]
+    full = load_file(merged["float32"] / "model.safetensors")
+    assert set(full) == set(base)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    update = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"] * scale
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert update.abs().max() > 1e-3, "12 steps moved the LoRA factors"
+    torch.testing.assert_close(full[q], base[q] + update, atol=1e-6, rtol=0)
+    # modules_to_save layers are replaced by their trained copies; layers without an adapter are untouched.
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        trained = adapter[f"base_model.model.{name}"]
+        assert torch.equal(full[name], trained) and not torch.equal(trained, base[name]), name
+    assert torch.equal(full["model.norm.weight"], base["model.norm.weight"])
+    half = load_file(merged["bfloat16"] / "model.safetensors")
+    assert {t.dtype for t in half.values()} == {torch.bfloat16}
+    # The base loads in bf16 (this one is stored in fp32), then peft adds the fp32 update in place: one more rounding.
+    assert torch.equal(half[q], (base[q].bfloat16().float() + update).bfloat16())
+    assert json.loads((merged["bfloat16"] / "config.json").read_text())["dtype"] == "bfloat16"
+    marker = json.loads((merged["bfloat16"] / "codetune_merge.json").read_text())
+    assert marker["source_run"] == str(run_dir.resolve()) and marker["dtype"] == "bfloat16"
+    assert AutoTokenizer.from_pretrained(merged["bfloat16"]).get_vocab() == \
+        AutoTokenizer.from_pretrained(run_dir / "base_model").get_vocab()
+
+
+def test_merge_replaces_an_earlier_merge_but_refuses_a_foreign_directory(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["merge", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert main(["merge", str(run_dir), "--out", str(out), "--dtype", "float16"]) == 0
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["merge", str(run_dir), "--out", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not an earlier `codetune merge` output" in err and "Traceback" not in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_generate_prints_the_greedy_completion_of_base_plus_adapter(run_dir, tokenizer, capsys):
+    reference = base_plus_adapter(run_dir, torch.float32)  # what training used on CPU (dtype auto)
+    prompts = PROMPTS[:2]
+    expected = [p + tokenizer.decode(greedy(reference, prompt_ids(tokenizer, p)), skip_special_tokens=True)
+                for p in prompts]
+    args = ["generate", str(run_dir), "--max_new_tokens", str(NEW_TOKENS), "--device", "cpu"]
+    assert main([*args, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+    out = capsys.readouterr().out
+    assert out == "\n\n".join(expected) + "\n"
+    assert len(out) > sum(map(len, prompts)) + 8, "something was generated"
+
+
+def test_generate_defaults_to_the_runs_max_new_tokens_and_sampling_is_seeded(run_dir, capsys):
+    outputs = []
+    for extra in ([], ["--max_new_tokens", "8"], ["--do_sample", "--temperature", "1.5", "--seed", "3"],
+                  ["--do_sample", "--temperature", "1.5", "--seed", "3"]):
+        assert main(["generate", str(run_dir), "--prompt", "fn", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1], "fit_args trains with --generation.max_new_tokens 8"
+    assert outputs[2] == outputs[3] and outputs[2].startswith("fn")
+
+
+def copy_run(run_dir: Path, target: Path, *, adapter: bool = True) -> Path:
+    target.mkdir()
+    for name in ("config.yaml", "base_model", *(["adapter"] if adapter else [])):
+        source = run_dir / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
+    return target
+
+
+@pytest.mark.parametrize("command", ["merge", "generate"])
+def test_bad_runs_are_one_clear_error(run_dir, tmp_path, capsys, command):
+    extra = ["--out", str(tmp_path / "out")] if command == "merge" else ["--prompt", "fn"]
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "does not exist": tmp_path / "missing",
+        "has no config.yaml": tmp_path / "empty",
+        "did not finish. Resume it with `make resume RUN=": copy_run(run_dir, tmp_path / "unfinished", adapter=False),
+    }
+    nan_run = copy_run(run_dir, tmp_path / "diverged")
+    weights = nan_run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    cases["hold NaN or inf"] = nan_run
+    for expected, run in cases.items():
+        assert main([command, str(run), *extra]) == 2, expected
+        captured = capsys.readouterr()
+        assert expected in captured.err and "Traceback" not in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and not captured.out
+        if run == nan_run:
+            assert key in captured.err, "the message names the tensor"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_flags_name_the_flag(run_dir, tmp_path, capsys):
+    for args, flag in (
+        (["merge", str(run_dir), "--out", str(tmp_path / "out"), "--dtype", "int8"], "--dtype 'int8'"),
+        (["generate", str(run_dir), "--prompt", "fn", "--temperature", "0.5"], "--temperature only apply"),
+        (["generate", str(run_dir), "--prompt", "fn", "--max_new_tokens", "0"], "--max_new_tokens=0"),
+        (["generate", str(run_dir), "--prompt", "fn", "--device", "tpu"], "--device 'tpu'"),
+        (["generate", str(run_dir), "--prompt", ""], "--prompt number 1 is empty"),
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
