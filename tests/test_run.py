@@ -72,3 +72,19 @@ def test_run_files_get_the_umask_mode_not_a_private_one(tmp_path):
         os.umask(old)
     assert (tmp_path / "MANIFEST.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_segments_a_killed_one_becomes_interrupted_and_times_add_up(tmp_path):
+    manifest = Manifest(tmp_path)
+    manifest.start_segment(resumed_from=None)
+    manifest.update_segment(start_step=0, end_step=6, training_minutes=1.5)  # then SIGKILL: no more writes
+    resumed = Manifest(tmp_path)
+    resumed.start_segment(resumed_from="runs/x/checkpoints/last.ckpt")
+    resumed.update_segment(start_step=6, end_step=12, training_minutes=1.25)
+    data = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert [s["status"] for s in data["segments"]] == ["interrupted", "running"]
+    assert data["segments"][1]["resumed_from"] == "runs/x/checkpoints/last.ckpt"
+    assert data["training_time_minutes"] == 2.75
+    # Training from scratch in the same directory: the earlier segments were another run's.
+    Manifest(tmp_path).start_segment(resumed_from=None)
+    assert [s["segment"] for s in json.loads((tmp_path / "MANIFEST.json").read_text())["segments"]] == [1]

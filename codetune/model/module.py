@@ -333,7 +333,9 @@ class CodeLoRAModule(L.LightningModule):
                 self.val_loss.update(loss_sum / n, weight=n)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
+        # A rank can hold no validation window (fewer windows than ranks) while others do; compute() below is
+        # a collective, so whether to run it is decided by all ranks together.
+        if not self.trainer.strategy.reduce_boolean_decision(self.val_loss.update_count > 0, all=False):
             return
         # Perplexity = exp(mean token NLL over all held-out targets), aggregated across ranks by torchmetrics.
         loss = self.val_loss.compute()
