@@ -117,6 +117,9 @@ class CodetuneCLI(LightningCLI):
                 # Lightning's guess, from the DataLoader alone, that a mid-epoch resume replays data: the data
                 # module holds the data position and restores it (codetune/data/sampler.py).
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+                # ... and its advice to save weights from *before* the optimizer step: a step checkpoint here is
+                # taken after a whole optimizer step, which is the state a resume must continue from.
+                warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
                 self.trainer.fit(**kwargs)
         except ConfigError:
             if self.new_run_dir is not None:
