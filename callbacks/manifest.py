@@ -215,13 +215,16 @@ def phase_summary(name: str, phase: dict[str, Any]) -> str:
     if name == "phase_4_training":
         stats = phase.get("training_stats") or {}
         return f"{stats.get('optimizer_steps')} steps, train loss {_fmt(stats.get('final_train_loss'))}, val loss {_fmt(stats.get('final_val_loss'))}"
+    if name == "phase_5_evaluation":
+        base, final = phase.get("base") or {}, phase.get("final") or {}
+        return f"held-out perplexity {_fmt(base.get('perplexity'))} (base) -> {_fmt(final.get('perplexity'))}"
     if name == "phase_6_export":
         return f"adapter in {phase.get('adapter_dir')}"
     return ""
 
 
 def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
+    return "—" if value is None else f"{value:.4g}"
 
 
 def _callback_results(trainer: L.Trainer) -> dict[str, Any]:

@@ -68,6 +68,13 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     assert manifest["phase_results"]["phase_1_scan"]["files_kept"] == 13
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples" / "epoch_0.jsonl").exists()
+    # Each phase shows one line on the console as it ends, in pipeline order.
+    shown = [line.split()[2] for line in stdout.splitlines() if line.startswith("codetune ✓ ")]
+    assert shown == list(manifest["phase_results"]), shown
+    assert list(manifest["phase_results"]) == ["phase_1_scan", "phase_2_tokenize", "phase_3_model",
+                                               "phase_4_training", "phase_5_evaluation", "phase_6_export"]
+    assert all(p["status"] == "completed" and p["wall_s"] >= 0 and p["started_at"]
+               for p in manifest["phase_results"].values())
 
 
 def test_tensorboard_has_the_grouped_scalars_and_no_placeholder(trained_run):
