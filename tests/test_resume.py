@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -25,35 +26,40 @@ def train(repo: Path, runs: Path, name: str, *extra: str) -> subprocess.Complete
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
-def train_and_kill(repo: Path, runs: Path, name: str) -> None:
-    """A real SIGKILL of the training process, while it waits before step KILL_BEFORE + 1."""
+def train_and_kill(repo: Path, runs: Path, name: str, *extra: str) -> None:
+    """A real SIGKILL of every training process, while they wait before step KILL_BEFORE + 1."""
     block = json.dumps({"class_path": "probes.BlockAtStep", "init_args": {"step": KILL_BEFORE}})
     cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps",
-                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={block}")
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={block}", *extra)
+    # Its own session: under DDP, Lightning's launcher starts the other ranks as children; all die together.
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     marker = runs / name / "blocked"
     deadline = time.monotonic() + 600
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the run never reached the kill point"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    time.sleep(1)  # every rank reaches the block (they move in lockstep: each step ends with a collective)
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
-def samples(run_dir: Path) -> dict[int, list[int]]:
-    """Sample ids trained at each optimizer step (the last record of a step wins: a redone step replaces it)."""
-    lines = (run_dir / "samples_rank0.jsonl").read_text().splitlines()
-    return {step: ids for _, step, ids in map(json.loads, lines)}
+def samples(run_dir: Path) -> dict[tuple[int, int], list[int]]:
+    """Sample ids trained at each (rank, optimizer step); the last record wins: a redone step replaces it."""
+    return {(int(path.stem[-1]), step): ids for path in sorted(run_dir.glob("samples_rank*.jsonl"))
+            for _, step, ids in map(json.loads, path.read_text().splitlines())}
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_repo, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "ddp-2-ranks"])
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_repo, tmp_path, ranks):
     runs = tmp_path / "runs"
-    full = train(fixture_repo, runs, "full")
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "1") if ranks == 2 else ()
+    full = train(fixture_repo, runs, "full", *ddp)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    train_and_kill(fixture_repo, runs, "killed")
+    train_and_kill(fixture_repo, runs, "killed", *ddp)
     killed_dir = runs / "killed"
     assert not (killed_dir / "adapter").exists()
     ckpt = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
