@@ -148,7 +148,9 @@ def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], r
         run=run,
         parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA. Other commands: "
                                       "`codetune inspect REPO` (language mix, skipped files, recommended "
-                                      "config) and `codetune prepare ... --out DIR` (the packed data only)."},
+                                      "config), `codetune prepare ... --out DIR` (the packed data only), "
+                                      "`codetune compare RUN...` (runs side by side), `codetune generate RUN "
+                                      "--prompt P` and `codetune merge RUN --out DIR` (use a finished run)."},
     )
 
 
