@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
@@ -125,7 +126,11 @@ class ManifestWriter(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.tokens_trained += int(batch["input_ids"].numel())
+        tokens = batch["input_ids"].numel()
+        if trainer.world_size > 1:
+            # Every rank ends every step; the manifest counts the tokens of all ranks (their batches can differ).
+            tokens = trainer.strategy.reduce(torch.tensor(tokens, device=pl_module.device), reduce_op="sum")
+        self.tokens_trained += int(tokens)
         # Ending by max_steps mid-epoch skips the epoch-end validation; asking Lightning to stop here
         # makes it validate once more, so final_val_loss describes the final weights.
         if 0 < trainer.max_steps <= trainer.global_step:

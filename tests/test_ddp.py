@@ -48,7 +48,8 @@ def test_every_window_once_per_epoch_across_ranks_and_one_manifest(tmp_path):
 
     # Rank zero alone wrote the run's files: one manifest, one segment, one samples/ set, one adapter.
     assert manifest["status"] == "completed" and len(manifest["segments"]) == 1
-    assert manifest["phase_results"]["phase_4_training"]["training_stats"]["optimizer_steps"] == 4
+    stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
+    assert stats["optimizer_steps"] == 4 and stats["tokens_trained"] == 2 * windows * 96, "all ranks' tokens"
     assert sorted(p.name for p in run_dir.glob("*.json")) == ["MANIFEST.json", "rank0.json", "rank1.json"]
     assert result.stdout.count("phase_6_export") == 1
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
