@@ -19,6 +19,7 @@ from typing_extensions import override
 from codetune.run import Manifest, git_commit, package_versions, utc_now
 
 ADAPTER_DIR = "adapter"
+SHOWN_BEFORE_TRAINING = ("phase_1_scan", "phase_2_tokenize", "phase_3_model")
 
 
 class ManifestWriter(Callback):
@@ -177,8 +178,9 @@ class ManifestWriter(Callback):
             self.manifest.segments[-1].update(status="completed", finished_at=utc_now())
         self.manifest.update(status="completed", finished_at=utc_now())
         # Shown once the progress bar is gone (printing under its live display would garble both).
-        for phase in ("phase_4_training", *self._extra_phases(trainer), "phase_6_export"):
-            self._show(phase)
+        for phase in self.manifest.phases:
+            if phase not in SHOWN_BEFORE_TRAINING:
+                self._show(phase)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -187,10 +189,6 @@ class ManifestWriter(Callback):
             for name, phase in self.manifest.phases.items():
                 if phase.get("status") == "failed":
                     self._show(name)
-
-    @staticmethod
-    def _extra_phases(trainer: L.Trainer) -> list[str]:
-        return [name for cb in trainer.callbacks for name in getattr(cb, "manifest_phases", dict)()]
 
     def _show(self, name: str) -> None:
         """One console line for a finished (or failed) phase: status, wall time, key figures."""

@@ -29,8 +29,8 @@ from rich.table import Table
 from rich.text import Text
 
 from codetune.errors import ConfigError, exit_status
+from codetune.run import MANIFEST_NAME
 
-MANIFEST_NAME = "MANIFEST.json"  # as codetune.run.MANIFEST_NAME, which is not imported to keep the start fast
 MISSING = "—"
 LOWER, HIGHER = "lower", "higher"
 # The CLI derives these from --run_name and --runs_dir (see CodetuneCLI.before_instantiate_classes):

@@ -32,7 +32,7 @@ from codetune.cli import CodetuneCLI, build_cli
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 from codetune.model.tiny import TINY_NAME
-from codetune.run import atomic_save_dir
+from codetune.run import atomic_save_dir, replaceable_output_dir
 
 REPORT_NAME = "data_report.json"
 
@@ -97,13 +97,7 @@ def data_report(datamodule: CodeDataModule) -> dict[str, Any]:
 def _output_dir(out: str | None) -> Path:
     if not out:
         raise ConfigError("--out is required: the directory to write the prepared data to, e.g. --out prepared/")
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out!r} is a file. Give a directory (new, empty, or an earlier prepare output).")
-    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_NAME).is_file():
-        raise ConfigError(f"--out {out!r} is a non-empty directory that is not an earlier `codetune prepare` output; "
-                          f"refusing to replace it. Give a new or empty directory.")
-    return path
+    return replaceable_output_dir(out, REPORT_NAME, "codetune prepare")
 
 
 def _check_model_context(name_or_path: str, seq_len: int, trust_remote_code: bool) -> None:

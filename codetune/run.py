@@ -28,6 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from codetune.errors import ConfigError
+
 MANIFEST_NAME = "MANIFEST.json"
 PHASES = ("phase_1_scan", "phase_2_tokenize", "phase_3_model", "phase_4_training", "phase_5_evaluation",
           "phase_6_export")
@@ -86,6 +88,18 @@ def atomic_save_dir(target: Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replaceable_output_dir(out: str, marker: str, command: str) -> Path:
+    """`--out` of `command`: a new or empty directory, or an earlier output of the same command (it holds
+    `marker`), which the command may replace; anything else is refused so no user data is overwritten."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file. Give a directory (new, empty, or an earlier {command} output).")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise ConfigError(f"--out {out!r} is a non-empty directory that is not an earlier `{command}` output; "
+                          f"refusing to replace it. Give a new or empty directory.")
+    return path
 
 
 def default_run_name() -> str:

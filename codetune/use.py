@@ -48,7 +48,7 @@ from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.model.module import BASE_MODEL_DIR
 from codetune.model.tiny import TINY_NAME
-from codetune.run import MANIFEST_NAME, atomic_save_dir, utc_now
+from codetune.run import MANIFEST_NAME, atomic_save_dir, replaceable_output_dir, utc_now
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_MARKER = "codetune_merge.json"
@@ -306,21 +306,10 @@ def main_merge(argv: Sequence[str]) -> int:
         raise ConfigError(f"--dtype {args.dtype!r}: use one of {', '.join(MERGE_DTYPES)} (a merged model is not "
                           f"re-quantized; load it in 4-bit with BitsAndBytesConfig if you need that).")
     config = load_run_config(args.run)
-    out = _merge_output_dir(args.out)
+    out = replaceable_output_dir(args.out, MERGE_MARKER, "codetune merge")
     merge_run(config, out, args.dtype)
     base = "the unquantized weights of its 4-bit base" if trained_on_4bit(config.run_dir) else "its base"
     print(f"codetune merge: the adapter of {config.run_dir} merged into {base} ({config.name_or_path}), "
           f"saved in {args.dtype}", flush=True)
     print(out, flush=True)
     return 0
-
-
-def _merge_output_dir(out: str) -> Path:
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out!r} is a file. Give a directory (new, empty, or an earlier merge output).")
-    if path.is_dir() and any(path.iterdir()) and not (path / MERGE_MARKER).is_file():
-        raise ConfigError(f"--out {out!r} is a non-empty directory that is not an earlier `codetune merge` output; "
-                          f"refusing to replace it. Give a new or empty directory.")
-    return path
-

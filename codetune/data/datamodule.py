@@ -243,17 +243,14 @@ class CodeDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def _replicas(self) -> tuple[int, int]:
-        trainer = self._trainer_or_none()
+        trainer = self.trainer  # None until the data module is attached to a trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _trainer_or_none(self):
-        return getattr(self, "trainer", None)
 
     # -- data position (checkpointed) ----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the data: Lightning saves this in every checkpoint."""
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         if trainer is None or self.train_windows is None:
             return {}
         return {"epoch": trainer.current_epoch,
