@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -101,8 +102,6 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
 
 
 def fit_command_resume(run_dir: Path) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "codetune", "fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last"]
 
 

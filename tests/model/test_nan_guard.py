@@ -21,18 +21,14 @@ from codetune.errors import NonFiniteLossError, NonFiniteWeightsError
 from codetune.model.loading import apply_lora
 from codetune.model.tiny import build_tiny_model, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
 NAN_AT = 5  # optimizer step (trainer.global_step) whose loss is poisoned; checkpoints every 2 steps: 2, 4
 
 
 def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["fit", *CONFIGS, "--data.repo", str(repo), "--runs_dir", str(runs), "--run_name", name,
-            "--data.cache_dir", str(runs.parent / "token-cache"), "--data.seq_len", "64", "--data.batch_size", "2",
-            "--data.gradient_accumulation_steps", "2", "--generation.max_new_tokens", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.max_epochs", "100", "--trainer.max_steps", "8", *extra]
+    """The CLI test's command (demo preset, windows of 64), stopping at step 8 unless `extra` says otherwise."""
+    from test_cli import fit_args as cli_fit_args
+
+    return cli_fit_args(repo, runs, name, "--trainer.max_steps", "8", *extra)
 
 
 class InfGradient(torch.autograd.Function):
