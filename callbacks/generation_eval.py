@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
+from codetune.compare import EVAL_METRICS, delta, format_value, verdict
 from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError
 from codetune.eval.metrics import chrf, mean_next_line_exact_match, perplexity_from_loss, syntax_validity_rate
@@ -25,13 +26,6 @@ from codetune.run import atomic_write_text
 
 SAMPLES_DIR = "samples"
 BASE = "base"
-# (manifest key, label, higher is better)
-METRICS = (
-    ("perplexity", "held-out perplexity", False),
-    ("next_line_exact_match", "next-line exact match", True),
-    ("chrf", "completion chrF", True),
-    ("syntax_valid", "syntax-valid completions", True),
-)
 
 
 class GenerationEval(Callback):
@@ -268,29 +262,25 @@ def comparison_table(phase: dict[str, Any]) -> Table:
     for name, justify in (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right")):
         table.add_column(name, justify=justify)
     base, final = phase["base"] or {}, phase["final"] or {}
-    for key, label, higher_is_better in METRICS:
+    for key, label, better in EVAL_METRICS:
         b, f = base.get(key), final.get(key)
-        change = "" if b is None or f is None else _change(f - b, higher_is_better)
-        table.add_row(label, _fmt(b), _fmt(f), change)
+        table.add_row(label, format_value(b), format_value(f), change_cell(delta(f, b), better))
     return table
 
 
-def _change(delta: float, higher_is_better: bool) -> str:
-    if delta == 0:
+def change_cell(change: float | None, better: str) -> str:
+    """The change, green when it is an improvement in a metric whose `better` direction is given."""
+    if change is None:
+        return ""
+    if change == 0:
         return "0"
-    better = (delta > 0) == higher_is_better
-    return f"[{'green' if better else 'red'}]{delta:+.4g}[/]"
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return f"[{'green' if verdict(change, better) == 'better' else 'red'}]{change:+.4g}[/]"
 
 
 def _delta(base: dict[str, Any] | None, final: dict[str, Any] | None) -> dict[str, float | None] | None:
     if not base or not final:
         return None
-    return {k: (final[k] - base[k] if final.get(k) is not None and base.get(k) is not None else None)
-            for k, _, _ in METRICS}
+    return {k: delta(final.get(k), base.get(k)) for k, _, _ in EVAL_METRICS}
 
 
 def _model_prompt(prompt: RepoPrompt) -> str:

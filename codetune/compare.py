@@ -37,12 +37,12 @@ LOWER, HIGHER = "lower", "higher"
 # they differ between any two runs by construction and say where a run wrote, not how it trained.
 IGNORED_CONFIG_KEYS = ("run_name", "runs_dir", "trainer.default_root_dir", "checkpoint.dirpath",
                        "trainer.logger.init_args.save_dir")
-# (manifest key, label, better): mirrors callbacks.generation_eval.METRICS, which imports torch.
+# The generation eval's metrics (manifest key, label, better); callbacks/generation_eval.py reads them too.
 EVAL_METRICS = (
-    ("perplexity", "eval perplexity", LOWER),
-    ("next_line_exact_match", "eval next-line exact", HIGHER),
-    ("chrf", "eval chrF", HIGHER),
-    ("syntax_valid", "eval syntax-valid", HIGHER),
+    ("perplexity", "held-out perplexity", LOWER),
+    ("next_line_exact_match", "next-line exact match", HIGHER),
+    ("chrf", "completion chrF", HIGHER),
+    ("syntax_valid", "syntax-valid completions", HIGHER),
 )
 # phase_5_evaluation keys and how the table names them; tuned - base is better in the metric's direction.
 EVAL_STAGES = (("base", "base"), ("final", "tuned"), ("delta", "tuned-base"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from codetune.__main__ import main
-from codetune.compare import (EVAL_METRICS, IGNORED_CONFIG_KEYS, LoadedRun, compare_runs, config_diff,
+from codetune.compare import (IGNORED_CONFIG_KEYS, LoadedRun, compare_runs, config_diff,
                               flatten_config, run_labels)
 
 
@@ -66,11 +66,6 @@ def test_deltas_against_the_first_run_follow_each_rows_direction():
     assert rows["status"]["values"] == ["completed"] * 3 and rows["status"]["deltas"] == [None] * 3
     assert report["baseline"] == "a" and [r["label"] for r in report["runs"]] == ["a", "b", "c"]
 
-
-def test_eval_rows_mirror_the_generation_eval_metrics():
-    from callbacks.generation_eval import METRICS
-
-    assert [(k, better == "higher") for k, _, better in EVAL_METRICS] == [(k, higher) for k, _, higher in METRICS]
 
 
 def test_missing_and_malformed_values_are_none_not_crashes():

@@ -96,10 +96,12 @@ def test_comparison_table_marks_improvements():
     text = console.export_text()
     assert "held-out perplexity" in text and "-90" in text and "+0.2" in text
     # Lower perplexity and higher scores are green, a drop in a score red.
-    from callbacks.generation_eval import _change
+    from callbacks.generation_eval import change_cell
+    from codetune.compare import HIGHER, LOWER
 
-    assert "green" in _change(-90.0, higher_is_better=False) and "green" in _change(0.2, higher_is_better=True)
-    assert "red" in _change(-0.1, higher_is_better=True) and "red" in _change(5.0, higher_is_better=False)
+    assert "green" in change_cell(-90.0, LOWER) and "green" in change_cell(0.2, HIGHER)
+    assert "red" in change_cell(-0.1, HIGHER) and "red" in change_cell(5.0, LOWER)
+    assert change_cell(None, LOWER) == "" and change_cell(0.0, HIGHER) == "0"
 
 
 def test_bad_settings_name_the_flag():
