@@ -243,6 +243,13 @@ class TrainingShape:
         return self.micro_batch_size * self.seq_len
 
 
+# Each term of a plan and how the console names it; * marks the transients, of which only the largest counts.
+TERM_LABELS = {"cuda_context": "cuda context", "weights_4bit": "weights, 4-bit", "weights_16bit": "weights, 16-bit",
+               "lora_params": "trainable params", "lora_grads": "gradients", "optimizer_state": "optimizer state",
+               "activations": "activations", "loss_chunk": "loss chunk*", "recompute": "recompute*",
+               "forward_transient": "forward transient*"}
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Estimated device memory of one training step, in bytes, term by term (see the module docstring)."""
@@ -279,6 +286,10 @@ class MemoryPlan:
     def fits(self, free_bytes: int) -> bool:
         """Whether the predicted peak is at most `free_bytes` (no margin for fragmentation added)."""
         return self.total <= free_bytes
+
+    def terms(self) -> dict[str, int]:
+        """Every term by name, in TERM_LABELS order (the console summary and the manifest list them)."""
+        return {name: getattr(self, name) for name in TERM_LABELS}
 
 
 @dataclass(frozen=True)
@@ -615,12 +626,7 @@ def format_plan(plan: MemoryPlan, free_bytes: int | None = None) -> str:
     lines = [f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
              f"LoRA r{tr.lora_rank}, checkpointing {'on' if tr.gradient_checkpointing else 'off'}, "
              f"loss chunk {chunk}, {tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}"]
-    rows = [("cuda context", plan.cuda_context), ("weights, 4-bit", plan.weights_4bit),
-            ("weights, 16-bit", plan.weights_16bit), ("trainable params", plan.lora_params),
-            ("gradients", plan.lora_grads), ("optimizer state", plan.optimizer_state),
-            ("activations", plan.activations), ("loss chunk*", plan.loss_chunk),
-            ("recompute*", plan.recompute), ("forward transient*", plan.forward_transient)]
-    lines += [f"  {name:<20} {_gib(size):>8} GiB" for name, size in rows]
+    lines += [f"  {TERM_LABELS[name]:<20} {_gib(size):>8} GiB" for name, size in plan.terms().items()]
     lines.append(f"  {'peak':<20} {_gib(plan.total):>8} GiB  (* only the largest counts)")
     if free_bytes is not None:
         verdict = "fits" if plan.fits(free_bytes) else "does NOT fit"

@@ -397,7 +397,7 @@ def test_bad_values_are_one_error_naming_the_flags():
         plan_memory(QWEN, TrainingShape(modules_to_save=("norm",)))
 
 
-def test_batch_size_auto_on_a_6_gib_card_picks_what_the_plan_fits(monkeypatch):
+def test_batch_size_auto_on_a_6_gib_card_picks_what_the_plan_fits():
     """The module's `--data.batch_size auto` on CUDA: the Rust config on the 1.5B shape, 6 GiB free."""
     from types import SimpleNamespace
 
@@ -412,10 +412,9 @@ def test_batch_size_auto_on_a_6_gib_card_picks_what_the_plan_fits(monkeypatch):
                             micro_batch_size="auto")
     module.optimizer_name = "adamw"
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(optimizer_batch_size=16, packing="isolated"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * GiB, 8 * GiB))
-    assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 2
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * GiB, 8 * GiB))
-    assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 4
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * GiB, 8 * GiB))
+    cuda, shape = torch.device("cuda", 0), ModelShape.from_config(config)
+    assert module._auto_micro_batch(shape, 6 * GiB, True, torch.bfloat16, cuda)[0] == 2
+    micro, plan = module._auto_micro_batch(shape, 8 * GiB, True, torch.bfloat16, cuda)
+    assert micro == 4 and plan.training.micro_batch_size == 4 and plan.fits(8 * GiB)
     with pytest.warns(UserWarning, match="even micro-batch 1 is predicted not to fit"):
-        assert module._auto_micro_batch(config, True, torch.bfloat16, torch.device("cuda", 0)) == 1
+        assert module._auto_micro_batch(shape, 1 * GiB, True, torch.bfloat16, cuda) == (1, None)

@@ -29,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from codetune.backoff import accumulation_steps
 from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError
-from codetune.memory_plan import (DEFAULT_LORA_TARGETS, ModelShape, TrainingShape, format_plan,
+from codetune.memory_plan import (DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape, TrainingShape, format_plan,
                                   largest_micro_batch, plan_memory)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
                                     load_causal_lm, resolve_dtype, resolve_quantization)
@@ -133,30 +133,59 @@ class CodeLoRAModule(L.LightningModule):
                                 hp.modules_to_save)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
-        if self.micro_batch_size == "auto":
-            self.micro_batch_size = self._auto_micro_batch(model.config, quantize, dtype, device)
         self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
 
-    def _auto_micro_batch(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> int:
-        """`--data.batch_size auto`: the largest divisor of the optimizer batch predicted to fit the free memory."""
-        effective = self.trainer.datamodule.optimizer_batch_size
-        if device.type != "cuda":
-            rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
-            return effective
-        free = torch.cuda.mem_get_info(device)[0]
+    def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
+        """The predicted peak of one step (codetune/memory_plan.py), made once: `--data.batch_size auto` takes its
+        micro-batch from it. Printed next to the card's free memory; returned for the manifest."""
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         try:
-            choice = largest_micro_batch(effective, free, ModelShape.from_config(config),
-                                         self._training_shape(1, quantize, dtype, device))
-        except (ConfigError, AttributeError, KeyError, TypeError) as err:
+            shape = ModelShape.from_config(config)
+        except (AttributeError, TypeError) as err:  # a config without the decoder fields the plan reads
+            shape, unknown = None, err
+        plan = None
+        if self.micro_batch_size == "auto":
+            if shape is None:
+                raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
+                                  f"({unknown}). Give --data.batch_size a number.")
+            self.micro_batch_size, plan = self._auto_micro_batch(shape, free, quantize, dtype, device)
+        if plan is None and shape is not None:
+            try:
+                plan = plan_memory(shape, self._training_shape(self.micro_batch_size, quantize, dtype, device))
+            except ConfigError as err:
+                unknown = err
+        if plan is None:
+            rank_zero_warn(f"codetune: no VRAM plan for this model ({unknown}); training goes on without one.")
+            return None
+        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}):\n{format_plan(plan, free)}")
+        if free is not None and not plan.fits(free):
+            rank_zero_warn(f"codetune: the plan predicts {plan.total / 2**30:.2f} GiB, more than the "
+                           f"{free / 2**30:.2f} GiB free; expect OOM back-offs (or turn on "
+                           f"--model.gradient_checkpointing / lower --data.batch_size).")
+        return {"predicted_peak_gib": round(plan.total / 2**30, 3),
+                "free_gib": None if free is None else round(free / 2**30, 3),
+                "terms_gib": {k: round(v / 2**30, 3) for k, v in plan.terms().items()}}
+
+    def _auto_micro_batch(self, shape: ModelShape, free: int | None, quantize: bool, dtype: torch.dtype,
+                          device: torch.device) -> tuple[int, MemoryPlan | None]:
+        """`--data.batch_size auto`: the largest divisor of the optimizer batch predicted to fit the free memory,
+        with its plan (None when there was nothing to fit)."""
+        effective = self.trainer.datamodule.optimizer_batch_size
+        if free is None:
+            rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
+            return effective, None
+        try:
+            choice = largest_micro_batch(effective, free, shape, self._training_shape(1, quantize, dtype, device))
+        except ConfigError as err:
             raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
                               f"({err}). Give --data.batch_size a number.") from err
         if choice is None:
             rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
                            f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")
-            return 1
+            return 1, None
         rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {choice.micro_batch_size} x "
                        f"{choice.gradient_accumulation_steps} accumulation fits {free / 2**30:.2f} GiB free.")
-        return choice.micro_batch_size
+        return choice.micro_batch_size, choice.plan
 
     def _training_shape(self, micro: int, quantize: bool, dtype: torch.dtype, device: torch.device) -> TrainingShape:
         hp = self.hparams
@@ -170,26 +199,6 @@ class CodeLoRAModule(L.LightningModule):
             attn_implementation=hp.attn_implementation,
             packed_windows=getattr(self.trainer.datamodule, "packing", "isolated") == "isolated",
             device="cuda" if device.type == "cuda" else "cpu")
-
-    def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
-        """The predicted peak of one step (codetune/memory_plan.py), printed next to the card's free memory."""
-        try:
-            plan = plan_memory(ModelShape.from_config(config),
-                               self._training_shape(self.micro_batch_size, quantize, dtype, device))
-        except (ConfigError, AttributeError, KeyError, TypeError) as err:
-            rank_zero_warn(f"codetune: no VRAM plan for this model ({err}); training goes on without one.")
-            return None
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}):\n{format_plan(plan, free)}")
-        if free is not None and not plan.fits(free):
-            rank_zero_warn(f"codetune: the plan predicts {plan.total / 2**30:.2f} GiB, more than the "
-                           f"{free / 2**30:.2f} GiB free; expect OOM back-offs (or turn on "
-                           f"--model.gradient_checkpointing / lower --data.batch_size).")
-        return {"predicted_peak_gib": round(plan.total / 2**30, 3),
-                "free_gib": None if free is None else round(free / 2**30, 3),
-                "terms_gib": {k: round(getattr(plan, k) / 2**30, 3) for k in (
-                    "cuda_context", "weights_4bit", "weights_16bit", "lora_params", "lora_grads", "optimizer_state",
-                    "activations", "loss_chunk", "recompute", "forward_transient")}}
 
     def _tiny_base_dir(self) -> Path:
         """Build the tiny model once per run directory (rank zero) so every rank and a resume load the same."""
