@@ -38,7 +38,8 @@ class OOMBackoff(Callback):
     Records: each back-off is logged to TensorBoard (``oom/micro_batch_size``,
     ``oom/gradient_accumulation_steps``, ``oom/backoffs``), warned on the console by each rank that
     ran out, and listed in the manifest (``phase_4_training.oom_backoffs``: step, new micro-batch
-    and accumulation, and ``reason``: ``oom`` or ``proactive``). The current micro-batch is in ``state_dict``, so a resumed run starts from it.
+    and accumulation, and ``reason``: ``oom`` or ``proactive``). The back-offs are in ``state_dict``: a resumed run starts from the last one's micro-batch
+    (or from a smaller ``--data.batch_size`` given at the resume); a run without any keeps its own.
 
     Testing aid: ``CODETUNE_INJECT_OOM=<global_step>[@<rank>]`` makes the first attempt of that
     optimizer step raise ``torch.OutOfMemoryError`` (on the second micro-batch, after one backward),
@@ -63,7 +64,7 @@ class OOMBackoff(Callback):
         self.enabled = enabled
         self.proactive_fraction = proactive_fraction
         self._monitor: VRAMMonitor | None = None
-        self.micro_batch_size: int | None = None
+        self._module: L.LightningModule | None = None
         self.events: list[dict[str, Any]] = []
         self._inject: InjectedOOM | None = None
         self._injected = False
@@ -73,6 +74,7 @@ class OOMBackoff(Callback):
         if stage != "fit" or not self.enabled:
             return
         pl_module.backoff = self
+        self._module = pl_module
         try:
             self._inject = InjectedOOM.parse(os.environ.get(INJECT_OOM_ENV))
         except ValueError as err:
@@ -80,10 +82,8 @@ class OOMBackoff(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.micro_batch_size is None:
-            self.micro_batch_size = pl_module.micro_batch_size
-        else:  # restored from a checkpoint: keep the micro-batch the earlier segment backed off to
-            pl_module.micro_batch_size = self.micro_batch_size
+        if self.events:  # restored from a checkpoint: keep the micro-batch an earlier segment backed off to
+            pl_module.micro_batch_size = min(pl_module.micro_batch_size, self.events[-1]["micro_batch_size"])
         if self.proactive_fraction is not None and self.enabled:
             self._monitor = next((c for c in trainer.callbacks if isinstance(c, VRAMMonitor) and c.enabled), None)
             if self._monitor is None:
@@ -131,7 +131,6 @@ class OOMBackoff(Callback):
         """Halve the micro-batch, record and log it (`reason`: "oom" or "proactive"); returns the event."""
         new = halved(micro_batch_size)
         accumulation = accumulation_steps(optimizer_batch, new)
-        self.micro_batch_size = new
         event = {"step": trainer.global_step, "micro_batch_size": new, "gradient_accumulation_steps": accumulation,
                  "reason": reason}
         self.events.append(event)
@@ -142,13 +141,14 @@ class OOMBackoff(Callback):
 
     def manifest_results(self) -> dict[str, Any]:
         """What the run's manifest records under phase_4_training."""
-        return {"oom_backoffs": list(self.events), "final_micro_batch_size": self.micro_batch_size}
+        final = self._module.micro_batch_size if self._module is not None else None
+        return {"oom_backoffs": list(self.events), "final_micro_batch_size": final}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"micro_batch_size": self.micro_batch_size, "events": list(self.events)}
+        # The back-offs alone: the current micro-batch is the last one's (a run without any keeps its own).
+        return {"events": list(self.events)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.micro_batch_size = state_dict["micro_batch_size"]
-        self.events = list(state_dict["events"])
+        self.events = list(state_dict.get("events", []))

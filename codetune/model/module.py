@@ -234,7 +234,7 @@ class CodeLoRAModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
         loss = self.backward_with_backoff(batch)
-        grad_norm = self.finite_grad_norm(loss, optimizer)
+        grad_norm, grad_norm_value = self.finite_grad_norm(loss, optimizer)
         if self.hparams.max_grad_norm > 0:
             # clip_grad_norm_ is exactly this, after computing the norm the guard already has.
             torch.nn.utils.clip_grads_with_norm_(_stepped_parameters(optimizer), self.hparams.max_grad_norm, grad_norm)
@@ -247,7 +247,7 @@ class CodeLoRAModule(L.LightningModule):
         self.log("train/loss", loss_value, prog_bar=True)
         self.log("train/tokens_per_s", batch["input_ids"].numel() / (time.perf_counter() - started))
         self.log("train/lr", scheduler.get_last_lr()[0])
-        self.log("train/grad_norm", grad_norm)  # before clipping
+        self.log("train/grad_norm", grad_norm_value)  # before clipping; already on the host
         self.log("train/micro_batch_size", float(self.micro_batch_size))
         self.log("train/grad_accum", float(accumulation_steps(batch["input_ids"].shape[0], self.micro_batch_size)))
         return loss
@@ -265,8 +265,9 @@ class CodeLoRAModule(L.LightningModule):
             self.micro_batch_size = self.backoff.after_oom(self.trainer, self.micro_batch_size,
                                                            batch["input_ids"].shape[0], ran_out=loss is None)
 
-    def finite_grad_norm(self, loss: torch.Tensor, optimizer) -> torch.Tensor:
-        """The step's total gradient norm, once every rank found it and its loss finite. Otherwise the run stops
+    def finite_grad_norm(self, loss: torch.Tensor, optimizer) -> tuple[torch.Tensor, float]:
+        """The step's total gradient norm (as a tensor, and as a float for the log), once every rank found it and its
+        loss finite. Otherwise the run stops
         with NonFiniteLossError *before* the optimizer step, so no weight and no checkpoint ever holds nan/inf.
         Under a float16 GradScaler (--trainer.precision 16-mixed) an infinite gradient is the scaler's to skip."""
         grads = [p.grad for p in _stepped_parameters(optimizer) if p.grad is not None]
@@ -280,7 +281,7 @@ class CodeLoRAModule(L.LightningModule):
             raise NonFiniteLossError(non_finite_step_message(
                 self.trainer.global_step, loss_value, norm_value, _last_checkpoint(self.trainer),
                 Path(self.trainer.default_root_dir), hp.learning_rate, hp.max_grad_norm, hp.dtype))
-        return grad_norm
+        return grad_norm, norm_value
 
     def _disable_ddp_backward_sync(self) -> None:
         """Gradients are all-reduced once per optimizer step, after every rank finished its micro-batches

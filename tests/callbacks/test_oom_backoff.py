@@ -111,7 +111,7 @@ def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkey
     # The halved micro-batch is in the checkpoint, and a resumed run starts from it.
     ckpt = torch.load(tmp_path / "runs" / "oom" / "checkpoints" / "last.ckpt", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("OOMBackoff"))
-    assert state["micro_batch_size"] == 1
+    assert state["events"][-1]["micro_batch_size"] == 1
     monkeypatch.delenv("CODETUNE_INJECT_OOM")
     resumed = MicroBatchRecorder(monkeypatch)
     build_cli(fit_args(repo, tmp_path, "oom", "--trainer.max_epochs", "2", "--ckpt_path", "last"))
@@ -189,3 +189,25 @@ def test_proactive_backoff_follows_the_card_fill(monkeypatch):
     assert module.micro_batch_size == 1 and len(backoff.events) == 1
     with pytest.raises(ConfigError, match="--oom_backoff.proactive_fraction=1.5"):
         OOMBackoff(proactive_fraction=1.5)
+
+
+def test_a_resume_keeps_the_backed_off_micro_batch_and_nothing_else():
+    from types import SimpleNamespace
+
+    from callbacks.oom_backoff import OOMBackoff
+
+    trainer = SimpleNamespace(callbacks=[])
+    first = OOMBackoff()
+    first.on_train_start(trainer, SimpleNamespace(micro_batch_size=8))  # a run at 8 that never backed off
+    fresh, module = OOMBackoff(), SimpleNamespace(micro_batch_size=4)
+    fresh.load_state_dict(first.state_dict())
+    fresh.on_train_start(trainer, module)
+    assert module.micro_batch_size == 4, "a new --data.batch_size at resume is honoured"
+    backed_off = OOMBackoff()
+    backed_off.load_state_dict({"events": [{"step": 3, "micro_batch_size": 2, "gradient_accumulation_steps": 8,
+                                            "reason": "oom"}]})
+    backed_off.on_train_start(trainer, module)
+    assert module.micro_batch_size == 2
+    smaller = SimpleNamespace(micro_batch_size=1)
+    backed_off.on_train_start(trainer, smaller)
+    assert smaller.micro_batch_size == 1

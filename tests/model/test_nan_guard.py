@@ -216,7 +216,8 @@ def test_every_rank_votes_and_all_stop_when_one_is_not_finite(tmp_path):
         return decision
 
     module, optimizer = guarded_module(tmp_path, vote)
-    assert module.finite_grad_norm(torch.tensor(2.0), optimizer).item() == pytest.approx(5.0)
+    norm, norm_value = module.finite_grad_norm(torch.tensor(2.0), optimizer)
+    assert norm.item() == pytest.approx(5.0) and norm_value == pytest.approx(5.0)
     with pytest.raises(NonFiniteLossError, match="step 7: the loss is inf"):
         module.finite_grad_norm(torch.tensor(float("inf")), optimizer)
     assert votes == [(True, True), (False, True)]  # all=True: every rank must be finite
@@ -232,7 +233,7 @@ def test_a_float16_grad_scaler_skips_infinite_gradients_itself(tmp_path):
                                        scaler=torch.amp.GradScaler("cpu"))
     optimizer.param_groups[0]["params"][0].grad[0] = float("inf")
     # The scaler's own overflow check skips the step and lowers the scale: no reason to stop the run...
-    assert module.finite_grad_norm(torch.tensor(2.0), optimizer).item() == float("inf")
+    assert module.finite_grad_norm(torch.tensor(2.0), optimizer)[0].item() == float("inf")
     # ...but a nan loss is divergence whatever the precision.
     with pytest.raises(NonFiniteLossError, match="the loss is nan"):
         module.finite_grad_norm(torch.tensor(float("nan")), optimizer)
