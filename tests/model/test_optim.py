@@ -45,7 +45,7 @@ def test_fit_with_the_8bit_optimizer_records_it(tmp_path, fixture_repo):
     from codetune.cli import build_cli
 
     root = Path(__file__).resolve().parents[2]
-    build_cli(["fit", "--config", str(root / "configs" / "training_config.yaml"), "--data.repo", str(fixture_repo),
+    cli = build_cli(["fit", "--config", str(root / "configs" / "training_config.yaml"), "--data.repo", str(fixture_repo),
                "--model.name_or_path", "tiny", "--model.quantization", "none", "--model.optimizer", "adamw_8bit",
                "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "1",
@@ -54,3 +54,7 @@ def test_fit_with_the_8bit_optimizer_records_it(tmp_path, fixture_repo):
     manifest = json.loads((tmp_path / "runs" / "opt8" / "MANIFEST.json").read_text())
     assert manifest["phase_results"]["phase_3_model"]["optimizer"] == "adamw_8bit"
     assert manifest["status"] == "completed"
+    # The fit really stepped bitsandbytes' 8-bit AdamW, not torch's (which the name alone would not show).
+    optimizer = cli.model.optimizers().optimizer
+    assert type(optimizer).__name__ == "AdamW8bit" and type(optimizer).__module__.startswith("bitsandbytes")
+    assert optimizer.state, "it took steps"
