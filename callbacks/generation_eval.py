@@ -146,7 +146,7 @@ class GenerationEval(Callback):
     def _evaluate_unseeded(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str,
                            mean_nll: float | None) -> dict[str, Any]:
         started = time.perf_counter()
-        texts = [_model_prompt(p) for p in self._repo_prompts] + self.prompts
+        texts = [p.model_input for p in self._repo_prompts] + self.prompts
         try:
             completions = self._generate(pl_module, texts)
         except torch.OutOfMemoryError:
@@ -166,14 +166,14 @@ class GenerationEval(Callback):
         generated = [text for text, _ in completions]
         truths = [p.continuation for p in self._repo_prompts]
         syntax = syntax_validity_rate(
-            (p.head + _model_prompt(p) + text, p.language, n >= self.max_new_tokens)
+            (p.program(text), p.language, n >= self.max_new_tokens)
             for p, (text, n) in zip(self._repo_prompts, completions)
             if _syntax_scorable(text, n >= self.max_new_tokens))
         return {"next_line_exact_match": mean_next_line_exact_match(generated, truths),
                 "chrf": chrf(generated, truths), "syntax_valid": syntax}
 
     def _samples(self, repo: list[tuple[str, int]], language: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        samples = [{"kind": "repo", "path": p.path, "line": p.line, "prompt_tail": _model_prompt(p)[-200:],
+        samples = [{"kind": "repo", "path": p.path, "line": p.line, "prompt_tail": p.model_input[-200:],
                     "completion": text, "truth": p.continuation, "new_tokens": n}
                    for p, (text, n) in zip(self._repo_prompts, repo)]
         samples += [{"kind": "language", "prompt": prompt, "completion": text, "new_tokens": n}
@@ -281,13 +281,6 @@ def _delta(base: dict[str, Any] | None, final: dict[str, Any] | None) -> dict[st
     if not base or not final:
         return None
     return {k: delta(final.get(k), base.get(k)) for k, _, _ in EVAL_METRICS}
-
-
-def _model_prompt(prompt: RepoPrompt) -> str:
-    """The prefix without the boundary line's final newline: the model writes the line break and the
-    indentation itself. Byte-level BPE merges a newline with the next line's indentation, so a prompt
-    ending in a bare newline asks for a token sequence that training never showed (typically: EOS)."""
-    return prompt.prefix.removesuffix("\n")
 
 
 def _syntax_scorable(completion: str, truncated: bool) -> bool:

@@ -61,17 +61,25 @@ class RepoPrompt:
     path: str
     language: str
     prefix: str
-    """Model input: the file up to and including the boundary line, at most `max_prefix_chars`."""
+    """The file up to and including the boundary line, at most `max_prefix_chars` (the model gets `model_input`)."""
     continuation: str
     """The file's own text after `prefix`, bounded in lines and characters."""
-    line: int = 0
+    line: int
     """1-based line number of the boundary line in the file."""
-    head: str = ""
+    head: str
     """File text before `prefix`, cut off to respect `max_prefix_chars` (empty when nothing was)."""
 
+    @property
+    def model_input(self) -> str:
+        """`prefix` without the boundary line's final newline: the model writes the line break and the
+        indentation itself. Byte-level BPE merges a newline with the next line's indentation, so a prompt
+        ending in a bare newline asks for a token sequence that training never showed (typically: EOS)."""
+        return self.prefix.removesuffix("\n")
+
     def program(self, generation: str) -> str:
-        """`head + prefix + generation`: the file up to the cut, then the generation (what `syntax_valid` parses)."""
-        return self.head + self.prefix + generation
+        """`head + model_input + generation`: the file up to the cut, then what the model wrote after its input
+        (what `syntax_valid` parses; the file's own text there is `"\\n" + continuation`)."""
+        return self.head + self.model_input + generation
 
 
 def repo_prompts(

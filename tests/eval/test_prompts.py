@@ -116,7 +116,7 @@ def test_long_prefix_is_cut_at_a_line_start_and_kept_in_head():
     assert len(p.prefix) <= 200 and p.prefix.startswith("const C")
     assert len(p.head.splitlines(keepends=True)[-1] + p.prefix) > 200  # as many whole lines as fit
     assert p.head + p.prefix == filler + "fn f() -> u32 {\n"
-    assert p.program("    C1 + C2\n}\n") == text
+    assert p.program("\n    C1 + C2\n}\n") == text
 
 
 def test_too_little_prefix_and_nothing_after_are_skipped():
@@ -151,7 +151,7 @@ def test_the_true_continuation_is_syntax_valid_as_a_cut_program():
     files = [("src/lib.rs", "rust", RUST), ("store.py", "python", PYTHON)]
     prompts = repo_prompts(files, max_prompts=100, min_prefix_lines=0, max_per_file=100, max_continuation_lines=3)
     assert len(prompts) == 18
-    assert all(syntax_valid(p.program(p.continuation), p.language) for p in prompts)
+    assert all(syntax_valid(p.program("\n" + p.continuation), p.language) for p in prompts)
 
 
 def test_bad_arguments_are_all_reported_at_once():
@@ -164,6 +164,6 @@ def test_bad_arguments_are_all_reported_at_once():
         assert expected in message
 
 
-def test_repo_prompt_keeps_the_four_field_constructor():
-    p = RepoPrompt("a.py", "python", "def f():\n", "    return 1\n")
-    assert (p.line, p.head, p.program("    pass\n")) == (0, "", "def f():\n    pass\n")
+def test_the_model_input_leaves_the_boundary_line_break_to_the_model():
+    p = RepoPrompt("a.py", "python", "def f():\n", "    return 1\n", 1, "")
+    assert p.model_input == "def f():" and p.program("\n    pass\n") == "def f():\n    pass\n"
