@@ -59,10 +59,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from codetune.data.datamodule import DEFAULT_EXTENSIONS
-from codetune.data.files import LANGUAGE_BY_EXTENSION, ScanResult, scan_repository
+from codetune.data.files import DEFAULT_EXTENSIONS, LANGUAGE_BY_EXTENSION, ScanResult, scan_repository
 from codetune.data.packing import Windows, pack_windows
-from codetune.data.split import split_paths
+from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_cached
 from codetune.model.tiny import train_tokenizer
 
@@ -71,7 +70,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CARGO_REGISTRY = Path("/usr/share/cargo/registry")
 MB = 1_000_000
 SEQ_LENS = (2048, 4096)
-VAL_FRACTION, SPLIT_SEED = 0.1, 0  # CodeDataModule's defaults
 
 GOAL_COLD_RATIO = 0.8
 GOAL_WARM_S_PER_100K_LINES = 1.0
@@ -199,7 +197,7 @@ def measure_packing(train_ids: list[np.ndarray], tokenizer: Any, seq_len: int, r
 def train_split(scan: ScanResult, ids: list[np.ndarray]) -> list[np.ndarray]:
     """The ids of the files `CodeDataModule` trains on with its default split (same order)."""
     by_path = dict(zip((f.rel_path for f in scan.files), ids))
-    train_paths, _ = split_paths(list(by_path), VAL_FRACTION, SPLIT_SEED)
+    train_paths, _ = split_paths(list(by_path), DEFAULT_VAL_FRACTION)  # seed 0, as CodeDataModule
     return [by_path[p] for p in train_paths]
 
 

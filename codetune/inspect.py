@@ -25,7 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, scan_argument_problems, scan_repository
+from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
+                                 scan_argument_problems, scan_repository)
+from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.languages import language_table, recommend_config
 from codetune.errors import ConfigError, exit_status
 
@@ -47,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="File extensions to consider, as --data.extensions in training.")
     parser.add_argument("--ignore_patterns", nargs="*", default=[], metavar="PATTERN",
                         help="Extra gitignore-style patterns, as --data.ignore_patterns in training.")
-    parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="As --data.max_file_bytes.")
-    parser.add_argument("--max_line_length", type=int, default=1000, help="As --data.max_line_length.")
+    parser.add_argument("--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES, help="As --data.max_file_bytes.")
+    parser.add_argument("--max_line_length", type=int, default=DEFAULT_MAX_LINE_LENGTH,
+                        help="As --data.max_line_length.")
     parser.add_argument("--cache_dir", default="~/.cache/codetune",
                         help="Token cache, shared with training ('none' disables it).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow a hub tokenizer's custom code.")
@@ -121,7 +124,11 @@ def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None,
     from codetune.data.tokens import load_tokenizer, tokenize_cached
 
     texts = [f.text for f in scan.files]
-    loaded = load_tokenizer(tokenizer, texts, trust_remote_code, flag="--tokenizer")
+    # 'tiny' learns its vocabulary from the training files of fit's default split, as fit does: the same
+    # tokenizer, so these counts are training's and the cache entries written here are the ones fit reads.
+    train_paths, _ = split_paths([f.rel_path for f in scan.files], DEFAULT_VAL_FRACTION)
+    by_path = {f.rel_path: f.text for f in scan.files}
+    loaded = load_tokenizer(tokenizer, [by_path[p] for p in train_paths], trust_remote_code, flag="--tokenizer")
     ids, stats = tokenize_cached(loaded, texts, cache_dir)
     return [len(x) for x in ids], {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory}
 

@@ -52,6 +52,17 @@ def test_mixed_repo_report(fixture_repo, tmp_path, capsys):
     assert again["languages"] == report["languages"]
 
 
+def test_inspect_counts_with_the_tokenizer_fit_trains_and_warms_its_cache(fixture_repo, tmp_path, capsys):
+    from codetune.data.datamodule import CodeDataModule
+
+    report = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"))
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, cache_dir=str(tmp_path / "cache"))
+    module.setup("fit")
+    tokenize = module.report["phase_2_tokenize"]
+    assert (tokenize["cache_hits"], tokenize["cache_misses"]) == (13, 0), "fit reads what inspect wrote"
+    assert tokenize["train_tokens"] + tokenize["val_tokens"] == report["totals"]["tokens"] + 13  # + one EOS per file
+
+
 def test_rust_crate_gets_the_rust_config_in_the_table(tmp_path, capsys):
     crate = rust_crate(tmp_path / "crate")
     assert main(["inspect", str(crate), "--tokenizer", "none"]) == 0

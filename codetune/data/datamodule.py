@@ -21,10 +21,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from codetune.data.files import DEFAULT_EXTENSIONS, ScanResult, SkippedFile, scan_argument_problems, scan_repository
+from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
+                                 SkippedFile, scan_argument_problems, scan_repository)
 from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
 from codetune.data.sampler import WindowBatchSampler, steps_per_epoch
-from codetune.data.split import split_paths
+from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
 from codetune.errors import ConfigError
 
@@ -99,10 +100,10 @@ class CodeDataModule(L.LightningDataModule):
         effective_batch_size: int | None = None,
         extensions: list[str] = list(DEFAULT_EXTENSIONS),
         ignore_patterns: list[str] = [],
-        val_fraction: float = 0.1,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
         packing: PackingMode = "isolated",
-        max_file_bytes: int = 1_000_000,
-        max_line_length: int = 1000,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         tiny_vocab_size: int = 2048,
         trust_remote_code: bool = False,
         cache_dir: str | None = "~/.cache/codetune",

@@ -134,6 +134,9 @@ DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
 
 # What a run trains on unless --data.extensions says otherwise: code, plus the configs and docs
 # that sit next to it in most repositories.
+# Files larger than this, or with a longer line (minified or generated), are skipped.
+DEFAULT_MAX_FILE_BYTES = 1_000_000
+DEFAULT_MAX_LINE_LENGTH = 1000
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".py", ".pyi", ".rs", ".toml", ".md", ".c", ".h", ".cpp", ".hpp", ".go",
                                        ".js", ".ts", ".tsx", ".java", ".kt", ".sh", ".yaml", ".yml")
 
@@ -273,8 +276,8 @@ def scan_repository(
     repo: Path,
     extensions: Sequence[str],
     ignore_patterns: Sequence[str] = (),
-    max_file_bytes: int = 1_000_000,
-    max_line_length: int = 1000,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     redact: bool = True,
 ) -> ScanResult:
     """Walk `repo` and return its source files with the given extensions, filtered and redacted.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+DEFAULT_VAL_FRACTION = 0.1  # --data.val_fraction; `inspect` and the ingest bench split the same way
+
 
 def _unit_hash(rel_path: str, seed: int) -> float:
     digest = hashlib.blake2b(f"{seed}:{rel_path}".encode(), digest_size=8).digest()
