@@ -112,7 +112,7 @@ class GenerationEval(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self._repo_prompts = repo_prompts(getattr(trainer.datamodule, "val_sources", []), self.n_repo_prompts,
+        self._repo_prompts = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts,
                                           seed=self.seed) if self.n_repo_prompts else []
         if self.base_eval and self.results["base"] is None:  # not again when a run resumes
             with pl_module.model.disable_adapter(), torch.random.fork_rng(devices=[]):

@@ -18,7 +18,6 @@ an earlier `prepare` output there is replaced; any other existing, non-empty dir
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,9 +66,7 @@ def write_prepared(out: Path, datamodule: CodeDataModule) -> None:
     """Write the arrays, tokenizer and report of a set-up data module into `out`, atomically."""
     with atomic_save_dir(out) as tmp:
         for split, windows in (("train", datamodule.train_windows), ("val", datamodule.val_windows)):
-            buffer = io.BytesIO()
-            np.save(buffer, windows.input_ids.astype(np.int32, copy=False))
-            (tmp / f"{split}.npy").write_bytes(buffer.getvalue())
+            np.save(tmp / f"{split}.npy", windows.input_ids.astype(np.int32, copy=False))
         datamodule.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(data_report(datamodule), indent=2) + "\n")
 

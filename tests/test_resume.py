@@ -68,6 +68,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
     interrupted = json.loads((killed_dir / "MANIFEST.json").read_text())
     assert interrupted["status"] == "running" and interrupted["segments"][0]["end_step"] == 6
 
+    base_samples = (killed_dir / "samples" / "base.jsonl").stat().st_mtime_ns
+
     # Exactly what `make resume RUN=runs/killed` runs.
     resumed = subprocess.run(fit_command_resume(killed_dir), env=subprocess_env(), capture_output=True, text=True,
                              timeout=600)
@@ -99,6 +101,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
     assert stats["optimizer_steps"] == 12
     assert stats["tokens_trained"] == reference_stats["tokens_trained"]
     assert stats["final_val_loss"] == pytest.approx(reference_stats["final_val_loss"], rel=1e-5)
+    # The eval history came back from the checkpoint: the base model was not evaluated again.
+    assert (killed_dir / "samples" / "base.jsonl").stat().st_mtime_ns == base_samples
+    evaluation = manifest["phase_results"]["phase_5_evaluation"]
+    assert evaluation["base"] == json.loads((runs / "full" / "MANIFEST.json").read_text())["phase_results"][
+        "phase_5_evaluation"]["base"]
+    assert [e["epoch"] for e in evaluation["epochs"]] == list(range(EPOCHS))
 
 
 def fit_command_resume(run_dir: Path) -> list[str]:
