@@ -12,7 +12,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 INJECT_OOM_ENV = "CODETUNE_INJECT_OOM"
+# How a failed device allocation reads when it does not surface as torch.OutOfMemoryError: cuBLAS and cuDNN
+# allocate their own workspaces (first matmul after an OOM, a new shape) and report it in a RuntimeError.
+_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory",
+                        "CUDA error: out of memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the device running out of memory: torch's OutOfMemoryError, or a RuntimeError in
+    which cuBLAS, cuDNN or the CUDA runtime say an allocation failed."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _ALLOCATION_FAILURES)
 
 
 def accumulation_steps(optimizer_batch: int, micro_batch_size: int) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -29,6 +30,7 @@ from callbacks.vram_monitor import VRAMMonitor
 from codetune.checkpoint_io import AtomicCheckpointIO
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, exit_status
+from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
 from codetune.run import atomic_write_text, default_run_name
 
@@ -107,7 +109,9 @@ class CodetuneCLI(LightningCLI):
         plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
+        derived = {} if trainer.precision is not None else {"precision": derived_precision(
+            self.config[self.subcommand] if self.subcommand else self.config)}
+        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **derived, **kwargs})
 
     def fit(self, **kwargs) -> None:
         """`trainer.fit`; bad input found once the run started (an empty repository, a model that will
@@ -125,6 +129,17 @@ class CodetuneCLI(LightningCLI):
             if self.new_run_dir is not None:
                 shutil.rmtree(self.new_run_dir, ignore_errors=True)
             raise
+
+
+def derived_precision(config: Namespace) -> str:
+    """--trainer.precision when it is not given: the one --model.dtype trains under on the device the trainer
+    will pick (`auto` dtype: bf16-mixed from compute capability 8.0, 16-mixed below, 32-true on CPU)."""
+    accelerator = config.trainer.accelerator
+    cuda = torch.cuda.is_available() and (not isinstance(accelerator, str) or accelerator in ("auto", "gpu", "cuda"))
+    devices = config.trainer.devices
+    first = devices[0] if isinstance(devices, (list, tuple)) and devices else 0
+    return precision_for(resolve_dtype(config.model.dtype, "cuda" if cuda else "cpu",
+                                       cuda_capability(first) if cuda else None))
 
 
 def build_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI] = CodetuneCLI, run: bool = True) -> CodetuneCLI:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from codetune.errors import ConfigError
@@ -34,13 +35,49 @@ def resolve_quantization(quantization: Quantization, cuda_available: bool) -> bo
     return cuda_available
 
 
-def resolve_dtype(dtype: DType, cuda_available: bool) -> torch.dtype:
-    """`auto`: bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16 matmuls are slow)."""
+# bf16 runs natively from compute capability 8.0 (Ampere); below it (Turing: RTX 20xx, GTX 16xx) torch only
+# emulates it, which `torch.cuda.is_bf16_supported()` counts as support by default.
+NATIVE_BF16_CAPABILITY = (8, 0)
+# The trainer precision each compute dtype trains under: 16-bit always under autocast (the LoRA weights stay fp32),
+# float16 with a GradScaler (Lightning's 16-mixed); "bf16-true"/"16-true" would cast the fp32 LoRA weights too.
+PRECISION_OF_DTYPE = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
+
+
+def resolve_dtype(dtype: DType, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """`auto`: on CUDA bf16 from compute capability 8.0 on and fp16 below it (no emulated bf16 on Turing);
+    fp32 on CPU (CPU bf16 matmuls are slow)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if cuda_available and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if cuda_available else torch.float32
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if capability is not None and tuple(capability) >= NATIVE_BF16_CAPABILITY else torch.float16
+
+
+def cuda_capability(device: torch.device | int | None = None) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (the current one for None), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def precision_for(dtype: torch.dtype) -> str:
+    """The --trainer.precision that trains a base model computing in `dtype`."""
+    return PRECISION_OF_DTYPE[dtype]
+
+
+def check_precision(dtype: torch.dtype, dtype_flag: str, precision: str) -> None:
+    """--model.dtype and --trainer.precision must describe one way of training, or the run stops before loading."""
+    want = precision_for(dtype)
+    if str(precision) == want or (want == "32-true" and str(precision) in ("32", "32-true")):
+        return
+    name = str(dtype).replace("torch.", "")
+    if dtype == torch.float16 and str(precision) == "bf16-mixed":
+        raise ConfigError(f"--model.dtype {dtype_flag} computes in float16, which needs a CUDA device (Lightning "
+                          f"trains 16-mixed as bf16-mixed on CPU). On CPU use --model.dtype bfloat16 or float32.")
+    raise ConfigError(f"--model.dtype {dtype_flag} (here {name}) and --trainer.precision {precision} disagree: a "
+                      f"{name} base trains with --trainer.precision {want} (LoRA weights in fp32"
+                      f"{', under autocast' if want != '32-true' else ''}). Drop --trainer.precision (it follows "
+                      f"--model.dtype) or give the matching pair.")
 
 
 def check_context(seq_len: int, config: PretrainedConfig) -> None:
@@ -112,6 +149,17 @@ def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, ta
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"--model.lora_target_modules={list(target_modules)}: none match this model. Linear "
                           f"layers it has: {names}.") from err
+
+
+def keep_adapter_input_dtype(model: torch.nn.Module) -> None:
+    """Turn off peft's cast of each LoRA layer's input to the adapter's (fp32) dtype, for good (what
+    `peft.helpers.disable_input_dtype_casting` does for a block): under autocast the adapter's matmuls run in the
+    16-bit dtype anyway, and the cast's fp32 copy is what backward would keep. A checkpointed layer's recompute
+    must see the same setting as its forward, so it is not scoped to the forward. Code that runs the model
+    outside the trainer's autocast (generation) enters `trainer.precision_plugin.forward_context()`."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def _check_modules_to_save(model: PreTrainedModel, modules_to_save: list[str]) -> None:

@@ -27,13 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
-from codetune.backoff import accumulation_steps
-from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError
+from codetune.backoff import accumulation_steps, halved, is_out_of_memory
+from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, OutOfMemoryAtMinimumError
 from codetune.memory_plan import (DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape, TrainingShape, format_plan,
                                   largest_micro_batch, plan_memory)
-from codetune.model.loading import (DType, Quantization, apply_lora, check_context, enable_gradient_checkpointing,
-                                    load_causal_lm, resolve_dtype, resolve_quantization)
-from codetune.model.loss import causal_lm_loss_sum
+from codetune.model.loading import (DType, Quantization, apply_lora, check_context, check_precision, cuda_capability,
+                                    enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
+                                    resolve_dtype, resolve_quantization)
+from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.model.tiny import TINY_NAME, build_tiny_model
 from codetune.run import atomic_save_dir
@@ -108,6 +109,13 @@ class CodeLoRAModule(L.LightningModule):
         self.vram_plan: dict[str, Any] | None = None
         # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
         self.backoff = None
+        # Validation's micro-batch after its own OOM back-off (None: the training micro-batch).
+        self.eval_micro_batch_size: int | None = None
+        # Optimizer steps a float16 GradScaler skipped (inf/nan gradients after unscaling); checkpointed.
+        self.skipped_steps = 0
+        self._step_loss: torch.Tensor | None = None
+        self._grad_norm_value = math.nan
+        self._flat_grads: dict[torch.dtype, tuple[list[torch.nn.Parameter], torch.Tensor]] = {}
         self.model = None
         self.tokenizer = None
         self.val_loss = MeanMetric()
@@ -124,16 +132,30 @@ class CodeLoRAModule(L.LightningModule):
         source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
         quantize = resolve_quantization(hp.quantization, cuda)
         self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
-        dtype = resolve_dtype(hp.dtype, cuda)
+        dtype = resolve_dtype(hp.dtype, device.type, cuda_capability(device) if cuda else None)
+        self._check_precision(dtype)
         model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device)
         check_context(self.hparams.seq_len, model.config)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                 hp.modules_to_save)
+        # Under autocast the adapters take the 16-bit input as it is: peft's cast to the fp32 LoRA dtype would keep
+        # an fp32 copy of every adapted layer's input for backward (half the step's memory at 8 x 2048).
+        keep_adapter_input_dtype(self.model)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
         self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
+
+    def _check_precision(self, dtype: torch.dtype) -> None:
+        """--model.dtype and --trainer.precision agree (the CLI derives the precision when it is not given), and a
+        float16 GradScaler gets only fp32 gradients to unscale."""
+        check_precision(dtype, self.hparams.dtype, self.trainer.precision)
+        if dtype == torch.float16 and self.hparams.modules_to_save:
+            raise ConfigError(f"--model.modules_to_save={list(self.hparams.modules_to_save)} with float16 "
+                              f"(--model.dtype {self.hparams.dtype}): those layers would train in float16, and the "
+                              f"GradScaler of 16-mixed cannot unscale float16 gradients. Use --model.dtype bfloat16 "
+                              f"(compute capability 8.0+) or float32, or drop --model.modules_to_save.")
 
     def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
         """The predicted peak of one step (codetune/memory_plan.py), made once: `--data.batch_size auto` takes its
@@ -221,24 +243,25 @@ class CodeLoRAModule(L.LightningModule):
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token cross-entropy, target count) of a micro-batch, without full logits."""
+        input_ids, position_ids, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        if _flash_attention(self.causal_lm.config) and input_ids.shape[0] > 1:
+            input_ids, position_ids, labels = one_row(input_ids, position_ids, labels)
         # No attention_mask and no cache: transformers then derives the block-diagonal causal mask
         # from position ids that restart per file (packing isolation).
         hidden = self.causal_lm.get_decoder()(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), batch["labels"],
+        return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), labels,
                                   self.hparams.loss_chunk_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._disable_ddp_backward_sync()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
-        loss = self.backward_with_backoff(batch)
-        grad_norm, grad_norm_value = self.finite_grad_norm(loss, optimizer)
-        if self.hparams.max_grad_norm > 0:
-            # clip_grad_norm_ is exactly this, after computing the norm the guard already has.
-            torch.nn.utils.clip_grads_with_norm_(_stepped_parameters(optimizer), self.hparams.max_grad_norm, grad_norm)
-        optimizer.step()
+        self._step_loss = loss = self.backward_with_backoff(batch)
+        # The precision plugin unscales the gradients (under a GradScaler) and then calls
+        # on_before_optimizer_step, where the norm, the finite vote and the clipping happen.
+        self._optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         # Reading the loss waits for every queued kernel of the step (CUDA runs asynchronously), so the
@@ -247,29 +270,59 @@ class CodeLoRAModule(L.LightningModule):
         self.log("train/loss", loss_value, prog_bar=True)
         self.log("train/tokens_per_s", batch["input_ids"].numel() / (time.perf_counter() - started))
         self.log("train/lr", scheduler.get_last_lr()[0])
-        self.log("train/grad_norm", grad_norm_value)  # before clipping; already on the host
+        self.log("train/grad_norm", self._grad_norm_value)  # unscaled, before clipping; already on the host
+        self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/micro_batch_size", float(self.micro_batch_size))
         self.log("train/grad_accum", float(accumulation_steps(batch["input_ids"].shape[0], self.micro_batch_size)))
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Called by the precision plugin inside `optimizer.step()`, after a GradScaler unscaled the gradients
+        (Lightning's step contract), so the norm, the finite vote and the clipping see the true gradients."""
+        grad_norm, self._grad_norm_value = self.finite_grad_norm(self._step_loss, optimizer)
+        if not math.isfinite(self._grad_norm_value):
+            # Only reachable under a float16 GradScaler: it skips this step and lowers its scale.
+            self.skipped_steps += 1
+            return
+        if self.hparams.max_grad_norm > 0:
+            # clip_grad_norm_ is exactly this, after computing the norm the guard already has.
+            torch.nn.utils.clip_grads_with_norm_(_stepped_parameters(optimizer), self.hparams.max_grad_norm, grad_norm)
+
+    def _optimizer_step(self, optimizer) -> None:
+        """`optimizer.step()`. Running out of memory in it (AdamW allocates its state at the first step) stops the
+        run on every rank with one message: no rank may go on with weights the others did not update."""
+        try:
+            optimizer.step()
+            ran_out = None
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            ran_out = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not self.trainer.strategy.reduce_boolean_decision(ran_out is None, all=True):
+            raise OutOfMemoryAtMinimumError(optimizer_oom_message(self.trainer.global_step, ran_out,
+                                                                  self.optimizer_name))
+
     def backward_with_backoff(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gradients of one optimizer batch, summed over ranks; after an OOM on any rank, every rank drops its
-        partial gradients and runs the same batch again at half the micro-batch (see codetune/backoff.py)."""
+        partial gradients and runs the same batch again at half the micro-batch (see codetune/backoff.py).
+        Returns the mean token loss of the whole (all ranks') optimizer batch."""
+        # Every rank divides by the target count of all ranks together, and the gradients are then summed: the
+        # gradient is the global token mean's, whatever each rank holds (an empty tail batch included).
+        n_targets = self._sum_over_ranks(_count_targets(batch["labels"])).clamp(min=1)
         while True:
-            loss = self._attempt(batch)
+            loss = self._attempt(batch, n_targets)
             # Every rank reaches this point whether or not it ran out of memory, so the vote cannot hang.
             if self.trainer.strategy.reduce_boolean_decision(loss is not None, all=True):
-                self._all_reduce_gradients()
-                return loss
+                return self._all_reduce_gradients(loss)
             self._discard_attempt()
             self.micro_batch_size = self.backoff.after_oom(self.trainer, self.micro_batch_size,
                                                            batch["input_ids"].shape[0], ran_out=loss is None)
 
     def finite_grad_norm(self, loss: torch.Tensor, optimizer) -> tuple[torch.Tensor, float]:
         """The step's total gradient norm (as a tensor, and as a float for the log), once every rank found it and its
-        loss finite. Otherwise the run stops
-        with NonFiniteLossError *before* the optimizer step, so no weight and no checkpoint ever holds nan/inf.
-        Under a float16 GradScaler (--trainer.precision 16-mixed) an infinite gradient is the scaler's to skip."""
+        loss finite. Otherwise the run stops with NonFiniteLossError *before* the update, so no weight and no
+        checkpoint ever holds nan/inf. Under a float16 GradScaler (16-mixed) an infinite gradient is the scaler's
+        to skip (counted in `skipped_steps`); a non-finite loss still stops the run."""
         grads = [p.grad for p in _stepped_parameters(optimizer) if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         # One device-to-host copy for both numbers.
@@ -292,11 +345,16 @@ class CodeLoRAModule(L.LightningModule):
         if isinstance(ddp, DistributedDataParallel):
             ddp.require_backward_grad_sync = False
 
-    def _attempt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _attempt(self, batch: dict[str, torch.Tensor], n_targets: torch.Tensor) -> torch.Tensor | None:
         try:
-            return self.accumulate_gradients(batch)
-        except torch.OutOfMemoryError:
-            if self.backoff is None:
+            loss = self.accumulate_gradients(batch, n_targets)
+            if self.trainer.world_size > 1:
+                # The all-reduce's buffer is allocated here, inside the attempt, so that running out of memory
+                # for it is an OOM like any other (voted on, backed off) rather than a rank missing a collective.
+                self._gradient_buffers()
+            return loss
+        except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS/cuDNN failing to allocate
+            if self.backoff is None or not is_out_of_memory(err):
                 raise
             # Leaving the except block drops the traceback, and with it the failed attempt's activations.
             return None
@@ -307,22 +365,41 @@ class CodeLoRAModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _all_reduce_gradients(self) -> None:
-        """Average the trainable parameters' gradients over ranks in one collective (LoRA grads are small)."""
-        world_size = self.trainer.world_size
-        if world_size == 1:
-            return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world_size
-        for p, synced in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = synced.view_as(p).clone()
+    def _gradient_buffers(self) -> dict[torch.dtype, tuple[list[torch.nn.Parameter], torch.Tensor]]:
+        """The trainable parameters' gradients packed into one flat tensor per dtype (LoRA's fp32, and a bf16
+        `modules_to_save` copy when there is one: a collective takes one dtype)."""
+        groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault(p.dtype, []).append(p)
+        self._flat_grads = {dtype: (params, torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                                        .reshape(-1) for p in params]))
+                            for dtype, params in groups.items()}
+        return self._flat_grads
 
-    def accumulate_gradients(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward/backward every micro-batch of an optimizer batch; returns the batch's mean token loss."""
-        n_targets = _count_targets(batch["labels"]).clamp(min=1)
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        # torch's collective rather than strategy.reduce, which adds a barrier before each reduction.
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def _all_reduce_gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """Sum the trainable parameters' gradients over ranks, one collective per dtype (each rank's gradient is
+        already divided by the global target count, so the sum is the global mean's gradient). Returns the
+        global batch's mean token loss (this rank's share summed over ranks)."""
+        if self.trainer.world_size == 1:
+            return loss
+        loss = self._sum_over_ranks(loss.detach().clone())
+        for params, flat in self._flat_grads.values():
+            torch.distributed.all_reduce(flat)
+            for p, synced in zip(params, flat.split([p.numel() for p in params])):
+                p.grad = synced.view_as(p)
+        self._flat_grads = {}
+        return loss
+
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor], n_targets: torch.Tensor) -> torch.Tensor:
+        """Forward/backward every micro-batch of this rank's share of an optimizer batch, each micro-batch's summed
+        loss divided by `n_targets` (the whole optimizer batch's, all ranks); returns this rank's share of the mean."""
         total = torch.zeros((), device=self.device)
         micro_batches = split_batch(batch, self.micro_batch_size)
         for i, micro in enumerate(micro_batches):
@@ -336,11 +413,27 @@ class CodeLoRAModule(L.LightningModule):
         return total / n_targets
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # At the training micro-batch: after an OOM back-off, validation fits in memory too.
-        for micro in split_batch(batch, self.micro_batch_size):
-            loss_sum, n = self.loss_sum(micro)
-            if n > 0:
-                self.val_loss.update(loss_sum / n, weight=n)
+        loss_sum, n = self.eval_loss_sum(batch)
+        if n > 0:
+            self.val_loss.update(loss_sum / n, weight=n)
+
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token NLL, target count) of a validation batch, run at the training micro-batch (after an OOM
+        back-off it fits too) and, should it still run out of memory, at halves of it down to one window."""
+        micro_batch = min(self.eval_micro_batch_size or self.micro_batch_size, self.micro_batch_size)
+        while True:
+            try:
+                sums = [self.loss_sum(micro) for micro in split_batch(batch, micro_batch)]
+                self.eval_micro_batch_size = micro_batch
+                return (torch.stack([s for s, _ in sums]).sum() if sums else torch.zeros((), device=self.device),
+                        sum((n for _, n in sums), torch.zeros((), dtype=torch.int64, device=self.device)))
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+            if halved(micro_batch) is None:
+                raise OutOfMemoryAtMinimumError(eval_oom_message(self.hparams.seq_len))
+            micro_batch = halved(micro_batch)
+            self._discard_attempt()
 
     def on_validation_epoch_end(self) -> None:
         # A rank can hold no validation window (fewer windows than ranks) while others do; compute() below is
@@ -355,19 +448,22 @@ class CodeLoRAModule(L.LightningModule):
 
     @torch.no_grad()
     def held_out_loss(self) -> float | None:
-        """Mean token NLL over the whole validation split on this process (the base-model eval uses it with
-        the adapter disabled; during training, validation logs the same quantity as val/loss)."""
-        total, count = 0.0, 0
+        """Mean token NLL over the whole validation split, each rank computing its share (call it on every rank;
+        all get the global figure). The base-model eval uses it with the adapter disabled; during training,
+        validation logs the same quantity as val/loss."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in self.trainer.datamodule.val_dataloader(whole=True):
-                for micro in split_batch({k: v.to(self.device) for k, v in batch.items()}, self.micro_batch_size):
-                    loss_sum, n = self.loss_sum(micro)
-                    total, count = total + float(loss_sum), count + int(n)
+            with self.trainer.precision_plugin.forward_context():
+                for batch in self.trainer.datamodule.val_dataloader():
+                    loss_sum, n = self.eval_loss_sum({k: v.to(self.device) for k, v in batch.items()})
+                    total += torch.stack([loss_sum.double(), n.double()])
         finally:
             self.model.train(was_training)
-        return total / count if count else None
+        loss_sum, count = self._sum_over_ranks(total).tolist()
+        return loss_sum / count if count else None
+
 
     # -- optimizer and checkpoints ------------------------------------------------------------
 
@@ -460,6 +556,39 @@ def _last_checkpoint(trainer: L.Trainer) -> str | None:
     paths = {path for cb in trainer.checkpoint_callbacks for path in (cb.last_model_path, cb.best_model_path)
              if path and Path(path).is_file()}
     return max(paths, key=lambda path: Path(path).stat().st_mtime) if paths else None
+
+
+def optimizer_oom_message(step: int, error: str | None, optimizer: str | None) -> str:
+    """What stops a run whose optimizer step ran out of memory (on this or another rank)."""
+    where = f"({error})" if error else "on another rank"
+    paged = "" if optimizer == "paged_adamw_8bit" else " --model.optimizer paged_adamw_8bit (its state can page to host memory),"
+    return (f"out of device memory in the optimizer step at step {step} {where}: the optimizer's state (AdamW "
+            f"allocates it at the first step) and the gradients did not fit. The step was not applied. To fit:{paged} "
+            f"a smaller --model.lora_rank, fewer --model.lora_target_modules, or close other programs using the GPU; "
+            f"then resume with --ckpt_path last (or train again if no checkpoint was written yet).")
+
+
+def eval_oom_message(seq_len: int) -> str:
+    return (f"out of device memory in validation with a micro-batch of one window of {seq_len} tokens. To fit: "
+            f"--model.gradient_checkpointing true does not help here; lower --model.loss_chunk_size, use a shorter "
+            f"--data.seq_len, or close other programs using the GPU. Resume with --ckpt_path last.")
+
+
+def _flash_attention(config) -> bool:
+    """Whether the model runs a flash-attention kernel, which reads restarting position ids as packed files only
+    when the batch has one row (transformers' `_is_packed_sequence`)."""
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def one_row(input_ids: torch.Tensor, position_ids: torch.Tensor,
+            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-batch of B windows as one row of B x S tokens, for flash attention's varlen path: every window
+    starts at position 0, so it is a packed sequence of its own and no token attends across windows or files.
+    Each window's first label is masked: in B rows it was never a target (nothing precedes it), and in one row
+    it must not become the target of the previous window's last token."""
+    labels = labels.clone()
+    labels[:, 0] = IGNORE_INDEX
+    return input_ids.reshape(1, -1), position_ids.reshape(1, -1), labels.reshape(1, -1)
 
 
 def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
