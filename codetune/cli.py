@@ -20,6 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
@@ -109,7 +110,8 @@ class CodetuneCLI(LightningCLI):
         plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins = [*plugins, AtomicCheckpointIO()]
-        derived = {} if trainer.precision is not None else {"precision": derived_precision(
+        chosen = trainer.precision is not None or any(isinstance(p, Precision) for p in plugins)
+        derived = {} if chosen else {"precision": derived_precision(
             self.config[self.subcommand] if self.subcommand else self.config)}
         return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **derived, **kwargs})
 

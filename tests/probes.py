@@ -6,7 +6,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 
 class RankReport(Callback):
@@ -41,3 +43,23 @@ class BlockAtStep(Callback):
         if trainer.ckpt_path is None and trainer.global_step == self.step:
             (Path(trainer.default_root_dir) / "blocked").write_text(str(self.step))
             time.sleep(3600)
+
+
+class CPUFloat16Precision(MixedPrecision):
+    """Lightning's 16-mixed with a real float16 GradScaler, on the CPU (where Lightning itself would train
+    16-mixed as bf16-mixed), so the GradScaler path of the step runs in tests: `--trainer.plugins
+    probes.CPUFloat16Precision`."""
+
+    def __init__(self, init_scale: float = 2.0**16) -> None:
+        super().__init__("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+class StepLog(Callback):
+    """Appends `{step, grad_norm, loss, skipped}` of every optimizer step to `steps.jsonl` in the run dir."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step, "grad_norm": float(metrics["train/grad_norm"]),
+               "loss": float(metrics["train/loss"]), "skipped": pl_module.skipped_steps}
+        with (Path(trainer.default_root_dir) / f"steps_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")

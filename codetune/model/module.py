@@ -481,9 +481,32 @@ class CodeLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A full 4-bit state dict does not reload; the frozen base is rebuilt from name_or_path anyway.
         checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["codetune"] = {"skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_restores_every_trainable_tensor(checkpoint)
+        self.skipped_steps = checkpoint.get("codetune", {}).get("skipped_steps", 0)
         self._rescale_learning_rate(checkpoint)
+
+    def _check_restores_every_trainable_tensor(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold only the trainable tensors, so they load with strict_loading off, which would silently
+        keep a fresh adapter for every tensor the checkpoint lacks (another rank or target list at resume). Every
+        trainable tensor must come back with its shape, or the resume stops naming the flags that differ."""
+        saved = checkpoint.get("state_dict", {})
+        now = self.trainable_state_dict()
+        missing = [k for k in now if k not in saved]
+        unexpected = [k for k in saved if k not in now]
+        reshaped = [k for k in now if k in saved and tuple(saved[k].shape) != tuple(now[k].shape)]
+        if not (missing or unexpected or reshaped):
+            return
+        trained = checkpoint.get("hyper_parameters", {})
+        flags = [f"--model.{k} {trained[k]!r} in the checkpoint, {self.hparams[k]!r} now" for k in _ADAPTER_FLAGS
+                 if k in trained and _as_list(trained[k]) != _as_list(self.hparams[k])]
+        detail = "; ".join(flags) or (f"{len(missing)} trainable tensor(s) missing (e.g. {(missing or reshaped)[:1]}), "
+                                      f"{len(unexpected)} not trainable now")
+        raise ConfigError(f"the checkpoint does not fit this model's adapter ({detail}). Resume with the flags it "
+                          f"was trained with (its run's config.yaml: make resume RUN=<run dir>), or start a new run "
+                          f"without --ckpt_path.")
 
     def _rescale_learning_rate(self, checkpoint: dict[str, Any]) -> None:
         """A resume honours --model.learning_rate: the restored optimizer and schedule (which hold the rate the
@@ -556,6 +579,14 @@ def _last_checkpoint(trainer: L.Trainer) -> str | None:
     paths = {path for cb in trainer.checkpoint_callbacks for path in (cb.last_model_path, cb.best_model_path)
              if path and Path(path).is_file()}
     return max(paths, key=lambda path: Path(path).stat().st_mtime) if paths else None
+
+
+# What decides the adapter's tensors: a checkpoint trained with other values of these cannot be restored.
+_ADAPTER_FLAGS = ("name_or_path", "lora_rank", "lora_target_modules", "modules_to_save")
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def optimizer_oom_message(step: int, error: str | None, optimizer: str | None) -> str:
