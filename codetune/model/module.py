@@ -243,6 +243,13 @@ class CodeLoRAModule(L.LightningModule):
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token cross-entropy, target count) of a micro-batch, without full logits."""
+        hidden, labels = self.hidden_states(batch)
+        return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), labels,
+                                  self.hparams.loss_chunk_size)
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden states of a micro-batch of packed windows, and the labels aligned with them
+        (one row of all windows under flash attention, see `one_row`)."""
         input_ids, position_ids, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
         if _flash_attention(self.causal_lm.config) and input_ids.shape[0] > 1:
             input_ids, position_ids, labels = one_row(input_ids, position_ids, labels)
@@ -251,8 +258,7 @@ class CodeLoRAModule(L.LightningModule):
         hidden = self.causal_lm.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return causal_lm_loss_sum(hidden, self.causal_lm.get_output_embeddings(), labels,
-                                  self.hparams.loss_chunk_size)
+        return hidden, labels
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._disable_ddp_backward_sync()
