@@ -7,9 +7,17 @@ the whole optimizer batch, so the gradient is the same however the batch is cut 
 changes only `micro_batch_size`). The loss never materialises [batch, seq, vocab] logits at once:
 see `codetune.model.loss`.
 
-Before each optimizer step every rank votes that its loss and the gradient norm are finite; if any is
-not, the run stops (`NonFiniteLossError`) before the step, so the weights and every checkpoint stay
-the last finite ones. A resume at a new --model.learning_rate rescales the restored schedule to it.
+Under DDP every rank divides its summed loss by the target count of *all* ranks' windows of the step
+(one all-reduce of an integer), and the gradients are then summed: the gradient is the global token
+mean's whatever each rank holds, an empty share of the last step included.
+
+Precision: 16-bit compute always runs under Lightning's autocast (`bf16-mixed`, or `16-mixed` with a
+GradScaler), with the LoRA weights in fp32 and taking the 16-bit input as it is. The precision plugin
+unscales the gradients inside `optimizer.step()` and then calls `on_before_optimizer_step`; that hook
+computes the gradient norm, lets every rank vote that the loss and the norm are finite, and clips. If
+a vote fails, the run stops (`NonFiniteLossError`) before the update, so the weights and every
+checkpoint stay the last finite ones; under a GradScaler an infinite gradient is instead a skipped
+step (counted). A resume at a new --model.learning_rate rescales the restored schedule to it.
 """
 
 from __future__ import annotations
@@ -50,9 +58,12 @@ class CodeLoRAModule(L.LightningModule):
             directory, or 'tiny' (an offline Llama built from a config, saved to the run's base_model/).
         quantization: 'nf4' loads the base in 4-bit NF4 (bitsandbytes); 'none' in `dtype`; 'auto'
             is nf4 on CUDA and none elsewhere (with a warning).
-        dtype: Compute dtype of the base model; 'auto' is bf16 on CUDA, fp32 on CPU.
+        dtype: Compute dtype of the base model; 'auto' is bf16 on CUDA from compute capability 8.0 (Ampere),
+            fp16 below it (Turing: no native bf16), fp32 on CPU. --trainer.precision follows it (bf16-mixed,
+            16-mixed with a GradScaler, 32-true) unless given; a pair that disagrees is an error.
         trust_remote_code: Allow model code from the hub repository (off unless you trust it).
-        attn_implementation: transformers attention backend ('sdpa', 'eager', 'flash_attention_2').
+        attn_implementation: transformers attention backend ('sdpa', 'eager', 'flash_attention_2'; with flash
+            attention each micro-batch runs as one row of packed windows, its varlen path).
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA path.
