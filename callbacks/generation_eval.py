@@ -6,6 +6,7 @@ import json
 import math
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
+from codetune.backoff import is_out_of_memory
 from codetune.compare import EVAL_METRICS, delta, format_value, verdict
 from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError
@@ -26,11 +28,14 @@ from codetune.run import atomic_write_text
 
 SAMPLES_DIR = "samples"
 BASE = "base"
+# How long the other ranks wait for rank zero's generations: far above any eval's bounded cost, yet finite if
+# rank zero hangs (if it fails, its process exits and the waiting ranks' barrier fails at once).
+EVAL_WAIT_TIMEOUT = timedelta(hours=6)
 
 
 class GenerationEval(Callback):
     """Measures the base model once before training and the tuned model at every epoch end, on
-    files it never trained on, and shows the samples. Rank zero only.
+    files it never trained on, and shows the samples. Rank zero generates and writes.
 
     Metrics (``codetune/eval/metrics.py`` defines each precisely):
 
@@ -59,7 +64,15 @@ class GenerationEval(Callback):
     Cost is bounded: at most ``repo_prompts`` + ``len(prompts)`` generations of at most
     ``max_new_tokens`` each per eval, in batches of ``batch_size`` (left-padded); an out-of-memory
     error halves the batch and retries, and at batch 1 the eval of that epoch is skipped with a
-    warning (recorded in the manifest) rather than ending the run.
+    warning (recorded in the manifest) rather than ending the run. cuBLAS and cuDNN workspace
+    allocation failures count as out of memory (``codetune.backoff.is_out_of_memory``); any other
+    error ends the run.
+
+    Under DDP every rank computes its share of the base model's held-out loss (one collective), then
+    rank zero alone generates while the other ranks wait in a barrier of a separate gloo process group
+    created in ``setup``, whose timeout (``EVAL_WAIT_TIMEOUT``, 6 h) is not the training group's: no
+    collective of the training group is pending meanwhile, so an eval longer than that group's timeout
+    (``--trainer.strategy`` ``init_args.timeout``, 30 min by default) does not crash the other ranks.
 
     Args:
         prompts: Language prompts to complete (e.g. ``fn process``, ``impl``, ``#[derive(``).
@@ -105,34 +118,56 @@ class GenerationEval(Callback):
         self.seed = seed
         self.results: dict[str, Any] = {"base": None, "epochs": []}
         self._repo_prompts: list[RepoPrompt] = []
+        self._wait_group: Any = None  # the gloo group the other ranks wait in (DDP only)
 
     # -- hooks -------------------------------------------------------------------------------------
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1 and torch.distributed.is_initialized():
+            # A collective: every rank creates the group, in the same order.
+            self._wait_group = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT_TIMEOUT)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._wait_group is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group(self._wait_group)
+        self._wait_group = None
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if trainer.is_global_zero:
+            self._repo_prompts = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts,
+                                              seed=self.seed) if self.n_repo_prompts else []
+        # Every rank holds the same results (from the same checkpoint), so all take the same branch.
+        if not self.base_eval or self.results["base"] is not None:  # not again when a run resumes
             return
-        self._repo_prompts = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts,
-                                          seed=self.seed) if self.n_repo_prompts else []
-        if self.base_eval and self.results["base"] is None:  # not again when a run resumes
-            with pl_module.model.disable_adapter(), torch.random.fork_rng(devices=[]):
-                # fork_rng: the validation loader draws a seed from the global RNG (see _evaluate).
-                base_nll = pl_module.held_out_loss()
+        with pl_module.model.disable_adapter(), torch.random.fork_rng(devices=[]):
+            # fork_rng: the validation loader draws a seed from the global RNG (see _evaluate).
+            base_nll = pl_module.held_out_loss()  # on every rank: each computes its share, all get the mean
+            if trainer.is_global_zero:
                 self.results["base"] = self._evaluate(trainer, pl_module, BASE, base_nll)
+        self._wait_for_rank_zero()
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        val_loss = trainer.callback_metrics.get("val/loss")
-        result = self._evaluate(trainer, pl_module, f"epoch_{trainer.current_epoch}",
-                                float(val_loss) if val_loss is not None else None)
-        self.results["epochs"].append({"epoch": trainer.current_epoch, "step": trainer.global_step, **result})
+        if trainer.is_global_zero:
+            val_loss = trainer.callback_metrics.get("val/loss")
+            result = self._evaluate(trainer, pl_module, f"epoch_{trainer.current_epoch}",
+                                    float(val_loss) if val_loss is not None else None)
+            self.results["epochs"].append({"epoch": trainer.current_epoch, "step": trainer.global_step, **result})
+        self._wait_for_rank_zero()
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.results["epochs"]:
             Console().print(comparison_table(self.manifest_phases()["phase_5_evaluation"]))
+
+    def _wait_for_rank_zero(self) -> None:
+        """All ranks meet once rank zero finished its generations, in the long-timeout gloo group: the others
+        wait here rather than in their next collective of the training group, which would time out."""
+        if self._wait_group is not None:
+            torch.distributed.barrier(group=self._wait_group)
 
     # -- one evaluation ----------------------------------------------------------------------------
 
@@ -149,7 +184,9 @@ class GenerationEval(Callback):
         texts = [p.model_input for p in self._repo_prompts] + self.prompts
         try:
             completions = self._generate(pl_module, texts)
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # torch.OutOfMemoryError is one; so are cuBLAS/cuDNN allocation failures
+            if not is_out_of_memory(err):
+                raise
             warnings.warn(f"codetune: the generation eval '{name}' ran out of memory at batch 1 and was skipped; "
                           f"lower --generation.max_new_tokens or --generation.repo_prompts.", stacklevel=2)
             return {"metrics": {"perplexity": _perplexity(mean_nll)}, "skipped": "out of memory",
@@ -202,12 +239,14 @@ class GenerationEval(Callback):
             batch = texts[len(results):len(results) + batch_size]
             try:
                 results += self._generate_batch(pl_module, batch)
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
+                continue
+            except RuntimeError as err:  # torch.OutOfMemoryError is one; so are cuBLAS/cuDNN allocation failures
+                if batch_size == 1 or not is_out_of_memory(err):
                     raise
-                batch_size //= 2
-                if pl_module.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            # Past the except block the traceback is dropped, and with it the failed batch's tensors.
+            batch_size //= 2
+            if pl_module.device.type == "cuda":
+                torch.cuda.empty_cache()
         return results
 
     @torch.no_grad()
@@ -219,8 +258,10 @@ class GenerationEval(Callback):
         model.eval()
         try:
             sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                 do_sample=self.do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
+            # Under the trainer's autocast, as in training: the adapters take the 16-bit input as it is.
+            with pl_module.trainer.precision_plugin.forward_context():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                     do_sample=self.do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
         finally:
             model.train(was_training)
         new = out[:, ids.shape[1]:]

@@ -30,8 +30,9 @@ class ManifestWriter(Callback):
 
     - ``phase_1_scan`` / ``phase_2_tokenize``: the data module's report (files kept and skipped by
       reason, secrets redacted, tokens and windows per split, packing efficiency, wall times);
-    - ``phase_3_model``: base model, quantization, dtype, gradient checkpointing, fully trained layers,
-      trainable and total parameters;
+    - ``phase_3_model``: base model and ``base_revision`` (what it was when loaded: the commit of a
+      hub id, the fingerprint of a local directory; ``codetune/model/revision.py``), quantization,
+      dtype, gradient checkpointing, fully trained layers, trainable and total parameters;
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
       ``final_perplexity``, optimizer steps, epochs, tokens trained; plus what any other callback
       returns from a ``manifest_results()`` method (``oom_backoffs``, ``peak_vram_gb``...);
@@ -93,6 +94,8 @@ class ManifestWriter(Callback):
         base = pl_module.causal_lm
         self.manifest.finish_phase("phase_3_model", {
             "name_or_path": pl_module.hparams.name_or_path,
+            # Set by the module when it loads the base; `generate` and `merge` load or check against it.
+            "base_revision": getattr(pl_module, "base_revision", None),
             "architecture": type(base).__name__,
             "quantized_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
             "dtype": str(base.dtype).replace("torch.", ""),
@@ -162,6 +165,8 @@ class ManifestWriter(Callback):
             "optimizer_steps": trainer.global_step,
             "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
             "tokens_trained": self.tokens_trained,
+            # Steps a float16 GradScaler skipped (inf/nan gradients after unscaling), over every segment.
+            "skipped_steps": getattr(trainer.lightning_module, "skipped_steps", 0),
         }, **_callback_results(trainer)}, wall_s=total_s)
         for callback in trainer.callbacks:
             for phase, results in getattr(callback, "manifest_phases", dict)().items():

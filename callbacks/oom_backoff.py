@@ -10,7 +10,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from codetune.backoff import INJECT_OOM_ENV, InjectedOOM, accumulation_steps, halved, oom_at_minimum_message
@@ -50,6 +49,8 @@ class OOMBackoff(Callback):
     (NVML, read through the VRAM monitor, ``--vram.*``) is above that fraction on any rank, back off
     once before trying, and release torch's cached blocks so the next reading shows the new size.
     NVML counts everything on the card, so set it near the top (0.95): a back-off is permanent.
+    Whether the ranks vote follows from the config alone, so all of them vote every step (one
+    collective each); a rank whose monitor is off (no NVML there) votes "not full" and says so once.
 
     Args:
         enabled: Catch out-of-memory errors and back off. When false, an OOM ends the run as usual.
@@ -64,6 +65,8 @@ class OOMBackoff(Callback):
         self.enabled = enabled
         self.proactive_fraction = proactive_fraction
         self._monitor: VRAMMonitor | None = None
+        # The same on every rank (config only): whether each optimizer step starts with the vote.
+        self._proactive = enabled and proactive_fraction is not None
         self._module: L.LightningModule | None = None
         self.events: list[dict[str, Any]] = []
         self._inject: InjectedOOM | None = None
@@ -84,18 +87,21 @@ class OOMBackoff(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.events:  # restored from a checkpoint: keep the micro-batch an earlier segment backed off to
             pl_module.micro_batch_size = min(pl_module.micro_batch_size, self.events[-1]["micro_batch_size"])
-        if self.proactive_fraction is not None and self.enabled:
+        if self._proactive:
             self._monitor = next((c for c in trainer.callbacks if isinstance(c, VRAMMonitor) and c.enabled), None)
             if self._monitor is None:
-                rank_zero_warn("codetune: --oom_backoff.proactive_fraction is set but the VRAM monitor is off "
-                               "(no CUDA device or NVML, see its warning), so back-offs wait for an actual OOM.")
+                # Said by each rank concerned: under DDP one machine may lack NVML while the others have it.
+                warnings.warn(rank_prefixed_message(
+                    "codetune: --oom_backoff.proactive_fraction is set but the VRAM monitor is off here (no CUDA "
+                    "device or NVML, see its warning), so this rank votes 'not full' and its back-offs wait for an "
+                    "actual OOM.", trainer.global_rank), stacklevel=2)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._monitor is None:
+        if not self._proactive:
             return
-        fraction = self._monitor.used_fraction()
+        fraction = self._monitor.used_fraction() if self._monitor is not None else None
         full = fraction is not None and fraction > self.proactive_fraction
         # Every rank votes every step (the same collective on all of them), and all follow the fullest card.
         if trainer.strategy.reduce_boolean_decision(full, all=False) and halved(pl_module.micro_batch_size):

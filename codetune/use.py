@@ -3,7 +3,10 @@
 Both rebuild the base model from the run's `config.yaml` (`model.name_or_path`: a hub id, a local
 directory, or `tiny`, whose randomly initialised base and tokenizer the run saved in `base_model/`)
 and apply the LoRA adapter in `adapter/` with peft, exactly as `PeftModel.from_pretrained` would.
-The adapter is checked first: one NaN or inf in it and nothing is generated or written.
+The adapter is checked first: one NaN or inf in it and nothing is generated or written. So is the
+base, against what the run's MANIFEST.json recorded (`phase_3_model.base_revision`, see
+`codetune/model/revision.py`): a hub id is loaded at the commit the run trained on, not at whatever
+its branch points to now; a local directory (or `base_model/`) that changed since is refused.
 
 **generate** loads the base as training did: `model.quantization` and `model.dtype` are resolved
 for the device at hand (`auto`: 4-bit NF4 and bf16 on CUDA, unquantized fp32 on CPU). Each prompt
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +51,7 @@ from codetune.data.tokens import load_tokenizer, pad_token_id
 from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.model.module import BASE_MODEL_DIR
+from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
 from codetune.model.tiny import TINY_NAME
 from codetune.run import MANIFEST_NAME, atomic_save_dir, replaceable_output_dir, utc_now
 
@@ -74,6 +79,8 @@ class RunConfig:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    base_revision: dict[str, Any] | None = None
+    """MANIFEST.json's phase_3_model.base_revision: what the base was when the run trained (None: not recorded)."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -113,7 +120,28 @@ def load_run_config(run: str | Path) -> RunConfig:
     return RunConfig(run_dir=run_dir, name_or_path=str(model["name_or_path"]), quantization=model["quantization"],
                      dtype=model["dtype"], trust_remote_code=bool(model["trust_remote_code"]),
                      attn_implementation=model["attn_implementation"],
-                     **{k: generation.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")})
+                     **{k: generation.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+                     base_revision=_phase_3_model(run_dir).get("base_revision"))
+
+
+def check_base(config: RunConfig) -> None:
+    """Refuse a local base that changed since the run trained: the adapter fits only the recorded one. (A hub base
+    needs no check: it loads at its recorded commit.) A run without a record is loaded as is, with a warning."""
+    recorded = config.base_revision
+    if recorded is None:
+        rank_zero_warn(f"codetune: {config.run_dir / MANIFEST_NAME} records no base revision (the run predates it), "
+                       f"so the base {config.name_or_path!r} is loaded as it is now, unchecked; if it changed since "
+                       f"training, the adapter does not fit it.")
+        return
+    if recorded.get("kind") != LOCAL:
+        return
+    base = Path(config.base_source)
+    restore = (f"restore {base} as it was when the run trained (or train a new run on the changed base)"
+               if config.name_or_path != TINY_NAME else
+               f"restore the run's {BASE_MODEL_DIR}/ as `codetune fit` saved it (or train the run again)")
+    if not base.is_dir():
+        raise ConfigError(f"the run trained on the local base {base}, which is no longer a directory: {restore}.")
+    check_same_base(recorded, local_fingerprint(base), flag_hint=restore)
 
 
 def check_adapter_finite(adapter_dir: Path) -> None:
@@ -133,14 +161,15 @@ def check_adapter_finite(adapter_dir: Path) -> None:
 
 def load_tuned_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(config.base_source, (), config.trust_remote_code,
-                          flag=f"{config.run_dir / CONFIG_NAME}: model.name_or_path")
+                          flag=f"{config.run_dir / CONFIG_NAME}: model.name_or_path", **_pinned(config))
 
 
 def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool) -> PeftModel:
     """The run's base (4-bit NF4 when `quantize`) in `dtype` on `device`, with its adapter, in eval mode."""
     check_adapter_finite(config.adapter_dir)
+    check_base(config)
     base = load_causal_lm(config.base_source, quantize, dtype, config.trust_remote_code,
-                          config.attn_implementation, device)
+                          config.attn_implementation, device, **_pinned(config))
     if not quantize:
         base = base.to(device)  # a 4-bit base is placed while loading
     model = PeftModel.from_pretrained(base, str(config.adapter_dir), is_trainable=False)
@@ -171,6 +200,12 @@ def generate_completions(model: PreTrainedModel | PeftModel, tokenizer: PreTrain
     return completions
 
 
+def _pinned(config: RunConfig) -> dict[str, str]:
+    """`revision=<commit>` for a hub base recorded by the run; nothing for a directory (it has no revisions)."""
+    commit = pinned_revision(config.base_revision)
+    return {"revision": commit} if commit else {}
+
+
 def merge_run(config: RunConfig, out: Path, dtype: str = "bfloat16") -> Path:
     """Merge the run's adapter into its unquantized base in `dtype` and save model + tokenizer to `out`."""
     torch_dtype = getattr(torch, dtype)
@@ -183,8 +218,8 @@ def merge_run(config: RunConfig, out: Path, dtype: str = "bfloat16") -> Path:
     with atomic_save_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        marker = {"source_run": str(config.run_dir.resolve()), "base_model": config.name_or_path, "dtype": dtype,
-                  "merged_at": utc_now()}
+        marker = {"source_run": str(config.run_dir.resolve()), "base_model": config.name_or_path,
+                  "base_revision": (config.base_revision or {}).get("revision"), "dtype": dtype, "merged_at": utc_now()}
         (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -198,11 +233,15 @@ def _check_finite(model: torch.nn.Module, dtype: str) -> None:
 
 def trained_on_4bit(run_dir: Path) -> bool:
     """Whether the run's manifest says the base it trained against was 4-bit (False when unknown)."""
+    return bool(_phase_3_model(run_dir).get("quantized_4bit"))
+
+
+def _phase_3_model(run_dir: Path) -> dict[str, Any]:
+    """The model phase of the run's manifest ({} without a manifest)."""
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
-        return False
-    phase = json.loads(path.read_text(encoding="utf-8")).get("phase_results", {}).get("phase_3_model", {})
-    return bool(phase.get("quantized_4bit"))
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("phase_results", {}).get("phase_3_model", {})
 
 
 # -- commands ----------------------------------------------------------------------------------------

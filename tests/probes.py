@@ -63,3 +63,25 @@ class StepLog(Callback):
                "loss": float(metrics["train/loss"]), "skipped": pl_module.skipped_steps}
         with (Path(trainer.default_root_dir) / f"steps_rank{trainer.global_rank}.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class SlowRankZeroEval(Callback):
+    """Makes every generation eval on rank zero take `seconds` longer (a big eval on a slow card), so that a test
+    can check the other ranks are not left waiting in a collective of the training process group meanwhile."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        from callbacks.generation_eval import GenerationEval
+
+        if not trainer.is_global_zero:
+            return
+        evaluation = next(c for c in trainer.callbacks if isinstance(c, GenerationEval))
+        generate = evaluation._generate
+
+        def slow_generate(module, texts):
+            time.sleep(self.seconds)
+            return generate(module, texts)
+
+        evaluation._generate = slow_generate

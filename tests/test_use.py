@@ -221,3 +221,68 @@ def test_bad_flags_name_the_flag(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert flag in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def with_recorded_base(run: Path) -> dict:
+    """Record the run's base in its manifest as `codetune fit` does (phase_3_model.base_revision)."""
+    from codetune.model.revision import local_fingerprint
+
+    record = local_fingerprint(run / "base_model")
+    manifest = {"phase_results": {"phase_3_model": {"name_or_path": "tiny", "base_revision": record}}}
+    (run / "MANIFEST.json").write_text(json.dumps(manifest))
+    return record
+
+
+def test_generate_and_merge_refuse_a_local_base_changed_since_training(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    record = with_recorded_base(run)
+    generate = ["generate", str(run), "--prompt", "fn", "--max_new_tokens", "4", "--device", "cpu"]
+    assert main(generate) == 0, "the base is as recorded"
+    assert capsys.readouterr().out.startswith("fn")
+
+    config_path = run / "base_model" / "config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config_path.write_text(json.dumps({**config, "rms_norm_eps": config["rms_norm_eps"] * 10}))
+    for command in (generate, ["merge", str(run), "--out", str(tmp_path / "out")]):
+        assert main(command) == 2, command
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"codetune {command[0]}: error: the base model changed since this run was "
+                                       f"trained (config.json changed): recorded {record['revision']}")
+        assert "restore the run's base_model/ as `codetune fit` saved it" in captured.err
+        assert captured.err.count("\n") == 1 and not captured.out
+    assert not (tmp_path / "out").exists()
+
+    config_path.write_text(original)  # restored byte for byte: accepted again
+    assert main(generate) == 0
+
+
+def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monkeypatch):
+    """The hub cannot be reached here, so the loaders are stand-ins that record what they were asked for."""
+    import codetune.use as use
+
+    run = copy_run(run_dir, tmp_path / "run")
+    config_path = run / "config.yaml"
+    config_path.write_text(config_path.read_text().replace("name_or_path: tiny", "name_or_path: org/coder"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    manifest = {"phase_results": {"phase_3_model": {"base_revision": {"kind": "hub", "revision": commit,
+                                                                      "requested": None}}}}
+    (run / "MANIFEST.json").write_text(json.dumps(manifest))
+    asked = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load_causal_lm(source, *args, **kwargs):
+        asked["model"] = (source, kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(use, "load_causal_lm", fake_load_causal_lm)
+    monkeypatch.setattr(use, "load_tokenizer", lambda source, *a, **kwargs: asked.setdefault("tokenizer",
+                                                                                             (source, kwargs)))
+    config = use.load_run_config(run)
+    with pytest.raises(Loaded):
+        use.load_tuned_model(config, torch.device("cpu"), torch.float32, quantize=False)
+    use.load_tuned_tokenizer(config)
+    assert asked["model"] == ("org/coder", {"revision": commit})
+    assert asked["tokenizer"][0] == "org/coder" and asked["tokenizer"][1]["revision"] == commit

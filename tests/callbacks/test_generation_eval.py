@@ -86,6 +86,43 @@ def test_generation_halves_its_batch_on_oom_and_skips_at_one(monkeypatch):
     assert result["skipped"] == "out of memory" and result["metrics"]["perplexity"] == pytest.approx(2.718281828)
 
 
+CUBLAS_OOM = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+
+
+def test_a_cublas_allocation_failure_is_out_of_memory_and_other_errors_propagate(monkeypatch):
+    """cuBLAS and cuDNN report a failed workspace allocation as a RuntimeError, not torch.OutOfMemoryError."""
+    callback = GenerationEval(prompts=["a"], batch_size=4)
+    calls = []
+
+    def cublas_oom_above_one(pl_module, texts):
+        calls.append(len(texts))
+        if len(texts) > 1:
+            raise RuntimeError(CUBLAS_OOM)
+        return [(t + "!", 1) for t in texts]
+
+    monkeypatch.setattr(callback, "_generate_batch", cublas_oom_above_one)
+    module = type("M", (), {"device": torch.device("cpu")})()
+    assert callback._generate(module, ["x", "y", "z"]) == [("x!", 1), ("y!", 1), ("z!", 1)]
+    assert calls == [3, 2, 1, 1, 1]
+
+    def always(error):
+        def generate_batch(pl_module, texts):
+            raise error
+        return generate_batch
+
+    trainer = type("T", (), {"default_root_dir": "/nonexistent", "loggers": [], "global_step": 0})()
+    monkeypatch.setattr(callback, "_generate_batch", always(RuntimeError(CUBLAS_OOM)))
+    with pytest.warns(UserWarning, match="'epoch_2' ran out of memory at batch 1 and was skipped"):
+        result = callback._evaluate(trainer, module, "epoch_2", 1.0)
+    assert result["skipped"] == "out of memory" and result["metrics"]["perplexity"] == pytest.approx(2.718281828)
+
+    unrelated = RuntimeError("expected all tensors to be on the same device")
+    monkeypatch.setattr(callback, "_generate_batch", always(unrelated))
+    with pytest.raises(RuntimeError) as raised:
+        callback._evaluate(trainer, module, "epoch_3", 1.0)
+    assert raised.value is unrelated
+
+
 def test_comparison_table_marks_improvements():
     from rich.console import Console
 

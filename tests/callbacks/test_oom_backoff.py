@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,39 @@ def test_proactive_backoff_follows_the_card_fill(monkeypatch):
     assert module.micro_batch_size == 1 and len(backoff.events) == 1
     with pytest.raises(ConfigError, match="--oom_backoff.proactive_fraction=1.5"):
         OOMBackoff(proactive_fraction=1.5)
+
+
+def test_a_rank_without_a_vram_reading_still_votes_every_step(monkeypatch):
+    """Under DDP a rank whose monitor is off (no NVML there) must still enter the vote, or the ranks whose
+    monitor is on wait in it forever; it votes "not full", and follows a full card elsewhere."""
+    from types import SimpleNamespace
+
+    from callbacks.oom_backoff import OOMBackoff
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    votes, others_full = [], [False, True]
+
+    def vote(decision, all=True):  # this rank's vote, and the any-rank result of a 2-rank job
+        votes.append((decision, all))
+        return decision or others_full[len(votes) - 1]
+
+    trainer = SimpleNamespace(global_step=3, global_rank=1, loggers=[], callbacks=[],
+                              strategy=SimpleNamespace(reduce_boolean_decision=vote))
+    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    backoff = OOMBackoff(proactive_fraction=0.9)
+    with pytest.warns(UserWarning) as warned:
+        backoff.on_train_start(trainer, module)  # no VRAMMonitor among the callbacks
+    backoff.on_train_batch_start(trainer, module, batch, 0)
+    assert module.micro_batch_size == 4
+    backoff.on_train_batch_start(trainer, module, batch, 1)
+    assert votes == [(False, False), (False, False)], "one vote per step, 'not full'"
+    assert module.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
+    assert re.search(r"\[rank: 1\] .*VRAM monitor is off here.*votes 'not full'", str(warned[0].message))
+    # Without --oom_backoff.proactive_fraction no rank votes: the same decision on all of them.
+    quiet = OOMBackoff()
+    quiet.on_train_start(trainer, module)
+    quiet.on_train_batch_start(trainer, module, batch, 2)
+    assert len(votes) == 2
 
 
 def test_a_resume_keeps_the_backed_off_micro_batch_and_nothing_else():
