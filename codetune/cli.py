@@ -71,6 +71,7 @@ class CodetuneCLI(LightningCLI):
         # Facts stated once: the model fixes the tokenizer; the window and micro-batch are data settings.
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("model.revision", "data.revision")
         parser.link_arguments("data.seq_len", "model.seq_len")
         parser.link_arguments("data.batch_size", "model.micro_batch_size")
 
@@ -183,6 +184,10 @@ def main(args: Sequence[str] | None = None) -> int:
         from codetune.compare import run as compare
 
         return compare(args[1:])
+    if command == "plan":
+        from codetune.plan import main as plan_main
+
+        return plan_main(args[1:])
     if command == "prepare":
         from codetune.prepare import main as prepare_main
 

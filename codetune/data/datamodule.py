@@ -84,6 +84,7 @@ class CodeDataModule(L.LightningDataModule):
         max_line_length: Files with a longer line are treated as minified/generated and skipped.
         tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model.
         trust_remote_code: Passed to the tokenizer loader (linked from --model.trust_remote_code).
+        revision: Hub revision of the tokenizer (linked from --model.revision).
         cache_dir: Where token ids are cached, keyed by tokenizer and file content, so an unchanged
             file is never tokenized twice (see `codetune.data.tokens`); null disables the cache.
         seed: Seed of the file split and of the window shuffle.
@@ -106,6 +107,7 @@ class CodeDataModule(L.LightningDataModule):
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         tiny_vocab_size: int = 2048,
         trust_remote_code: bool = False,
+        revision: str | None = None,
         cache_dir: str | None = "~/.cache/codetune",
         seed: int = 0,
         num_workers: int = 0,
@@ -158,7 +160,7 @@ class CodeDataModule(L.LightningDataModule):
 
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.hparams.tokenizer, train_texts, self.hparams.trust_remote_code,
-                                        self.hparams.tiny_vocab_size)
+                                        self.hparams.tiny_vocab_size, revision=self.hparams.revision)
         # One batch for both splits: the tokenizer's thread pool gets all the work at once.
         ids, cache = tokenize_cached(self.tokenizer, train_texts + val_texts, self.hparams.cache_dir)
         train_ids, val_ids = ids[:len(train_texts)], ids[len(train_texts):]

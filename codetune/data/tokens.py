@@ -36,12 +36,14 @@ TOKEN_DTYPE = np.dtype("<i4")
 
 
 def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remote_code: bool = False,
-                   tiny_vocab_size: int = 2048, flag: str = "--model.name_or_path") -> PreTrainedTokenizerBase:
-    """The tokenizer of `name_or_path` (hub id or local dir), or a new one trained for `tiny`; errors name `flag`."""
+                   tiny_vocab_size: int = 2048, flag: str = "--model.name_or_path",
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name_or_path` (hub id at `revision`, or local dir), or a new one trained for `tiny`;
+    errors name `flag`."""
     if name_or_path == TINY_NAME:
         return train_tokenizer(training_texts, vocab_size=tiny_vocab_size)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as err:
         raise ConfigError(
             f"{flag} {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "

@@ -89,8 +89,9 @@ def check_context(seq_len: int, config: PretrainedConfig) -> None:
 
 
 def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype, trust_remote_code: bool,
-                   attn_implementation: str, device: torch.device) -> PreTrainedModel:
-    """A causal LM from a hub id or local directory, in NF4 (double-quantized) when `quantize`."""
+                   attn_implementation: str, device: torch.device, revision: str | None = None) -> PreTrainedModel:
+    """A causal LM from a hub id (at `revision`: a commit pins it) or local directory, in NF4 (double-quantized)
+    when `quantize`."""
     quantization_config = None
     if quantize:
         quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -98,7 +99,7 @@ def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype,
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=dtype, quantization_config=quantization_config,
-            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, revision=revision,
             # bitsandbytes quantizes while placing weights, so 4-bit loads straight onto the device.
             device_map={"": device} if quantize else None,
         )

@@ -43,6 +43,7 @@ from codetune.model.loading import (DType, Quantization, apply_lora, check_conte
                                     enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
                                     resolve_dtype, resolve_quantization)
 from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
+from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.model.tiny import TINY_NAME, build_tiny_model
 from codetune.run import atomic_save_dir
@@ -62,6 +63,8 @@ class CodeLoRAModule(L.LightningModule):
             fp16 below it (Turing: no native bf16), fp32 on CPU. --trainer.precision follows it (bf16-mixed,
             16-mixed with a GradScaler, 32-true) unless given; a pair that disagrees is an error.
         trust_remote_code: Allow model code from the hub repository (off unless you trust it).
+        revision: Hub revision (branch, tag or commit) of a hub base; the commit it resolves to is recorded
+            (`base_revision`, in the manifest and checkpoints), and a resume must find the same base.
         attn_implementation: transformers attention backend ('sdpa', 'eager', 'flash_attention_2'; with flash
             attention each micro-batch runs as one row of packed windows, its varlen path).
         lora_rank: LoRA rank r.
@@ -92,6 +95,7 @@ class CodeLoRAModule(L.LightningModule):
         quantization: Quantization = "auto",
         dtype: DType = "auto",
         trust_remote_code: bool = False,
+        revision: str | None = None,
         attn_implementation: str = "sdpa",
         lora_rank: int = 8,
         lora_alpha: int = 16,
@@ -118,6 +122,8 @@ class CodeLoRAModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.optimizer_name: str | None = None  # resolved in configure_model, once the device is known
         self.vram_plan: dict[str, Any] | None = None
+        # Which base this run trains on (codetune/model/revision.py); set in configure_model.
+        self.base_revision: dict[str, Any] | None = None
         # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
         self.backoff = None
         # Validation's micro-batch after its own OOM back-off (None: the training micro-batch).
@@ -145,7 +151,9 @@ class CodeLoRAModule(L.LightningModule):
         self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
         dtype = resolve_dtype(hp.dtype, device.type, cuda_capability(device) if cuda else None)
         self._check_precision(dtype)
-        model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device)
+        self.base_revision = self._resolve_base(source)
+        model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device,
+                               revision=pinned_revision(self.base_revision))
         check_context(self.hparams.seq_len, model.config)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -157,6 +165,13 @@ class CodeLoRAModule(L.LightningModule):
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
         self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
+
+    def _resolve_base(self, source: str | Path) -> dict[str, Any]:
+        if self.hparams.revision and Path(source).expanduser().is_dir():
+            raise ConfigError(f"--model.revision {self.hparams.revision!r} applies to a hub id, but "
+                              f"--model.name_or_path {self.hparams.name_or_path!r} is a local directory (it has no "
+                              f"revisions). Drop --model.revision, or give the hub id.")
+        return base_revision(source, self.hparams.revision)
 
     def _check_precision(self, dtype: torch.dtype) -> None:
         """--model.dtype and --trainer.precision agree (the CLI derives the precision when it is not given), and a
@@ -498,11 +513,14 @@ class CodeLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A full 4-bit state dict does not reload; the frozen base is rebuilt from name_or_path anyway.
         checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["codetune"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["codetune"] = {"skipped_steps": self.skipped_steps, "base_revision": self.base_revision}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("codetune", {})
+        # The adapter fits only the base it was trained on: a hub branch that moved, or an overwritten directory.
+        check_same_base(saved.get("base_revision"), self.base_revision)
         self._check_restores_every_trainable_tensor(checkpoint)
-        self.skipped_steps = checkpoint.get("codetune", {}).get("skipped_steps", 0)
+        self.skipped_steps = saved.get("skipped_steps", 0)
         self._rescale_learning_rate(checkpoint)
 
     def _check_restores_every_trainable_tensor(self, checkpoint: dict[str, Any]) -> None:

@@ -182,3 +182,20 @@ def test_validation_backs_off_on_oom_and_measures_the_same_loss(repo, tmp_path, 
              ["phase_results"]["phase_4_training"]["training_stats"] for name in ("val-clean", "val-oom")]
     assert stats[0]["final_val_loss"] is not None
     assert stats[1]["final_val_loss"] == pytest.approx(stats[0]["final_val_loss"], rel=1e-5)
+
+
+def test_resume_on_a_changed_base_is_refused(repo, tmp_path, capsys):
+    from codetune.model.revision import local_fingerprint
+
+    assert main(fit_args(repo, tmp_path, "base", "--checkpoint_every_n_steps", "1", "--trainer.max_steps", "2")) == 0
+    run_dir = tmp_path / "runs" / "base"
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    recorded = manifest["phase_results"]["phase_3_model"]["base_revision"]
+    assert recorded["kind"] == "local" and recorded["revision"] == local_fingerprint(run_dir / "base_model")["revision"]
+    config = run_dir / "base_model" / "config.json"
+    values = json.loads(config.read_text())
+    config.write_text(json.dumps({**values, "rms_norm_eps": values["rms_norm_eps"] * 10}))  # another base
+    assert main(fit_args(repo, tmp_path, "base", "--trainer.max_steps", "3", "--ckpt_path", "last")) == 2
+    err = capsys.readouterr().err
+    assert "the base model changed since this run was trained (config.json changed)" in err
+    assert "Traceback" not in err
