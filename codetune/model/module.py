@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,7 +296,10 @@ class CodeLoRAModule(L.LightningModule):
         # on_before_optimizer_step, where the norm, the finite vote and the clipping happen.
         self._optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():
+            # torch's warning after a step the GradScaler skipped: the schedule goes on by design (as in AMP recipes).
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
         # Reading the loss waits for every queued kernel of the step (CUDA runs asynchronously), so the
         # clock below covers the device's work, not just the launches; the logger would sync here anyway.
         loss_value = loss.item()
