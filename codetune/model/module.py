@@ -26,6 +26,7 @@ import gc
 import math
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,8 @@ from transformers import get_cosine_schedule_with_warmup
 from codetune.backoff import accumulation_steps, halved, is_out_of_memory
 from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, OutOfMemoryAtMinimumError
 from codetune.memory_plan import (DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape, TrainingShape, format_plan,
-                                  largest_micro_batch, plan_memory)
+                                  largest_micro_batch, largest_micro_batch_with_checkpointing_choice, plan_memory,
+                                  plan_with_checkpointing_choice, training_shape_for)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, check_precision, cuda_capability,
                                     enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
                                     resolve_dtype, resolve_quantization)
@@ -76,7 +78,9 @@ class CodeLoRAModule(L.LightningModule):
             `modules_to_save`), e.g. [embed_tokens, lm_head] for the randomly initialised 'tiny'
             model, whose frozen random embeddings LoRA alone can barely adapt to. Empty for a
             pretrained base.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute activations in backward to save memory (about a third more compute):
+            true, false, or 'auto': on exactly when the VRAM plan does not fit the card's free memory without
+            it (off on CPU, where there is no card to fit).
         learning_rate: Peak learning rate (AdamW).
         weight_decay: AdamW weight decay on the LoRA weights.
         warmup_steps: Linear warm-up optimizer steps before the cosine decay.
@@ -103,7 +107,7 @@ class CodeLoRAModule(L.LightningModule):
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
         modules_to_save: list[str] = [],
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["auto"] = "auto",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
@@ -156,8 +160,6 @@ class CodeLoRAModule(L.LightningModule):
         model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device,
                                revision=pinned_revision(self.base_revision))
         check_context(self.hparams.seq_len, model.config)
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
         self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                 hp.modules_to_save)
         # Under autocast the adapters take the 16-bit input as it is: peft's cast to the fp32 LoRA dtype would keep
@@ -165,7 +167,10 @@ class CodeLoRAModule(L.LightningModule):
         keep_adapter_input_dtype(self.model)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
-        self.vram_plan = self._plan_memory(model.config, quantize, dtype, device)
+        # Planned with the weights on the card; checkpointing (possibly chosen by the plan) is turned on after.
+        self.vram_plan, checkpointing = self._plan_memory(model.config, quantize, dtype, device)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
 
     def _resolve_base(self, source: str | Path) -> dict[str, Any]:
         if self.hparams.revision and Path(source).expanduser().is_dir():
@@ -184,70 +189,89 @@ class CodeLoRAModule(L.LightningModule):
                               f"GradScaler of 16-mixed cannot unscale float16 gradients. Use --model.dtype bfloat16 "
                               f"(compute capability 8.0+) or float32, or drop --model.modules_to_save.")
 
-    def _plan_memory(self, config, quantize: bool, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
-        """The predicted peak of one step (codetune/memory_plan.py), made once: `--data.batch_size auto` takes its
-        micro-batch from it. Printed next to the card's free memory; returned for the manifest."""
+    def _plan_memory(self, config, quantize: bool, dtype: torch.dtype,
+                     device: torch.device) -> tuple[dict[str, Any] | None, bool]:
+        """The predicted peak of one step (codetune/memory_plan.py), made once, and whether gradient checkpointing
+        is on. `--data.batch_size auto` takes its micro-batch from it and `--model.gradient_checkpointing auto`
+        its choice. The card's free memory is read now, with the weights and adapters loaded, so it is compared
+        with what training will still allocate (`fits_after_load`), not with the whole plan. Printed; returned
+        for the manifest."""
+        hp = self.hparams
+        # Every other process on the card counts too: this is what the allocator can still get.
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         try:
             shape = ModelShape.from_config(config)
         except (AttributeError, TypeError) as err:  # a config without the decoder fields the plan reads
-            shape, unknown = None, err
-        plan = None
-        if self.micro_batch_size == "auto":
-            if shape is None:
-                raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
-                                  f"({unknown}). Give --data.batch_size a number.")
-            self.micro_batch_size, plan = self._auto_micro_batch(shape, free, quantize, dtype, device)
-        if plan is None and shape is not None:
-            try:
-                plan = plan_memory(shape, self._training_shape(self.micro_batch_size, quantize, dtype, device))
-            except ConfigError as err:
-                unknown = err
-        if plan is None:
-            rank_zero_warn(f"codetune: no VRAM plan for this model ({unknown}); training goes on without one.")
-            return None
-        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}):\n{format_plan(plan, free)}")
-        if free is not None and not plan.fits(free):
-            rank_zero_warn(f"codetune: the plan predicts {plan.total / 2**30:.2f} GiB, more than the "
-                           f"{free / 2**30:.2f} GiB free; expect OOM back-offs (or turn on "
-                           f"--model.gradient_checkpointing / lower --data.batch_size).")
+            return self._without_plan(err, free)
+        training = self._training_shape(self.micro_batch_size if self.micro_batch_size != "auto" else 1,
+                                        hp.gradient_checkpointing is True, quantize, dtype, device)
+        try:
+            plan = self._choose(shape, training, free, device)
+        except ConfigError as err:
+            if self.micro_batch_size == "auto":
+                raise
+            return self._without_plan(err, free)
+        checkpointing = plan.training.gradient_checkpointing
+        self.micro_batch_size = plan.training.micro_batch_size
+        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}, gradient checkpointing "
+                       f"{'on' if checkpointing else 'off'}{' by the plan' if hp.gradient_checkpointing == 'auto' else ''}"
+                       f"):\n{format_plan(plan, free, after_load=True)}")
+        if free is not None and not plan.fits_after_load(free):
+            rank_zero_warn(f"codetune: the plan needs {plan.required_free_bytes(after_load=True) / 2**30:.2f} GiB more "
+                           f"than the weights, and {free / 2**30:.2f} GiB are free; expect OOM back-offs (or lower "
+                           f"--data.batch_size / --data.seq_len; `codetune plan` shows what fits).")
         return {"predicted_peak_gib": round(plan.total / 2**30, 3),
                 "free_gib": None if free is None else round(free / 2**30, 3),
-                "terms_gib": {k: round(v / 2**30, 3) for k, v in plan.terms().items()}}
+                "free_read": "after the model was loaded",
+                "required_free_gib": round(plan.required_free_bytes(after_load=True) / 2**30, 3),
+                "micro_batch_size": self.micro_batch_size, "gradient_checkpointing": checkpointing,
+                "terms_gib": {k: round(v / 2**30, 3) for k, v in plan.terms().items()}}, checkpointing
 
-    def _auto_micro_batch(self, shape: ModelShape, free: int | None, quantize: bool, dtype: torch.dtype,
-                          device: torch.device) -> tuple[int, MemoryPlan | None]:
-        """`--data.batch_size auto`: the largest divisor of the optimizer batch predicted to fit the free memory,
-        with its plan (None when there was nothing to fit)."""
-        effective = self.trainer.datamodule.optimizer_batch_size
-        if free is None:
-            rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
-            return effective, None
-        try:
-            choice = largest_micro_batch(effective, free, shape, self._training_shape(1, quantize, dtype, device))
-        except ConfigError as err:
-            raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
-                              f"({err}). Give --data.batch_size a number.") from err
-        if choice is None:
-            rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
-                           f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")
-            return 1, None
-        rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {choice.micro_batch_size} x "
-                       f"{choice.gradient_accumulation_steps} accumulation fits {free / 2**30:.2f} GiB free.")
-        return choice.micro_batch_size, choice.plan
+    def _choose(self, shape: ModelShape, training: TrainingShape, free: int | None,
+                device: torch.device) -> MemoryPlan:
+        """The plan of the micro-batch and checkpointing to train with: both as given, or chosen by the plan for
+        the free memory (`auto`); without a card (CPU) `auto` means checkpointing off and the whole batch."""
+        auto_checkpointing = self.hparams.gradient_checkpointing == "auto"
+        if self.micro_batch_size == "auto":
+            effective = self.trainer.datamodule.optimizer_batch_size
+            if free is None:
+                rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
+                return plan_memory(shape, replace(training, micro_batch_size=effective))
+            pick = largest_micro_batch_with_checkpointing_choice if auto_checkpointing else largest_micro_batch
+            choice = pick(effective, free, shape, training, after_load=True)
+            if choice is None:
+                rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
+                               f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")
+                return plan_memory(shape, replace(training, gradient_checkpointing=auto_checkpointing or
+                                                  training.gradient_checkpointing))
+            rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {choice.micro_batch_size} x "
+                           f"{choice.gradient_accumulation_steps} accumulation fits {free / 2**30:.2f} GiB free.")
+            return choice.plan
+        if auto_checkpointing and free is not None:
+            return plan_with_checkpointing_choice(shape, training, free, after_load=True).plan
+        return plan_memory(shape, training)
 
-    def _training_shape(self, micro: int, quantize: bool, dtype: torch.dtype, device: torch.device) -> TrainingShape:
+    def _without_plan(self, why: Exception, free: int | None) -> tuple[None, bool]:
+        """No plan can be made for this model: a number must be given for what the plan would choose."""
         hp = self.hparams
-        return TrainingShape(
-            seq_len=hp.seq_len, micro_batch_size=micro, quantization="nf4" if quantize else "none",
-            compute_dtype_bytes=dtype.itemsize, lora_rank=hp.lora_rank,
-            lora_target_modules=tuple(hp.lora_target_modules), lora_dropout=hp.lora_dropout,
-            modules_to_save=tuple(hp.modules_to_save),
-            optimizer="adamw" if self.optimizer_name == "adamw" else "paged_adamw_8bit",
-            gradient_checkpointing=hp.gradient_checkpointing, loss_chunk_size=hp.loss_chunk_size,
-            attn_implementation=hp.attn_implementation,
-            packed_windows=getattr(self.trainer.datamodule, "packing", "isolated") == "isolated",
-            device="cuda" if device.type == "cuda" else "cpu")
+        if self.micro_batch_size == "auto":
+            raise ConfigError(f"--data.batch_size auto needs a VRAM plan, and none can be made for this model "
+                              f"({why}). Give --data.batch_size a number.") from why
+        checkpointing = hp.gradient_checkpointing is True or (hp.gradient_checkpointing == "auto" and free is not None)
+        auto = (f" --model.gradient_checkpointing auto turns it {'on' if checkpointing else 'off'} (no card)"
+                if hp.gradient_checkpointing == "auto" else "")
+        rank_zero_warn(f"codetune: no VRAM plan for this model ({why}); training goes on without one.{auto}")
+        return None, checkpointing
+
+    def _training_shape(self, micro: int, checkpointing: bool, quantize: bool, dtype: torch.dtype,
+                        device: torch.device) -> TrainingShape:
+        hp = self.hparams
+        return training_shape_for(
+            seq_len=hp.seq_len, micro_batch_size=micro, quantized_4bit=quantize, compute_dtype_bytes=dtype.itemsize,
+            lora_rank=hp.lora_rank, lora_target_modules=hp.lora_target_modules, lora_dropout=hp.lora_dropout,
+            modules_to_save=hp.modules_to_save, optimizer=self.optimizer_name, gradient_checkpointing=checkpointing,
+            loss_chunk_size=hp.loss_chunk_size, attn_implementation=hp.attn_implementation,
+            packing=getattr(self.trainer.datamodule, "packing", "isolated"), device=device.type)
 
     def _tiny_base_dir(self) -> Path:
         """Build the tiny model once per run directory (rank zero) so every rank and a resume load the same."""
