@@ -17,7 +17,7 @@ CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo inspect compare prepare train train-rust resume generate merge tensorboard test bench clean
+.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge tensorboard test bench gpu-check clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ inspect: install ## Language mix, skipped files and the config to use: make insp
 compare: install ## Metrics and config differences of runs: make compare RUNS="runs/a runs/b" [ARGS=--json]
 	@test -n "$(RUNS)" || { echo 'make compare: set RUNS="runs/a runs/b" (run directories or manifest files)'; exit 2; }
 	@$(PY) -m codetune compare $(RUNS) $(ARGS)
+
+plan: install ## VRAM plan of a config (reads config.json only): make plan CONFIG=... [MODEL=dir-or-id] [ARGS='--vram 6GiB --json']
+	@$(PY) -m codetune plan --config $(CONFIG) $(MODEL_ARG) $(ARGS)
 
 prepare: install ## Only scan, tokenize and pack into OUT: make prepare REPO=... OUT=dir [CONFIG=...] [MODEL=...]
 	@test -n "$(REPO)" -a -n "$(OUT)" || { echo "make prepare: set REPO=path/to/your/repository and OUT=dir"; exit 2; }
@@ -80,6 +83,9 @@ bench: install ## Print the benchmark figures (training throughput vs TRL, memor
 	$(PY) bench/memory.py
 	$(PY) bench/secret_redaction.py
 	$(PY) bench/ingest.py
+
+gpu-check: install ## On a CUDA card: the GPU check's table (bench/gpu_check.py), JSON in gpu_check.json [ARGS=--dry-run]
+	$(PY) bench/gpu_check.py --out gpu_check.json $(ARGS)
 
 clean: ## Remove the venv, runs and caches
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

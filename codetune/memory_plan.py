@@ -3,11 +3,18 @@
 The estimate is a sum of closed-form terms, each a count of bytes that a named tensor takes, for a
 Llama/Qwen2-style decoder (RMSNorm, rotary attention with grouped KV heads, gated SiLU MLP)
 fine-tuned the way `codetune.model` does it: base weights frozen (4-bit NF4 or in the compute
-dtype), peft LoRA adapters, the chunked loss of `codetune.model.loss`, no autocast.
+dtype), peft LoRA adapters, the chunked loss of `codetune.model.loss`. Two numeric paths exist:
+
+- 16-bit compute dtype (bf16, or fp16 on cards before compute capability 8.0): the step runs
+  under autocast (Lightning's ``bf16-mixed`` / ``16-mixed``); the LoRA A/B weights stay fp32 but
+  peft's input cast is off, so an adapter sees the 16-bit input as is and autocast runs A and B in
+  16-bit (no fp32 copy of any input). fp16's GradScaler adds a few scalars, so both take the
+  same bytes.
+- fp32 (the CPU default): no autocast, everything in fp32.
 
 Notation: ``T = micro_batch x seq_len`` tokens, ``h`` hidden size, ``i`` MLP size, ``L`` layers,
 ``nh`` / ``nkv`` query / key-value heads of size ``d``, ``V`` vocabulary, ``r`` LoRA rank, ``p``
-bytes of the compute dtype (bf16: 2, fp32: 4). Sizes are in bytes; ``GiB = 2**30``.
+bytes of the compute dtype (16-bit: 2, fp32: 4). Sizes are in bytes; ``GiB = 2**30``.
 
 Held for the whole run (``persistent``):
 
@@ -21,8 +28,8 @@ Held for the whole run (``persistent``):
 
       ceil(n/2) + ceil(n/64) + 4 ceil(n/64/256) + 4 + 64   (about 4.127 bits per value)
 
-- ``weights_16bit``: what bitsandbytes leaves unquantized, in the compute dtype (so 2 bytes with
-  bf16, 4 with fp32): the embedding, ``lm_head`` when untied, RMSNorm weights, projection biases
+- ``weights_16bit``: what bitsandbytes leaves unquantized, in the compute dtype (so 2 bytes in
+  16-bit, 4 in fp32): the embedding, ``lm_head`` when untied, RMSNorm weights, projection biases
   (Qwen2: q/k/v). With ``quantization="none"`` every weight is here.
 - ``lora_params``: the trainable parameters. LoRA A and B matrices are fp32 whatever the base
   dtype (peft's ``autocast_adapter_dtype``): ``4 r (in + out)`` per adapted Linear per layer.
@@ -30,26 +37,29 @@ Held for the whole run (``persistent``):
   compute dtype next to the frozen original (peft does not share them, even when tied).
 - ``lora_grads``: one gradient per trainable parameter, in its dtype (kept across the
   micro-batches of a gradient-accumulation step).
-- ``optimizer_state``: ``adamw`` (`torch.optim.AdamW`, what `CodeLoRAModule` uses): exp_avg and
-  exp_avg_sq in the parameter's dtype, so 8 bytes per fp32 LoRA value; no fp32 master copy exists
-  because the LoRA weights are fp32 already. ``paged_adamw_8bit`` (bitsandbytes): two uint8 states
-  plus two fp32 absmax per 256 values (2.03 bytes per value) for tensors of at least 4096 values,
-  fp32 states for smaller ones; paged memory can be evicted to the host, counted here as resident.
+- ``optimizer_state``: ``adamw`` (`torch.optim.AdamW`): exp_avg and exp_avg_sq in the parameter's
+  dtype, so 8 bytes per fp32 LoRA value; no fp32 master copy exists because the LoRA weights are
+  fp32 already. ``paged_adamw_8bit`` (bitsandbytes; ``adamw_8bit`` takes the same): two uint8
+  states plus two fp32 absmax per 256 values (2.03 bytes per value) for tensors of at least 4096
+  values, fp32 states for smaller ones; paged memory can be evicted to the host, counted here as
+  resident.
 
-One micro-batch (``step``). ``activations`` is what autograd (and the checkpoint closures) hold
-at the end of the forward pass; on top of it comes the largest of three transients that never
-overlap: ``loss_chunk`` (the loss's backward), ``recompute`` (checkpointing's re-run of the last
-layer) and ``forward_transient`` (the end of the last layer's forward, without checkpointing).
+One training step (``step``):
 
-- ``activations``, per decoder layer and token (a layer whose input requires grad), with LoRA on
-  every projection and dropout > 0:
+- ``autocast_copies`` (16-bit only): autocast casts each fp32 LoRA weight to 16-bit at its first
+  use and caches the copy until its region ends, which is after the optimizer step: ``p`` bytes
+  per LoRA value, once per step whatever the micro-batch.
+- ``activations``: what autograd (and the checkpoint closures) hold at the end of one micro-batch's
+  forward. Per decoder layer and token (a layer whose input requires grad), LoRA on every
+  projection:
 
   * each RMSNorm: its input upcast to fp32 and the rsqrt, ``4 h + 4`` (x2 per layer);
-  * each LoRA adapter with input width ``n``: peft casts the input to fp32 and applies dropout, so
-    the dropout mask (bool on CUDA, 1 byte; an fp32 noise tensor on CPU, 4 bytes), the fp32
-    dropout output that A saves, and A's output that B saves: ``(1 + 4) n + 4 r``. With dropout 0
-    only the fp32 input remains (``4 n + 4 r``; shared by q/k/v, and by gate/up, when the compute
-    dtype is fp32 already, since the cast is then a no-op);
+  * the adapters on Linears that share an input of width ``n`` (q/k/v; o; gate/up; down), which
+    see it in the compute dtype: with dropout 0, A saves the shared input once, ``p n``, and B
+    saves each A's output, ``p r`` per adapter. With dropout > 0 each adapter keeps its own
+    dropout mask (bool on CUDA, 1 byte; on CPU the scaled noise, ``p`` bytes) and dropout output,
+    ``(mask + p) n + p r``. Without dropout o_proj's input is SDPA's output and down_proj's the MLP
+    product, both already counted, so they add only ``p r``;
   * the gated MLP: gate (SiLU's input), SiLU's output and up (the product's inputs), ``3 i p``;
   * attention, ``sdpa`` without a mask (flash kernel on CUDA, GQA native): q, k, v, output and the
     fp32 log-sum-exp, ``(2 nh + 2 nkv) d p + 4 nh``, no ``[s, s]`` tensor. Packed windows (the
@@ -69,52 +79,63 @@ layer) and ``forward_transient`` (the end of the last layer's forward, without c
   With gradient checkpointing (non-reentrant, per layer) a layer keeps only its input, ``T h p``
   per layer, plus the step-wide tensors above and the ones the checkpoint closures hold (cos/sin,
   and the ``[b, 1, s, s]`` boolean packing mask, ``b s^2`` bytes; eager: its float mask).
+
+On top of those comes the largest of four transients, moments that never overlap:
+
 - ``loss_chunk``: `causal_lm_loss_sum` runs one chunk of ``c = loss_chunk_size`` tokens at a time
   (``c`` counts tokens of the whole micro-batch, not of one row). Backward through a chunk holds
   three fp32 ``[c, V]`` buffers at once (the log-probabilities, their gradient, the logits'
   gradient): ``12 c V``; the gradients of the chunks done so far wait to be joined, ``(T - c) h p``.
-  The plain path (``loss_chunk_size`` None or >= T) saved its
-  log-probabilities already, so backward adds ``8 n V``. A trainable ``lm_head`` adds its weight
-  gradient's accumulation buffer, ``V h p``.
-- ``recompute`` (checkpointing only): backward re-runs the last layer's forward, which brings back
-  one layer's full activations (as above, input requiring grad; in fp32 its first norm's input is
-  the checkpointed input itself) next to the gradient buffers the final norm's backward left
-  (``8 h``, measured). On top, the larger of two moments. The end of the re-run: alive but not
-  saved, the MLP input and, in 16-bit, the residual (``h p`` each), the MLP product (``i p``,
-  unless LoRA saved it) and its fp32 copy for LoRA (``4 i``, 16-bit with dropout), the down
-  projection's base output (``h p``). Or the MLP's backward: three compute-dtype gradients of the
-  product (base, LoRA, their sum), ``3 i p``, minus the down adapter's saved tensors, freed by
-  then (this one wins only in fp32 without dropout). Minus the loss's and the final norm's saved
-  tensors, freed before.
+  The plain path (``loss_chunk_size`` None or >= T) saved its log-probabilities already, so
+  backward adds ``8 n V``. A trainable ``lm_head`` adds its weight gradient's buffer, ``V h p``.
+- ``norm_backward``: the final RMSNorm's backward holds five fp32 ``[T, h]`` buffers at once
+  (``20 h``), once the loss's saved tensors are gone.
+- ``layer_backward``: backward through the last decoder layer, once the loss's and the final norm's
+  saved tensors are freed. Its MLP's backward: one incoming ``[T, h]`` gradient and three ``[T, i]``
+  ones (the product's, and the two it gives SiLU's output and up), ``h p + 3 i p``, minus the down
+  adapter's saved tensors, freed by then. With checkpointing, backward first re-runs the layer's
+  forward, which brings back one layer's activations (in fp32 its first norm's input is the
+  checkpointed input itself), and the larger moment may be the end of that re-run: the final
+  norm's two incoming gradients (``2 h p``), and held but not saved, the MLP input and, in 16-bit,
+  the residual (``h p`` each), the MLP product (``i p``, unless LoRA saved it) and the down
+  projection's base output (``h p``).
 - ``forward_transient`` (without checkpointing): at the end of the last layer's forward, alive but
   not saved: the embeddings and the attention mask (held by the model's forward), the layer's
-  input and residual (16-bit only; fp32 norms save them), the MLP input, product and its fp32
-  copy, the down projection's output, and LoRA's two fp32 ``[T, h]`` outputs (B's and its
-  scaled copy); minus the final norm's and the loss's saved tensors, which do not exist yet.
+  input and residual (16-bit only; fp32 norms save them), the MLP input, the product (unless LoRA
+  saved it), the down projection's output, and LoRA's two ``[T, h]`` outputs (B's and its scaled
+  copy, ``p`` each); minus the final norm's and the loss's saved tensors, not made yet.
 
-``total = persistent + activations + max(loss_chunk, recompute, forward_transient)``.
+``total = persistent + autocast_copies + activations + max(loss_chunk, norm_backward,
+layer_backward, forward_transient)``.
 
-What it ignores: allocator rounding and fragmentation (the caching allocator's reserved memory is
-usually 5-15% above its allocated peak), memory cached but unused, cuBLAS/bitsandbytes workspaces
-and the transient dequantized weight of one projection in backward (``out x in x p``, under
-30 MB for a 1.5B model), the batch's token tensors (a few MB), the optimizer step's own
-temporaries (AdamW's foreach buffers, a few bytes per LoRA value, when activations are already
-freed), and other processes on the card.
+Fitting a card. `MemoryPlan.fits` takes the free memory of an empty card (`codetune plan`);
+`MemoryPlan.fits_after_load` the free memory read once the weights and LoRA parameters are on it
+(the module's ``--data.batch_size auto`` and ``--model.gradient_checkpointing auto``), so that it
+compares only what is still to be allocated. Both add `ALLOCATOR_MARGIN` (10%) to what training
+allocates after the load, for the caching allocator's fragmentation.
+
+What it ignores: allocator rounding (the margin covers it), cuBLAS/bitsandbytes workspaces and the
+transient dequantized weight of one projection in backward (``out x in x p``, under 30 MB for a
+1.5B model), the batch's token tensors (a few MB), the optimizer step's own temporaries (AdamW's
+foreach buffers, a few bytes per LoRA value, when activations are already freed), and other
+processes on the card.
 
 Error target: ``total - cuda_context`` within 10% of ``torch.cuda.max_memory_allocated`` over a
 training step on a real GPU (NVML's peak adds the context and the allocator's reserve on top).
 Not yet checked on a GPU (none was available). `tests/test_memory_plan.py` checks the parameter
-counts exactly against real model definitions (meta device), and the activation and transient
-terms against what a tiny Qwen2 really holds on CPU (saved-tensor hooks and a live-storage
-tracker; fp32, bf16 and NF4): the saved activations to the byte, the step's peak within 3.5%
-(to the byte in most configurations).
+counts exactly against real model definitions (meta device), and the other terms against what a
+tiny Qwen2 really holds on CPU (saved-tensor hooks and a live-storage tracker; fp32 without
+autocast, bf16 and fp16 under CPU autocast with the LoRA input cast off, and NF4): the saved
+activations and the autocast copies to the byte, the step's peak within 0.5% (to a few bytes in
+every measured configuration).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from codetune.errors import ConfigError
 
@@ -123,6 +144,11 @@ GiB = 2**30
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # "around 400MB if CUDA >= 11.7 is used and lazy module loading enabled" (pytorch/pytorch#109888).
 CUDA_CONTEXT_BYTES = 400 * 2**20
+# The caching allocator reserves more than it hands out: blocks are rounded up (512 B, 2 MiB segments for
+# mid-sized tensors) and a cached segment split for a smaller tensor leaves a gap. Reserved memory is
+# typically 5-15% above the allocated peak; a step here frees three ~0.6 GB loss buffers and then carves
+# the last layer's re-run out of them, a pattern that fragments, so the midpoint, not the low end.
+ALLOCATOR_MARGIN = 0.10
 NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_CODE_BYTES = 16 * 4
@@ -208,7 +234,7 @@ class TrainingShape:
     quantization: Quantization = "nf4"
     """Base weights in bitsandbytes NF4 ('nf4') or in the compute dtype ('none')."""
     compute_dtype_bytes: int = 2
-    """Bytes per value of the compute dtype: 2 for bf16/fp16, 4 for fp32."""
+    """Bytes per value of the compute dtype: 2 for bf16/fp16 (under autocast), 4 for fp32 (no autocast)."""
     lora_rank: int = 8
     """LoRA rank r (--model.lora_rank)."""
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
@@ -228,7 +254,7 @@ class TrainingShape:
     packed_windows: bool = True
     """Windows hold several files (position ids restart), so sdpa gets a materialised mask."""
     device: Device = "cuda"
-    """Where the kernels run: only the LoRA dropout mask differs (bool on CUDA, fp32 noise on CPU)."""
+    """Where the kernels run: only the LoRA dropout mask differs (bool on CUDA, noise in the compute dtype on CPU)."""
 
     def __post_init__(self) -> None:
         # Lists from a config file are fine; stored as tuples so the shape stays hashable.
@@ -246,8 +272,8 @@ class TrainingShape:
 # Each term of a plan and how the console names it; * marks the transients, of which only the largest counts.
 TERM_LABELS = {"cuda_context": "cuda context", "weights_4bit": "weights, 4-bit", "weights_16bit": "weights, 16-bit",
                "lora_params": "trainable params", "lora_grads": "gradients", "optimizer_state": "optimizer state",
-               "activations": "activations", "loss_chunk": "loss chunk*", "recompute": "recompute*",
-               "forward_transient": "forward transient*"}
+               "autocast_copies": "autocast copies", "activations": "activations", "loss_chunk": "loss chunk*", "layer_backward": "last layer backward*",
+               "forward_transient": "forward transient*", "norm_backward": "norm backward*"}
 
 
 @dataclass(frozen=True)
@@ -260,10 +286,12 @@ class MemoryPlan:
     lora_params: int
     lora_grads: int
     optimizer_state: int
+    autocast_copies: int
     activations: int
     loss_chunk: int
-    recompute: int
+    layer_backward: int
     forward_transient: int
+    norm_backward: int
     model: ModelShape
     training: TrainingShape
 
@@ -276,20 +304,54 @@ class MemoryPlan:
     @property
     def step(self) -> int:
         """The micro-batch's own peak: saved activations plus the largest of the three transients."""
-        return self.activations + max(self.loss_chunk, self.recompute, self.forward_transient)
+        return self.autocast_copies + self.activations + max(self.loss_chunk, self.layer_backward, self.forward_transient,
+                                                            self.norm_backward)
 
     @property
     def total(self) -> int:
         """Predicted peak device memory (NVML's view: the CUDA context included)."""
         return self.persistent + self.step
 
+    @property
+    def on_card_after_load(self) -> int:
+        """What is on the card once the model is loaded: the context, the frozen weights and the LoRA parameters."""
+        return self.cuda_context + self.weights_4bit + self.weights_16bit + self.lora_params
+
+    @property
+    def to_allocate_after_load(self) -> int:
+        """What training still allocates after the load: gradients, optimizer state and the step's peak."""
+        return self.total - self.on_card_after_load
+
+    def required_free_bytes(self, after_load: bool = False) -> int:
+        """The free memory this plan needs, read before loading the model, or after it (`after_load`).
+
+        What training allocates after the load gets `ALLOCATOR_MARGIN` on top for the caching allocator's
+        fragmentation; the weights, loaded first into an empty cache, get none.
+        """
+        step = math.ceil(self.to_allocate_after_load * (1 + ALLOCATOR_MARGIN))
+        return step if after_load else self.on_card_after_load + step
+
     def fits(self, free_bytes: int) -> bool:
-        """Whether the predicted peak is at most `free_bytes` (no margin for fragmentation added)."""
-        return self.total <= free_bytes
+        """Whether the plan fits `free_bytes` read before the model was loaded (an empty card), margin included."""
+        return self.required_free_bytes() <= free_bytes
+
+    def fits_after_load(self, free_bytes_now: int) -> bool:
+        """Whether the plan fits `free_bytes_now`, read once the weights and LoRA parameters are on the card.
+
+        Comparing the free memory after the load with the whole plan would count the weights twice.
+        """
+        return self.required_free_bytes(after_load=True) <= free_bytes_now
 
     def terms(self) -> dict[str, int]:
         """Every term by name, in TERM_LABELS order (the console summary and the manifest list them)."""
         return {name: getattr(self, name) for name in TERM_LABELS}
+
+
+class CheckpointingChoice(NamedTuple):
+    """Whether gradient checkpointing is on, and the plan of the micro-batch with that choice."""
+
+    plan: MemoryPlan
+    gradient_checkpointing: bool
 
 
 @dataclass(frozen=True)
@@ -376,6 +438,23 @@ def _optimizer_bytes(tensors: list[tuple[int, int]], optimizer: Optimizer) -> in
     return total
 
 
+# -- one step ------------------------------------------------------------------------------------
+
+
+def autocast_copy_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """The 16-bit copies autocast makes of the fp32 LoRA weights (0 with an fp32 compute dtype).
+
+    Autocast casts a trainable fp32 leaf once per region and caches the copy until the region ends,
+    which Lightning's precision plugin puts around the whole training step (every micro-batch and
+    the optimizer step): ``p`` bytes per LoRA value. Full copies (`modules_to_save`) are in the
+    compute dtype already and need none.
+    """
+    if training.compute_dtype_bytes == FP32:
+        return 0
+    lora = lora_parameter_count(model, training.lora_rank, training.lora_target_modules)
+    return lora * training.compute_dtype_bytes
+
+
 # -- activations ---------------------------------------------------------------------------------
 
 
@@ -411,7 +490,7 @@ def _layer_bytes_per_token(model: ModelShape, training: TrainingShape, input_req
     total += _lora_group_bytes(shapes, ("o_proj",), targets, training, attention_grad)
     if _o_proj_input_is_attention_output(training) and "o_proj" in targets and attention_grad:
         # SDPA's output is laid out [b, s, heads, d], so o_proj's input is the very tensor SDPA saved.
-        total -= FP32 * model.num_attention_heads * model.head_size
+        total -= p * model.num_attention_heads * model.head_size
     residual_grad = x_grad or attention_grad or "o_proj" in targets
     total += _rms_norm_bytes(h) if residual_grad else 0
     total += _lora_group_bytes(shapes, ("gate_proj", "up_proj"), targets, training, residual_grad)
@@ -424,19 +503,26 @@ def _layer_bytes_per_token(model: ModelShape, training: TrainingShape, input_req
 
 def _lora_group_bytes(shapes: dict[str, tuple[int, int, bool]], group: tuple[str, ...], targets: set[str],
                       training: TrainingShape, input_requires_grad: bool) -> int:
-    """Per-token bytes the adapters on Linears sharing one input save."""
+    """Per-token bytes the adapters on Linears sharing one input save.
+
+    The adapters see their input as is, in the compute dtype (fp32, or 16-bit under autocast with peft's
+    input cast off), and A's output is in that dtype too.
+    """
     adapted = [name for name in group if name in targets]
     if not adapted:
         return 0
-    n_in, r = shapes[adapted[0]][0], training.lora_rank
-    lora_out = len(adapted) * FP32 * r
+    n_in, r, p = shapes[adapted[0]][0], training.lora_rank, training.compute_dtype_bytes
+    lora_out = len(adapted) * p * r
     if training.lora_dropout > 0:
-        # Native dropout keeps a bool mask on CUDA; the CPU fallback keeps its fp32 noise tensor.
-        mask = (1 if training.device == "cuda" else FP32) if input_requires_grad else 0
-        return len(adapted) * (mask + FP32) * n_in + lora_out
-    # No dropout: A saves its fp32 input itself, one cast per adapter (or the shared input, if fp32 already).
-    copies = 1 if training.compute_dtype_bytes == FP32 else len(adapted)
-    return copies * FP32 * n_in + lora_out
+        mask = _dropout_mask_bytes(training) if input_requires_grad else 0
+        return len(adapted) * (mask + p) * n_in + lora_out
+    # No dropout: every A saves the one shared input tensor.
+    return p * n_in + lora_out
+
+
+def _dropout_mask_bytes(training: TrainingShape) -> int:
+    # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps its scaled noise, in the input's dtype.
+    return 1 if training.device == "cuda" else training.compute_dtype_bytes
 
 
 def _attention_bytes(model: ModelShape, training: TrainingShape) -> int:
@@ -453,21 +539,13 @@ def _attention_bytes(model: ModelShape, training: TrainingShape) -> int:
 
 
 def _o_proj_input_is_attention_output(training: TrainingShape) -> bool:
-    # Only when LoRA saves its input as is: no dropout and an fp32 compute dtype (no cast).
-    no_copy = training.lora_dropout == 0 and training.compute_dtype_bytes == FP32
-    return no_copy and training.attn_implementation != "eager"
-
-
-def _lora_copies_product(training: TrainingShape) -> bool:
-    # down_proj's adapter casts the MLP product to fp32; with dropout that copy is not saved, only held.
-    cast = training.compute_dtype_bytes != FP32 and training.lora_dropout > 0
-    return cast and "down_proj" in training.lora_target_modules
+    # Without dropout o_proj's adapter saves its input as is, and sdpa/flash saved that very tensor.
+    return training.lora_dropout == 0 and training.attn_implementation != "eager"
 
 
 def _lora_saves_product(training: TrainingShape) -> bool:
-    # Without dropout in fp32, down_proj's adapter saves the MLP product itself: it is an activation.
-    no_copy = training.lora_dropout == 0 and training.compute_dtype_bytes == FP32
-    return no_copy and "down_proj" in training.lora_target_modules
+    # Without dropout down_proj's adapter saves the MLP product itself: it is an activation, not a transient.
+    return training.lora_dropout == 0 and "down_proj" in training.lora_target_modules
 
 
 def _rms_norm_bytes(hidden: int) -> int:
@@ -523,31 +601,35 @@ def loss_chunk_bytes(model: ModelShape, training: TrainingShape) -> int:
     return logits + head_grad
 
 
-def recompute_bytes(model: ModelShape, training: TrainingShape) -> int:
-    """Extra memory while backward runs the last checkpointed layer (0 without checkpointing).
+def layer_backward_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Excess over the activations while backward runs through the last decoder layer.
 
-    The larger of two moments: the end of the layer's re-run forward, and its MLP's backward.
+    With checkpointing, backward first re-runs the layer's forward, which brings back one layer's
+    activations; the peak is then the larger of the end of that re-run and the MLP's backward.
+    Without checkpointing only the MLP's backward remains (the layer's activations are counted).
+    The loss's and the final norm's saved tensors are freed by then.
     """
-    if not training.gradient_checkpointing:
-        return 0
     t, h, i, p = training.tokens, model.hidden_size, model.intermediate_size, training.compute_dtype_bytes
+    # In the MLP's backward the down adapter's saved tensors are gone, one incoming [T, h] gradient is left, and
+    # three [T, i] gradients are alive: the product's (base plus LoRA) and the two it gives SiLU's output and up.
+    down_saved = _lora_group_bytes(model.projections(), ("down_proj",), set(training.lora_target_modules), training,
+                                   input_requires_grad=True)
+    mlp_backward = h * p + 3 * i * p - down_saved
+    freed = _loss_saved_bytes(model, training) + t * _rms_norm_bytes(h)
+    if not training.gradient_checkpointing:
+        return max(0, t * mlp_backward - freed)
     layer = layer_activation_bytes(model, training)
     if p == FP32:
         # The first RMSNorm saves its input as is, and that is the checkpoint's input, counted already.
         layer -= t * FP32 * h
-    # Gradient buffers the final RMSNorm's backward leaves alive (measured: 8 bytes per hidden value).
-    incoming = 2 * FP32 * h
+    # The gradient buffers the final RMSNorm's backward left: two [T, h] in the compute dtype (measured).
+    incoming = 2 * h * p
     # Held by the layer's frames, not saved: the MLP input, and the residual when the norm saved an fp32 copy.
     frames = h * p + (h * p if p != FP32 else 0)
-    product = (0 if _lora_saves_product(training) else i * p) + (FP32 * i if _lora_copies_product(training) else 0)
+    product = 0 if _lora_saves_product(training) else i * p
     down_output = h * p  # peft's 4-bit path clones it, but the original is freed at once
-    end_of_rerun = frames + product + down_output
-    # Then the product's gradients (from the base, from LoRA, their sum) replace the down adapter's saved tensors.
-    down_saved = _lora_group_bytes(model.projections(), ("down_proj",), set(training.lora_target_modules), training,
-                                   input_requires_grad=True)
-    mlp_backward = 3 * i * p - down_saved
-    freed = _loss_saved_bytes(model, training) + t * _rms_norm_bytes(h)
-    return layer + t * (incoming + max(end_of_rerun, mlp_backward)) - freed
+    end_of_rerun = incoming + frames + product + down_output
+    return max(0, layer + t * max(end_of_rerun, mlp_backward) - freed)
 
 
 def forward_transient_bytes(model: ModelShape, training: TrainingShape) -> int:
@@ -555,22 +637,34 @@ def forward_transient_bytes(model: ModelShape, training: TrainingShape) -> int:
 
     Alive but not saved at that moment: the embeddings and the attention mask (held by the model's
     forward), the layer's input, residual and MLP input (held by frames; in fp32 the norms save the
-    first two), the MLP product and its fp32 copy for LoRA, the down projection's base output and
-    two fp32 ``[T, h]`` LoRA outputs (B's output and its scaled copy). Not yet alive: the final
-    norm's and the loss's saved tensors.
+    first two), the MLP product (unless down_proj's adapter saved it), the down projection's base
+    output and two ``[T, h]`` LoRA outputs in the compute dtype (B's output and its scaled copy).
+    Not yet alive: the final norm's and the loss's saved tensors.
     """
     if training.gradient_checkpointing:
-        return 0  # every checkpointed layer's forward is smaller than the recompute of one
+        return 0  # every checkpointed layer's forward is smaller than the re-run of one in backward
     t, h, i, p = training.tokens, model.hidden_size, model.intermediate_size, training.compute_dtype_bytes
     # The embeddings, the layer's input and residual (saved as is by fp32 norms), the MLP input.
     held = h * p + (2 * h * p if p != FP32 else 0) + h * p
-    product = i * p + (FP32 * i if _lora_copies_product(training) else 0)
-    # LoRA B's fp32 output and its scaled copy.
-    product += 2 * FP32 * h if "down_proj" in training.lora_target_modules else 0
+    # The MLP product, unless down_proj's adapter saved it (no dropout).
+    product = 0 if _lora_saves_product(training) else i * p
+    # LoRA B's output and its scaled copy, in the compute dtype.
+    product += 2 * p * h if "down_proj" in training.lora_target_modules else 0
     down_output = h * p
     not_yet = _loss_saved_bytes(model, training) + t * _rms_norm_bytes(h)
     excess = t * (held + product + down_output) + _closure_mask_bytes(training, p) - not_yet
     return max(0, excess)
+
+
+def norm_backward_bytes(model: ModelShape, training: TrainingShape) -> int:
+    """Excess over the activations while the final RMSNorm runs its backward.
+
+    Five fp32 ``[T, h]`` buffers are alive at once (the upcast input's gradient through the rsqrt,
+    the mean's expanded gradient, and pow's three: its ``x^1``, twice that, and the product with the
+    incoming gradient), and the loss's saved tensors are freed by then. Only a small loss chunk
+    lets it be the peak.
+    """
+    return max(0, training.tokens * 5 * FP32 * model.hidden_size - _loss_saved_bytes(model, training))
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -593,45 +687,114 @@ def plan_memory(model: ModelShape, training: TrainingShape) -> MemoryPlan:
         lora_params=trainable,
         lora_grads=trainable,
         optimizer_state=_optimizer_bytes(tensors, training.optimizer),
+        autocast_copies=autocast_copy_bytes(model, training),
         activations=saved_activation_bytes(model, training),
         loss_chunk=loss_chunk_bytes(model, training),
-        recompute=recompute_bytes(model, training),
+        layer_backward=layer_backward_bytes(model, training),
         forward_transient=forward_transient_bytes(model, training),
+        norm_backward=norm_backward_bytes(model, training),
         model=model,
         training=training,
     )
 
 
-def largest_micro_batch(effective_batch: int, free_bytes: int, model: ModelShape,
-                        training: TrainingShape) -> MicroBatchChoice | None:
+def largest_micro_batch(effective_batch: int, free_bytes: int, model: ModelShape, training: TrainingShape,
+                        after_load: bool = False) -> MicroBatchChoice | None:
     """The largest micro-batch dividing `effective_batch` whose plan fits `free_bytes`, or None.
 
     Every divisor is tried, largest first, so ``micro x accumulation == effective_batch`` always
-    holds; `training.micro_batch_size` is ignored.
+    holds; `training.micro_batch_size` is ignored. `after_load` says that `free_bytes` was read with
+    the model already on the card (`MemoryPlan.fits_after_load`), else on an empty card (`fits`).
     """
     if effective_batch < 1:
         raise ConfigError(f"effective batch {effective_batch}: must be >= 1 (--data.batch_size x "
                           f"--data.gradient_accumulation_steps)")
     for micro in sorted((m for m in range(1, effective_batch + 1) if effective_batch % m == 0), reverse=True):
         plan = plan_memory(model, replace(training, micro_batch_size=micro))
-        if plan.fits(free_bytes):
+        if _fits(plan, free_bytes, after_load):
             return MicroBatchChoice(micro, effective_batch // micro, plan)
     return None
 
 
-def format_plan(plan: MemoryPlan, free_bytes: int | None = None) -> str:
-    """A human summary: one line per term in GiB, the predicted peak, and whether it fits `free_bytes`."""
+def plan_with_checkpointing_choice(model: ModelShape, training: TrainingShape, free_bytes: int,
+                                   after_load: bool = False) -> CheckpointingChoice:
+    """`--model.gradient_checkpointing auto` at `training.micro_batch_size`: off when the plan without it fits.
+
+    Checkpointing re-runs every layer's forward in backward (about a third more compute), so it is
+    turned on only when the plan without it does not fit `free_bytes`; then the plan with it is
+    returned, whether or not that one fits (the caller warns). `after_load` as in `largest_micro_batch`.
+    """
+    without = plan_memory(model, replace(training, gradient_checkpointing=False))
+    if _fits(without, free_bytes, after_load):
+        return CheckpointingChoice(without, False)
+    return CheckpointingChoice(plan_memory(model, replace(training, gradient_checkpointing=True)), True)
+
+
+def largest_micro_batch_with_checkpointing_choice(effective_batch: int, free_bytes: int, model: ModelShape,
+                                                  training: TrainingShape,
+                                                  after_load: bool = False) -> MicroBatchChoice | None:
+    """`--data.batch_size auto` with `--model.gradient_checkpointing auto`: the largest micro-batch that fits
+    without checkpointing; only when none does (not even 1), the largest that fits with it. None if neither.
+
+    Without checkpointing even micro-batch 1 is usually faster than a larger one with it: it saves the
+    re-run of every layer, and ``seq_len`` tokens already keep the matmuls busy.
+    """
+    for checkpointing in (False, True):
+        choice = largest_micro_batch(effective_batch, free_bytes, model,
+                                     replace(training, gradient_checkpointing=checkpointing), after_load)
+        if choice is not None:
+            return choice
+    return None
+
+
+def _fits(plan: MemoryPlan, free_bytes: int, after_load: bool) -> bool:
+    return plan.fits_after_load(free_bytes) if after_load else plan.fits(free_bytes)
+
+
+def training_shape_for(*, seq_len: int, micro_batch_size: int, quantized_4bit: bool, compute_dtype_bytes: int,
+                       lora_rank: int, lora_target_modules: Sequence[str], lora_dropout: float,
+                       modules_to_save: Sequence[str], optimizer: str, gradient_checkpointing: bool,
+                       loss_chunk_size: int | None, attn_implementation: str, packing: str,
+                       device: str) -> TrainingShape:
+    """The `TrainingShape` of `CodeLoRAModule`'s knobs, once resolved for the device.
+
+    The one place that maps the module's settings to a plan, for `fit` (the module) and `codetune plan`
+    alike. `optimizer` is the resolved name (`resolve_optimizer`); the two bitsandbytes 8-bit AdamWs take
+    the same memory. `packing` is `--data.packing`: 'isolated' windows restart position ids at each file,
+    which gives sdpa a mask. `device` is a torch device type ('cuda', 'cpu', ...).
+    """
+    return TrainingShape(
+        seq_len=seq_len, micro_batch_size=micro_batch_size, quantization="nf4" if quantized_4bit else "none",
+        compute_dtype_bytes=compute_dtype_bytes, lora_rank=lora_rank, lora_target_modules=tuple(lora_target_modules),
+        lora_dropout=lora_dropout, modules_to_save=tuple(modules_to_save),
+        optimizer="adamw" if optimizer == "adamw" else "paged_adamw_8bit",
+        gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
+        attn_implementation=attn_implementation, packed_windows=packing == "isolated",
+        device="cuda" if device == "cuda" else "cpu")
+
+
+def format_plan(plan: MemoryPlan, free_bytes: int | None = None, after_load: bool = False) -> str:
+    """A human summary: one line per term in GiB, the predicted peak, and whether it fits `free_bytes`
+    (read on an empty card, or with the model loaded if `after_load`), the allocator margin included."""
     tr = plan.training
     chunk = "none" if tr.loss_chunk_size is None else str(tr.loss_chunk_size)
     lines = [f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
-             f"LoRA r{tr.lora_rank}, checkpointing {'on' if tr.gradient_checkpointing else 'off'}, "
-             f"loss chunk {chunk}, {tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}"]
-    lines += [f"  {TERM_LABELS[name]:<20} {_gib(size):>8} GiB" for name, size in plan.terms().items()]
-    lines.append(f"  {'peak':<20} {_gib(plan.total):>8} GiB  (* only the largest counts)")
+             f"{_dtype_label(tr)}, LoRA r{tr.lora_rank}, dropout {tr.lora_dropout:g}, "
+             f"checkpointing {'on' if tr.gradient_checkpointing else 'off'}, loss chunk {chunk}, "
+             f"{tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}"]
+    lines += [f"  {TERM_LABELS[name]:<22} {_gib(size):>8} GiB" for name, size in plan.terms().items()]
+    lines.append(f"  {'peak':<22} {_gib(plan.total):>8} GiB  (* only the largest counts)")
     if free_bytes is not None:
-        verdict = "fits" if plan.fits(free_bytes) else "does NOT fit"
-        lines.append(f"  {verdict} in {_gib(free_bytes)} GiB free ({_gib(free_bytes - plan.total)} GiB left)")
+        needed = plan.required_free_bytes(after_load)
+        verdict = "fits" if needed <= free_bytes else "does NOT fit"
+        state = "free with the model loaded" if after_load else "free"
+        lines.append(f"  {verdict} in {_gib(free_bytes)} GiB {state}: needs {_gib(needed)} GiB with the "
+                     f"{ALLOCATOR_MARGIN:.0%} allocator margin ({_gib(free_bytes - needed)} GiB left)")
     return "\n".join(lines)
+
+
+def _dtype_label(training: TrainingShape) -> str:
+    return "fp32" if training.compute_dtype_bytes == FP32 else "16-bit autocast"
 
 
 def _gib(size: int) -> str:
