@@ -32,7 +32,7 @@ CUDA_DEFAULTS = TrainingShape(quantization="nf4", compute_dtype_bytes=2, optimiz
 SHIPPED = {  # config: (extra flags, the plan fit makes at its own micro-batch, accumulation)
     # The default config leaves checkpointing to the module's default, auto: on at 6 GiB.
     "default": (DEFAULT, [],
-                replace(CUDA_DEFAULTS, seq_len=2048, micro_batch_size=8, lora_rank=8, lora_dropout=0.05,
+                replace(CUDA_DEFAULTS, seq_len=2048, micro_batch_size=8, lora_rank=8, lora_dropout=0.0,
                         gradient_checkpointing=True), 2),
     "rust": (RUST, [], replace(CUDA_DEFAULTS, seq_len=4096, micro_batch_size=4, lora_rank=16, lora_dropout=0.0,
                                gradient_checkpointing=True), 4),
@@ -81,7 +81,7 @@ def test_auto_checkpointing_is_on_for_the_default_config_at_6_gib_and_off_on_an_
     assert model.gradient_checkpointing == "auto"  # CodeLoRAModule's default; the config does not set it
     small = plan_report(QWEN, model, config.data, 6 * GiB)
     assert (small["gradient_checkpointing"], small["micro_batch_size"], small["fits"]) == (True, 8, True)
-    assert small["without_checkpointing_bytes"] > 60 * GiB
+    assert small["without_checkpointing_bytes"] > 50 * GiB
     large = plan_report(QWEN, model, config.data, 80 * 10**9)
     assert (large["gradient_checkpointing"], large["fits"]) == (False, True)
     assert large["predicted_peak_bytes"] == plan_memory(QWEN, replace(SHIPPED["default"][2],

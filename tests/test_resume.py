@@ -18,12 +18,14 @@ from conftest import fit_command, subprocess_env
 
 EPOCHS = 3  # 14 windows of 64 tokens, optimizer batches of 4: 4 steps per epoch, 12 in all
 EVERY = 3  # checkpoints at steps 3, 6, 9 (and at each epoch end: 4, 8)
+# Dropout on (the default is off) so that the random generators matter and RandomState is tested.
+DROPOUT = ("--model.lora_dropout", "0.05")
 KILL_BEFORE = 7  # blocked before step 8, in epoch 1: the last checkpoint is step 6, mid-epoch
 
 
 def train(repo: Path, runs: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps",
-                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", *extra)
+                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", *DROPOUT, *extra)
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -31,7 +33,8 @@ def train_and_kill(repo: Path, runs: Path, name: str, *extra: str) -> None:
     """A real SIGKILL of every training process, while they wait before step KILL_BEFORE + 1."""
     block = json.dumps({"class_path": "probes.BlockAtStep", "init_args": {"step": KILL_BEFORE}})
     cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps",
-                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={block}", *extra)
+                      str(EVERY), "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={block}", *DROPOUT,
+                      *extra)
     # Its own session: under DDP, Lightning's launcher starts the other ranks as children; all die together.
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -72,7 +72,9 @@ class CodeLoRAModule(L.LightningModule):
             attention each micro-batch runs as one row of packed windows, its varlen path).
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
-        lora_dropout: Dropout on the LoRA path.
+        lora_dropout: Dropout on the LoRA path. Off by default: with it every adapter keeps a mask and a copy of
+            its input (the Rust config would not fit 6 GiB) and trains ~31% slower, and on the demo it never
+            learned better (held-out perplexity 31.4 vs 31.5, 31.7 vs 31.7, 42.2 vs 246 over three seeds).
         lora_target_modules: Names of the linear layers that get adapters.
         modules_to_save: Layers trained in full and saved with the adapter (peft's
             `modules_to_save`), e.g. [embed_tokens, lm_head] for the randomly initialised 'tiny'
@@ -104,7 +106,7 @@ class CodeLoRAModule(L.LightningModule):
         attn_implementation: str = "sdpa",
         lora_rank: int = 8,
         lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
+        lora_dropout: float = 0.0,
         lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
         modules_to_save: list[str] = [],
         gradient_checkpointing: bool | Literal["auto"] = "auto",
