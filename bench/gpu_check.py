@@ -550,20 +550,23 @@ def planned_shape(spec: FitSpec, mode: Mode, capability: tuple[int, int] | None)
 def fit_on_card(spec: FitSpec, ctx: Context, capability) -> tuple[FitSpec, str]:
     """The spec at the largest micro-batch the plan fits on the emulated card (checkpointing turned on when
     nothing fits without it), and a note of what was chosen."""
-    from codetune.memory_plan import largest_micro_batch
+    from codetune.memory_plan import largest_micro_batch, largest_micro_batch_with_checkpointing_choice
 
     shape = model_shape(ctx.mode.model_config)
-    free = int(ctx.mode.card_gib * GiB) - ctx.context_bytes  # what production's --data.batch_size auto would see
+    # The whole (empty) card: the plan holds the CUDA context itself, which the allocator cap leaves out.
+    card = int(ctx.mode.card_gib * GiB)
     shipped = spec.settings()["model.gradient_checkpointing"] is True
-    for checkpointing in (("true",) if shipped else ("false", "true")):
-        trial = replace(spec, overrides={**spec.overrides, "model.gradient_checkpointing": checkpointing})
-        choice = largest_micro_batch(EFFECTIVE_BATCH, free, shape, planned_shape(trial, ctx.mode, capability))
-        if choice is not None:
-            overrides = {**trial.overrides, "data.batch_size": str(choice.micro_batch_size),
-                         "data.gradient_accumulation_steps": str(choice.gradient_accumulation_steps)}
-            return (replace(spec, overrides=overrides, cap_bytes=ctx.card_cap_bytes),
-                    f"{choice.micro_batch_size} x {choice.gradient_accumulation_steps}, checkpointing "
-                    f"{checkpointing}, plan {choice.plan.total / GiB:.2f} GiB")
+    pick = largest_micro_batch if shipped else largest_micro_batch_with_checkpointing_choice
+    trial = replace(spec, overrides={**spec.overrides, "model.gradient_checkpointing": "true" if shipped else "false"})
+    choice = pick(EFFECTIVE_BATCH, card, shape, planned_shape(trial, ctx.mode, capability))
+    if choice is not None:
+        checkpointing = "true" if choice.plan.training.gradient_checkpointing else "false"
+        overrides = {**spec.overrides, "model.gradient_checkpointing": checkpointing,
+                     "data.batch_size": str(choice.micro_batch_size),
+                     "data.gradient_accumulation_steps": str(choice.gradient_accumulation_steps)}
+        return (replace(spec, overrides=overrides, cap_bytes=ctx.card_cap_bytes),
+                f"{choice.micro_batch_size} x {choice.gradient_accumulation_steps}, checkpointing "
+                f"{checkpointing}, plan {choice.plan.total / GiB:.2f} GiB")
     raise RuntimeError(f"no micro-batch of {spec.config.name} fits {ctx.mode.card_gib} GiB by the plan, even "
                        f"with checkpointing")
 
