@@ -113,6 +113,10 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+# The throughput bench's corpus writer, shared (both are scripts in bench/; this one may be loaded by path in tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import write_corpus  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # codetune and callbacks import from the checkout, installed or not
 
@@ -994,25 +998,13 @@ SECTION_TITLES = {"a": "training", "b": "OOM back-off", "c": "fp16 (Turing)", "d
 # -- setup: model and corpus ----------------------------------------------------------------------------------
 
 
-def source_texts(roots: Sequence[Path]) -> dict[str, str]:
-    from codetune.data.files import DEFAULT_EXTENSIONS, scan_repository
+def corpus_texts(roots: Sequence[Path]) -> dict[str, str]:
+    from codetune.data.files import source_texts
 
-    texts = {}
-    for root in roots:
-        prefix = f"{root.name}/" if len(roots) > 1 else ""
-        texts.update({prefix + f.rel_path: f.text for f in scan_repository(root, DEFAULT_EXTENSIONS).files})
+    texts = source_texts(roots)
     if not texts:
         raise SystemExit(f"no source files under {[str(r) for r in roots]}; pass --corpus DIR")
     return texts
-
-
-def write_corpus(texts: dict[str, str], copies: int, directory: Path) -> None:
-    for copy in range(copies):
-        for rel_path, text in texts.items():
-            path = directory / f"copy{copy}" / rel_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Extra trailing newlines make every copy's bytes unique, so the duplicate filter keeps it.
-            path.write_text(text + "\n" * copy, encoding="utf-8")
 
 
 def tokens_needed(mode: Mode) -> int:
@@ -1058,7 +1050,7 @@ def cuda_context_bytes() -> int:
 def setup(mode: Mode, work: Path, corpus_roots: Sequence[Path]) -> tuple[Context, Row]:
     started = time.perf_counter()
     context = cuda_context_bytes() if not mode.dry_run else 0
-    texts = source_texts(corpus_roots)
+    texts = corpus_texts(corpus_roots)
     model_dir = work / "model"
     model = build_model_dir(mode, list(texts.values()), model_dir)
     from transformers import AutoTokenizer

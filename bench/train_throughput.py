@@ -103,12 +103,9 @@ class StepClock:
 
 def scan_texts(roots: list[Path], extensions: list[str]) -> dict[str, str]:
     """Relative path -> text of every file codetune would keep under `roots`."""
-    from codetune.data.files import scan_repository
+    from codetune.data.files import source_texts
 
-    texts = {}
-    for root in roots:
-        prefix = f"{root.name}/" if len(roots) > 1 else ""
-        texts.update({prefix + f.rel_path: f.text for f in scan_repository(root, extensions).files})
+    texts = source_texts(roots, extensions)
     if not texts:
         raise SystemExit(f"no {extensions} files under {[str(r) for r in roots]}; use --repo and --ext")
     return texts

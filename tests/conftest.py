@@ -108,3 +108,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
     return {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             **extra}
+
+
+def load_gpu_check():
+    """bench/gpu_check.py as a module (it is a script, not part of the package), loaded once."""
+    import importlib.util
+    import sys
+
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]

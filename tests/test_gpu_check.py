@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,18 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_gpu_check():
-    """bench/gpu_check.py as a module (it is a script, not part of the package)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
 
 
 gpu_check = load_gpu_check()

@@ -499,3 +499,13 @@ def _file_skip_reason(
 def _read_at_most(path: str, n_bytes: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(n_bytes)
+
+
+def source_texts(roots: Sequence[Path], extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> dict[str, str]:
+    """Relative path -> text of every file the scan keeps under `roots` (prefixed by each root's name when
+    there are several), e.g. a benchmark's corpus. Empty when nothing is kept."""
+    texts: dict[str, str] = {}
+    for root in roots:
+        prefix = f"{Path(root).name}/" if len(roots) > 1 else ""
+        texts.update({prefix + f.rel_path: f.text for f in scan_repository(Path(root), list(extensions)).files})
+    return texts

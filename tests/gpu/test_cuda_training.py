@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_gpu_check
 import torch
 
 from codetune.data.packing import pack_windows
@@ -27,16 +27,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")
 CODE = "def add(a, b):\n    return a + b\n\nclass Counter:\n    def __init__(self):\n        self.n = 0\n"
-
-
-def load_gpu_check():
-    """bench/gpu_check.py as a module (it is a script, not part of the package)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
 
 
 @pytest.fixture(scope="module")
