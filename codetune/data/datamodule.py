@@ -229,14 +229,13 @@ class CodeDataModule(L.LightningDataModule):
         epoch, start = self._start_position()
         return self._loader(self.train_windows, shuffle=True, epoch=epoch, start_step=start)
 
-    def val_dataloader(self, whole: bool = False) -> DataLoader:
-        """This rank's share of the validation windows, or with `whole` all of them (for a rank-zero eval)."""
+    def val_dataloader(self) -> DataLoader:
+        """This rank's share of the validation windows (the held-out loss sums the shares of all ranks)."""
         # The module cuts every batch into micro-batches (which an OOM back-off may shrink).
-        return self._loader(self.val_windows, shuffle=False, whole=whole)
+        return self._loader(self.val_windows, shuffle=False)
 
-    def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0,
-                whole: bool = False) -> DataLoader:
-        replicas, rank = (1, 0) if whole else self._replicas()
+    def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0) -> DataLoader:
+        replicas, rank = self._replicas()
         sampler = WindowBatchSampler(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
                                      num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
         # Its own generator: creating an iterator must not draw from the global RNG, which dropout uses
