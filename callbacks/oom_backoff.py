@@ -65,12 +65,15 @@ class OOMBackoff(Callback):
         self.enabled = enabled
         self.proactive_fraction = proactive_fraction
         self._monitor: VRAMMonitor | None = None
-        # The same on every rank (config only): whether each optimizer step starts with the vote.
-        self._proactive = enabled and proactive_fraction is not None
         self._module: L.LightningModule | None = None
         self.events: list[dict[str, Any]] = []
         self._inject: InjectedOOM | None = None
         self._injected = False
+
+    @property
+    def _proactive(self) -> bool:
+        """Whether each optimizer step starts with the vote: from the config alone, so the same on every rank."""
+        return self.enabled and self.proactive_fraction is not None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -747,6 +747,32 @@ def largest_micro_batch_with_checkpointing_choice(effective_batch: int, free_byt
     return None
 
 
+def largest_fitting(effective_batch: int, free_bytes: int, model: ModelShape, training: TrainingShape,
+                    checkpointing_auto: bool, after_load: bool = False) -> MicroBatchChoice | None:
+    """What `--data.batch_size auto` picks: `largest_micro_batch`, with the checkpointing choice when
+    `--model.gradient_checkpointing auto` (`checkpointing_auto`), else at `training`'s checkpointing."""
+    pick = largest_micro_batch_with_checkpointing_choice if checkpointing_auto else largest_micro_batch
+    return pick(effective_batch, free_bytes, model, training, after_load)
+
+
+def plan_for_card(model: ModelShape, training: TrainingShape, free_bytes: int, checkpointing_auto: bool,
+                  effective_batch: int | None = None, after_load: bool = False) -> MemoryPlan:
+    """The plan fit trains with on a card with `free_bytes` free (`fit` and `codetune plan` alike).
+
+    With `effective_batch` (`--data.batch_size auto`) the micro-batch is `largest_fitting`'s, or 1 when
+    none fits (the OOM back-off is then the last resort); otherwise `training.micro_batch_size`. With
+    `checkpointing_auto` checkpointing is on only when the step does not fit without it.
+    """
+    if effective_batch is not None:
+        choice = largest_fitting(effective_batch, free_bytes, model, training, checkpointing_auto, after_load)
+        if choice is not None:
+            return choice.plan
+        training = replace(training, micro_batch_size=1)
+    if checkpointing_auto:
+        return plan_with_checkpointing_choice(model, training, free_bytes, after_load).plan
+    return plan_memory(model, training)
+
+
 def _fits(plan: MemoryPlan, free_bytes: int, after_load: bool) -> bool:
     return plan.fits_after_load(free_bytes) if after_load else plan.fits(free_bytes)
 

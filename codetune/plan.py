@@ -33,9 +33,8 @@ from typing import Any
 
 from codetune.errors import ConfigError, exit_status
 from codetune.memory_plan import (ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, MicroBatchChoice,
-                                  ModelShape, TrainingShape, format_plan, largest_micro_batch,
-                                  largest_micro_batch_with_checkpointing_choice, plan_memory,
-                                  plan_with_checkpointing_choice, training_shape_for)
+                                  ModelShape, format_plan, largest_fitting, plan_for_card, plan_memory,
+                                  training_shape_for)
 
 USAGE = ("usage: codetune plan --config FILE [--config FILE ...] [--model.name_or_path DIR_OR_ID] [--vram SIZE] "
          "[--json] [--model.* / --data.* overrides]")
@@ -208,7 +207,7 @@ def plan_report(shape: ModelShape, model: Any, data: Any, free_bytes: int) -> di
     `model` / `data` hold the `--model.*` / `--data.*` settings (fit's parsed namespaces).
     """
     from codetune.data.datamodule import _check_batch
-    from codetune.model.loading import resolve_quantization
+    from codetune.model.loading import resolve_dtype, resolve_quantization
     from codetune.model.optim import resolve_optimizer
 
     # The data module checks these in __init__, which the plan does not run.
@@ -219,17 +218,14 @@ def plan_report(shape: ModelShape, model: Any, data: Any, free_bytes: int) -> di
     checkpointing = model.gradient_checkpointing
     base = training_shape_for(
         seq_len=data.seq_len, micro_batch_size=1 if data.batch_size == "auto" else data.batch_size,
-        quantized_4bit=quantized, compute_dtype_bytes=4 if model.dtype == "float32" else 2,
+        quantized_4bit=quantized, compute_dtype_bytes=resolve_dtype(model.dtype, "cuda").itemsize,
         lora_rank=model.lora_rank, lora_target_modules=model.lora_target_modules, lora_dropout=model.lora_dropout,
         modules_to_save=model.modules_to_save, optimizer=resolve_optimizer(model.optimizer, quantized, True),
         gradient_checkpointing=checkpointing is True, loss_chunk_size=model.loss_chunk_size,
         attn_implementation=model.attn_implementation, packing=data.packing, device="cuda")
-    largest = _largest_fitting(effective, free_bytes, shape, base, checkpointing)
-    if data.batch_size != "auto":
-        plan = _plan_at(shape, base, free_bytes, checkpointing)
-    else:
-        # As fit: the largest micro-batch that fits, else 1 (the OOM back-off is the last resort).
-        plan = largest.plan if largest is not None else _plan_at(shape, base, free_bytes, checkpointing)
+    auto = checkpointing == "auto"
+    largest = largest_fitting(effective, free_bytes, shape, base, auto)
+    plan = plan_for_card(shape, base, free_bytes, auto, effective if data.batch_size == "auto" else None)
     micro = plan.training.micro_batch_size
     return {
         "micro_batch_size": micro, "gradient_accumulation_steps": effective // micro,
@@ -244,19 +240,6 @@ def plan_report(shape: ModelShape, model: Any, data: Any, free_bytes: int) -> di
         "largest_fitting": None if largest is None else _choice_summary(largest),
         "training": asdict(plan.training), "plan": plan,
     }
-
-
-def _plan_at(shape: ModelShape, base: TrainingShape, free_bytes: int, checkpointing: bool | str) -> MemoryPlan:
-    if checkpointing == "auto":
-        return plan_with_checkpointing_choice(shape, base, free_bytes).plan
-    return plan_memory(shape, base)
-
-
-def _largest_fitting(effective: int, free_bytes: int, shape: ModelShape, base: TrainingShape,
-                     checkpointing: bool | str) -> MicroBatchChoice | None:
-    if checkpointing == "auto":
-        return largest_micro_batch_with_checkpointing_choice(effective, free_bytes, shape, base)
-    return largest_micro_batch(effective, free_bytes, shape, base)
 
 
 def _choice_summary(choice: MicroBatchChoice) -> dict[str, Any]:

@@ -40,8 +40,7 @@ from transformers import get_cosine_schedule_with_warmup
 from codetune.backoff import accumulation_steps, halved, is_out_of_memory
 from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, OutOfMemoryAtMinimumError
 from codetune.memory_plan import (DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape, TrainingShape, format_plan,
-                                  largest_micro_batch, largest_micro_batch_with_checkpointing_choice, plan_memory,
-                                  plan_with_checkpointing_choice, training_shape_for)
+                                  plan_for_card, plan_memory, training_shape_for)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, check_precision, cuda_capability,
                                     enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
                                     resolve_dtype, resolve_quantization)
@@ -234,24 +233,23 @@ class CodeLoRAModule(L.LightningModule):
         """The plan of the micro-batch and checkpointing to train with: both as given, or chosen by the plan for
         the free memory (`auto`); without a card (CPU) `auto` means checkpointing off and the whole batch."""
         auto_checkpointing = self.hparams.gradient_checkpointing == "auto"
-        if self.micro_batch_size == "auto":
-            effective = self.trainer.datamodule.optimizer_batch_size
-            if free is None:
+        if free is None:  # no card to fit
+            if self.micro_batch_size == "auto":
+                effective = self.trainer.datamodule.optimizer_batch_size
                 rank_zero_info(f"codetune: --data.batch_size auto on {device}: no card to fit, micro-batch {effective}.")
-                return plan_memory(shape, replace(training, micro_batch_size=effective))
-            pick = largest_micro_batch_with_checkpointing_choice if auto_checkpointing else largest_micro_batch
-            choice = pick(effective, free, shape, training, after_load=True)
-            if choice is None:
+                training = replace(training, micro_batch_size=effective)
+            return plan_memory(shape, training)
+        effective = self.trainer.datamodule.optimizer_batch_size if self.micro_batch_size == "auto" else None
+        plan = plan_for_card(shape, training, free, auto_checkpointing, effective, after_load=True)
+        if effective is not None:
+            tr = plan.training
+            if plan.fits_after_load(free):
+                rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {tr.micro_batch_size} x "
+                               f"{effective // tr.micro_batch_size} accumulation fits {free / 2**30:.2f} GiB free.")
+            else:
                 rank_zero_warn(f"codetune: --data.batch_size auto: even micro-batch 1 is predicted not to fit the "
                                f"{free / 2**30:.2f} GiB free; starting at 1 (the OOM back-off is the last resort).")
-                return plan_memory(shape, replace(training, gradient_checkpointing=auto_checkpointing or
-                                                  training.gradient_checkpointing))
-            rank_zero_info(f"codetune: --data.batch_size auto: micro-batch {choice.micro_batch_size} x "
-                           f"{choice.gradient_accumulation_steps} accumulation fits {free / 2**30:.2f} GiB free.")
-            return choice.plan
-        if auto_checkpointing and free is not None:
-            return plan_with_checkpointing_choice(shape, training, free, after_load=True).plan
-        return plan_memory(shape, training)
+        return plan
 
     def _without_plan(self, why: Exception, free: int | None) -> tuple[None, bool]:
         """No plan can be made for this model: a number must be given for what the plan would choose."""
