@@ -2,9 +2,12 @@
 
 It runs the same scan as training (ignore rules, filters, secret redaction; see
 `codetune.data.files`), counts tokens with a tokenizer, and prints a rich table of files, lines and
-tokens per language, the skipped files by reason with examples, and the recommended config
+tokens per language, the skipped files by reason with examples (`codetune_output`: run
+directories and other outputs of codetune, never trained on), the secrets replaced per kind with
+where they were (`path:line`, the first few and how many more), and the recommended config
 (`codetune.data.languages`). `--json` prints the same as one JSON object with a
-`recommended_config` key. No model weights are loaded and nothing runs on a GPU.
+`recommended_config` key; `secret_locations` lists up to 20 places per kind, `secrets_redacted`
+counts them all. No model weights are loaded and nothing runs on a GPU.
 
 Tokens: `--tokenizer tiny` (the default, offline) trains the embedded default's byte-level BPE on the
 kept files, as `fit` does with the training files; a local model directory or a cached hub id
@@ -33,6 +36,8 @@ from codetune.errors import ConfigError, exit_status
 
 NO_TOKENIZER = "none"
 EXAMPLES_PER_REASON = 3
+SECRET_LOCATIONS_SHOWN = 3  # per kind in the table
+SECRET_LOCATIONS_JSON = 20  # per kind in --json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +112,7 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
         "files_skipped": scan.skip_counts(),
         "skipped_examples": _skipped_examples(scan),
         "secrets_redacted": dict(scan.secrets_redacted),
+        "secret_locations": scan.secret_locations(SECRET_LOCATIONS_JSON),
         "rust_share_of_code_lines": round(advice.rust_share, 4),
         "recommended_config": advice.config,
         "recommendation_reason": advice.reason,
@@ -148,8 +154,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     if report["files_skipped"]:
         console.print(_skipped_table(report))
     if report["secrets_redacted"]:
-        kinds = ", ".join(f"{kind}: {n}" for kind, n in report["secrets_redacted"].items())
-        console.print(f"Secrets replaced by a placeholder in kept files: {kinds}")
+        console.print(_secrets_table(report))
     # soft_wrap: a command wrapped at the terminal width could not be pasted.
     console.print(f"Recommended config: [bold]{report['recommended_config']}[/bold] "
                   f"({report['recommendation_reason']})", soft_wrap=True)
@@ -184,3 +189,21 @@ def _skipped_table(report: dict[str, Any]) -> Table:
     for reason, n in report["files_skipped"].items():
         table.add_row(reason, f"{n:,}", ", ".join(report["skipped_examples"].get(reason, [])))
     return table
+
+
+def _secrets_table(report: dict[str, Any]) -> Table:
+    table = Table(title="Secrets replaced by a placeholder in kept files",
+                  title_justify="left")
+    table.add_column("kind")
+    table.add_column("count", justify="right")
+    table.add_column("where (path:line)")
+    for kind, n in report["secrets_redacted"].items():
+        table.add_row(kind, f"{n:,}", _places(report["secret_locations"].get(kind, []), n))
+    return table
+
+
+def _places(locations: list[str], total: int) -> str:
+    """The first locations of a kind, and how many more there are."""
+    shown = locations[:SECRET_LOCATIONS_SHOWN]
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more:,} more" if more else "")

@@ -107,3 +107,47 @@ def test_lightning_cli_entry_forwards_inspect(fixture_repo, capsys):
 
     assert cli_main(["inspect", str(fixture_repo), "--json", "--tokenizer", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["files"] == 13
+
+
+def secret_repo(root: Path) -> Path:
+    """Five generic secrets in four files, and a GitHub token on line 3 of one of them."""
+    import random
+    import string
+
+    def value(seed: int) -> str:
+        return "".join(random.Random(seed).choices(string.ascii_letters + string.digits, k=24))
+
+    (root / "cfg").mkdir(parents=True)
+    for i in range(4):
+        (root / "cfg" / f"s{i}.py").write_text(f'import os\n\npassword = "{value(i)}"\n')
+    (root / "cfg" / "s0.py").write_text(f'import os\n\npassword = "{value(0)}"\napi_key = "{value(9)}"\n')
+    token = "ghp_" + value(5) + value(6)[:12]
+    (root / "gh.py").write_text(f'"""Client."""\n\nTOKEN = "{token}"\n')
+    return root
+
+
+def test_inspect_names_where_each_secret_kind_was_found(tmp_path, capsys, monkeypatch):
+    repo = secret_repo(tmp_path / "repo")
+    report = inspect_json(capsys, str(repo), "--tokenizer", "none")
+    assert report["secrets_redacted"] == {"generic_secret": 5, "github_token": 1}
+    assert report["secret_locations"] == {
+        "generic_secret": ["cfg/s0.py:3", "cfg/s0.py:4", "cfg/s1.py:3", "cfg/s2.py:3", "cfg/s3.py:3"],
+        "github_token": ["gh.py:3"],
+    }
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per kind, unwrapped
+    assert main(["inspect", str(repo), "--tokenizer", "none"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "generic_secret" in line)
+    assert "cfg/s0.py:3, cfg/s0.py:4, cfg/s1.py:3 and 2 more" in row
+    assert "gh.py:3" in next(line for line in out.splitlines() if "github_token" in line)
+
+
+def test_inspect_reports_codetune_output_as_skipped(fixture_repo, capsys):
+    run_dir = fixture_repo / "my-runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "MANIFEST.json").write_text('{"phase_results": {}}\n')
+    (run_dir / "config.yaml").write_text("data:\n  repo: .\n")
+    report = inspect_json(capsys, str(fixture_repo), "--tokenizer", "none")
+    assert report["totals"]["files"] == 13
+    assert report["files_skipped"]["codetune_output"] == 1
+    assert report["skipped_examples"]["codetune_output"] == ["my-runs/r1/"]

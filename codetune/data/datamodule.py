@@ -25,9 +25,13 @@ from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEF
                                  SkippedFile, scan_argument_problems, scan_repository)
 from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
 from codetune.data.sampler import WindowBatchSampler, steps_per_epoch
-from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
+from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, split_paths
 from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
 from codetune.errors import ConfigError
+
+# Places per secret kind that phase_1_scan names (`secrets_redacted` has the full count).
+SECRET_LOCATIONS_RECORDED = 20
+
 
 class WindowDataset(Dataset):
     """Window `i` of a split, with its index as the sample id."""
@@ -67,7 +71,9 @@ class CodeDataModule(L.LightningDataModule):
     """Packed windows of a repository's code.
 
     Args:
-        repo: The repository to train on (a directory).
+        repo: The repository to train on (a directory); required, there is no default (`make demo`
+            passes `--data.repo .`). codetune's own output inside it (run directories, `prepare` and
+            `merge` outputs, a token cache) is never trained on (`codetune.data.files`).
         tokenizer: The model whose tokenizer is used (linked from --model.name_or_path; 'tiny'
             trains a byte-level BPE tokenizer on the training files).
         seq_len: Tokens per window.
@@ -93,7 +99,7 @@ class CodeDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        repo: str = ".",
+        repo: str | None = None,
         tokenizer: str = "tiny",
         seq_len: int = 2048,
         batch_size: int | Literal["auto"] = 8,
@@ -153,6 +159,9 @@ class CodeDataModule(L.LightningDataModule):
         by_path = {f.rel_path: f for f in scan.files}
         train_paths, val_paths = split_paths(list(by_path), self.hparams.val_fraction, self.hparams.seed)
         self.split_files = {"train": train_paths, "val": val_paths}
+        problem = no_validation_problem(len(by_path), len(val_paths), self.hparams.val_fraction)
+        if problem:
+            rank_zero_warn(f"codetune: --data.repo {str(self.repo)!r}: {problem}")
         self.val_sources = [(p, by_path[p].language, by_path[p].text) for p in val_paths]
         self.skipped = scan.skipped
         train_texts = [by_path[p].text for p in train_paths]
@@ -194,6 +203,7 @@ class CodeDataModule(L.LightningDataModule):
                 "files_kept": len(scan.files),
                 "files_skipped": scan.skip_counts(),
                 "secrets_redacted": dict(scan.secrets_redacted),
+                "secret_locations": scan.secret_locations(SECRET_LOCATIONS_RECORDED),
                 "lines": int(sum(f.n_lines for f in scan.files)),
                 "wall_s": round(scan_s, 3),
             },
@@ -282,7 +292,12 @@ class CodeDataModule(L.LightningDataModule):
         return epoch, done
 
 
-def _existing_dir(repo: str) -> Path:
+def _existing_dir(repo: str | None) -> Path:
+    if repo is None:
+        raise ConfigError("--data.repo is required: the repository to train on, e.g. --data.repo ~/code/project "
+                          "(make train REPO=~/code/project). There is no default, so that a command run from "
+                          "another directory does not train on it; `make demo` passes --data.repo . to train on "
+                          "codetune's own source.")
     path = Path(repo).expanduser()
     if not path.exists():
         raise ConfigError(f"--data.repo {repo!r} does not exist. Point it at your repository's root directory.")

@@ -30,25 +30,36 @@ as in git, a file inside an ignored directory cannot be re-included. `.git` is a
 Not read: `.git/info/exclude` and the user's global excludes file, which would make a scan depend
 on the machine it runs on.
 
+**codetune's own output** is never training data, wherever it is and whatever the ignore rules
+say (a `!pattern` cannot re-include it): a directory is pruned as `codetune_output` when it holds
+one of `CODETUNE_OUTPUT_MARKERS` whose JSON has that marker's key (a run directory's MANIFEST.json,
+`codetune prepare --out`'s data_report.json, `codetune merge --out`'s codetune_merge.json), or when
+it is the `tokens/` directory of a token cache (only `v<format>-<tokenizer fingerprint>/`
+directories, the layout of `codetune.data.tokens`). It is recognised by what codetune writes, not
+by a name such as `runs/`, so any `--runs_dir`, `--out` or `--data.cache_dir` is covered, and it
+costs one look at each directory's entry names, plus a JSON parse where a marker's name appears.
+
 **Filters.** The walk checks names, in this order: ignored, secret file
 (`secrets.is_secret_file`), extension, then symlink target (above) and file type (sockets, FIFOs
 and devices are `binary` and never opened: a FIFO would block the read forever). Every remaining
 file is read, in sorted path order, and checked in this order: duplicate (SHA-256 of the raw
 bytes equals that of a file kept earlier in sorted order), too large (more than
-`max_file_bytes`), binary (a NUL byte in the first 8 KiB, git's own test, or undecodable as below),
-empty (whitespace only), minified (a line longer than `max_line_length`, or an average line
-longer than a quarter of it), generated (a generator's marker in the first 2 KiB, see
-`GENERATED_MARKER`).
+`max_file_bytes`), binary (a NUL byte in the first 8 KiB, git's own test), not_utf8 (text that
+does not decode, see below), empty (whitespace only), minified (a line longer than
+`max_line_length`, or an average line longer than a quarter of it), generated (a generator's
+marker in the first 2 KiB, see `GENERATED_MARKER`).
 
 **Decoding rule.** UTF-8, strictly. If that fails, the file is decoded with `errors="replace"`
 and kept if the replacement characters that decoding introduced number less than 1% of its
-bytes (a Latin-1 accent in a comment), otherwise it is skipped as `binary` (UTF-16, Shift-JIS,
-random bytes). A leading byte-order mark is dropped and CRLF line ends become LF, so `text` and
-`n_lines` do not depend on the platform that wrote the file; `sha256` is always that of the
-original bytes.
+bytes (a Latin-1 accent in a comment), otherwise it is skipped as `not_utf8` (Latin-1 or
+Windows-1252 prose, Shift-JIS, truncated UTF-8): text, but not in the encoding a tokenizer expects.
+UTF-16 has a NUL in every ASCII character, so it is `binary` by the NUL test, as in git. A
+leading byte-order mark is dropped and CRLF line ends become LF, so `text` and `n_lines` do not
+depend on the platform that wrote the file; `sha256` is always that of the original bytes.
 
 **Secrets.** Unless `redact=False`, every kept file's text goes through
-`secrets.redact_secrets` and the counts per kind are summed in `ScanResult.secrets_redacted`.
+`secrets.find_and_redact_secrets`; the counts per kind are summed in `ScanResult.secrets_redacted`
+and each secret's file and line is in `ScanResult.secrets_found`.
 
 Cost: one `scandir` per directory, one `read` per candidate file and a few C-speed passes over
 each text (decode, split, redaction hints). No content-sniffing library: `identify` was weighed and
@@ -60,6 +71,7 @@ standard library, 1,734 `.py` files (31 MB), in 0.8 s.
 """
 
 import hashlib
+import json
 import os
 import re
 from collections import Counter
@@ -69,18 +81,33 @@ from pathlib import Path
 
 import pathspec
 
-from codetune.data.secrets import is_secret_file, redact_secrets
+from codetune.data.secrets import find_and_redact_secrets, is_secret_file
+from codetune.run import MANIFEST_NAME
 
 SKIP_IGNORED = "ignored"
 SKIP_EXTENSION = "extension"
 SKIP_SECRET_FILE = "secret_file"
 SKIP_BINARY = "binary"
+SKIP_NOT_UTF8 = "not_utf8"
 SKIP_TOO_LARGE = "too_large"
 SKIP_MINIFIED = "minified"
 SKIP_GENERATED = "generated"
 SKIP_DUPLICATE = "duplicate"
 SKIP_SYMLINK = "symlink_outside"
 SKIP_EMPTY = "empty"
+SKIP_CODETUNE_OUTPUT = "codetune_output"
+
+# A directory codetune wrote holds one of these files, a JSON object that always has the given key.
+# The names are those of codetune.prepare.REPORT_NAME and codetune.use.MERGE_MARKER (a test keeps
+# them equal): importing those modules would load torch into `codetune inspect`.
+CODETUNE_OUTPUT_MARKERS: dict[str, str] = {
+    MANIFEST_NAME: "phase_results",  # a run directory (codetune.run.Manifest)
+    "data_report.json": "phase_1_scan",  # codetune prepare --out
+    "codetune_merge.json": "source_run",  # codetune merge --out
+}
+# <cache_dir>/tokens/<CACHE_FORMAT>-<32 hex digits of the tokenizer fingerprint>/ (codetune.data.tokens).
+TOKEN_CACHE_DIR = "tokens"
+_TOKEN_CACHE_ENTRY = re.compile(r"v\d+-[0-9a-f]{32}")
 
 DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
     # version control, build output and caches
@@ -228,6 +255,17 @@ class SkippedFile:
     """One of the `SKIP_*` constants."""
 
 
+@dataclass(frozen=True)
+class SecretLocation:
+    """Where a secret was replaced in a kept file."""
+
+    rel_path: str
+    kind: str
+    """As `secrets.SecretFinding.kind`."""
+    line: int
+    """Line of the file (1-based) where the secret starts."""
+
+
 @dataclass
 class ScanResult:
     """What `scan_repository` kept and skipped."""
@@ -238,10 +276,22 @@ class ScanResult:
     """Skipped files and pruned directories, sorted by `rel_path`."""
     secrets_redacted: dict[str, int] = field(default_factory=dict)
     """Secrets replaced in kept files, per kind."""
+    secrets_found: list[SecretLocation] = field(default_factory=list)
+    """Each secret replaced, sorted by path and line."""
 
     def skip_counts(self) -> dict[str, int]:
         """Number of skipped entries per reason."""
         return dict(sorted(Counter(s.reason for s in self.skipped).items()))
+
+    def secret_locations(self, limit: int) -> dict[str, list[str]]:
+        """Per kind, the first `limit` places a secret was replaced, as `path:line`; the count per kind
+        in `secrets_redacted` says how many there are in all."""
+        locations: dict[str, list[str]] = {}
+        for found in self.secrets_found:
+            places = locations.setdefault(found.kind, [])
+            if len(places) < limit:
+                places.append(f"{found.rel_path}:{found.line}")
+        return dict(sorted(locations.items()))
 
 
 @dataclass(frozen=True)
@@ -304,7 +354,7 @@ def scan_repository(
     candidates, skipped = _walk(os.path.realpath(repo), rules, wanted)
 
     files: list[SourceFile] = []
-    redacted: Counter[str] = Counter()
+    found: list[SecretLocation] = []
     kept_hashes: set[str] = set()
     for candidate in sorted(candidates, key=lambda c: c.rel_path):
         raw = _read_at_most(candidate.path, max_file_bytes + 1)
@@ -316,14 +366,16 @@ def scan_repository(
         if text is None:
             skipped.append(SkippedFile(candidate.rel_path, reason))
             continue
-        text, counts = redact_secrets(text) if redact else (text, {})
-        redacted.update(counts)
+        text, findings = find_and_redact_secrets(text) if redact else (text, [])
+        found += (SecretLocation(candidate.rel_path, f.kind, f.line) for f in findings)
         kept_hashes.add(sha256)
         files.append(
             SourceFile(candidate.rel_path, language_for(candidate.rel_path), text, sha256, count_lines(text))
         )
     skipped.sort(key=lambda s: s.rel_path)
-    return ScanResult(files, skipped, dict(sorted(redacted.items())))
+    found.sort(key=lambda f: (f.rel_path, f.line))
+    redacted = Counter(f.kind for f in found)
+    return ScanResult(files, skipped, dict(sorted(redacted.items())), found)
 
 
 def language_for(rel_path: str) -> str:
@@ -331,10 +383,14 @@ def language_for(rel_path: str) -> str:
     return LANGUAGE_BY_EXTENSION[os.path.splitext(rel_path)[1].lower()]
 
 
+def is_binary(raw: bytes) -> bool:
+    """Git's test: a NUL byte in the first 8 KiB."""
+    return b"\x00" in raw[:BINARY_SNIFF_BYTES]
+
+
 def decode_source(raw: bytes) -> str | None:
-    """Decode file bytes per the module's decoding rule; None means "treat as binary"."""
-    if b"\x00" in raw[:BINARY_SNIFF_BYTES]:
-        return None
+    """Decode the bytes of a file that is not binary (`is_binary`) per the module's decoding rule; None
+    means "not UTF-8 text"."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -352,9 +408,11 @@ def text_or_skip_reason(
     """`(text, None)` for file bytes worth training on, else `(None, reason)`."""
     if len(raw) > max_file_bytes:
         return None, SKIP_TOO_LARGE
+    if is_binary(raw):
+        return None, SKIP_BINARY
     text = decode_source(raw)
     if text is None:
-        return None, SKIP_BINARY
+        return None, SKIP_NOT_UTF8
     reason = text_skip_reason(text, max_line_length)
     return (None, reason) if reason else (text, None)
 
@@ -422,6 +480,9 @@ def _walk(
         rel_dir, path, gitignores = stack.pop()
         with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: e.name)
+        if _is_codetune_output(path, entries):
+            skipped.append(SkippedFile(rel_dir or "./", SKIP_CODETUNE_OUTPUT))
+            continue
         gitignores += _gitignore_in(rel_dir, entries)
         for entry in entries:
             rel_path = rel_dir + entry.name
@@ -443,6 +504,26 @@ def _walk(
                 else:
                     skipped.append(SkippedFile(rel_path, reason))
     return candidates, skipped
+
+
+def _is_codetune_output(path: str, entries: list[os.DirEntry]) -> bool:
+    """Whether the directory at `path` is something codetune wrote (see the module docstring)."""
+    for entry in entries:
+        key = CODETUNE_OUTPUT_MARKERS.get(entry.name)
+        if key is not None and entry.is_file(follow_symlinks=False) and _json_has_key(entry.path, key):
+            return True
+    return os.path.basename(path) == TOKEN_CACHE_DIR and bool(entries) and all(
+        _TOKEN_CACHE_ENTRY.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in entries)
+
+
+def _json_has_key(path: str, key: str) -> bool:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # a file of the user's that has the marker's name; not codetune's
+    return isinstance(data, dict) and key in data
 
 
 def _gitignore_in(rel_dir: str, entries: list[os.DirEntry]) -> tuple[tuple[str, pathspec.GitIgnoreSpec], ...]:

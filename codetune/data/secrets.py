@@ -37,6 +37,11 @@ Two layers, both pure functions of their input:
    alternation at every position runs at ~7 MB/s): the secret words are found with `str.find` in
    a lower-cased copy and the regex is only `match`ed at those positions (~75 MB/s on Rust code).
 
+Locations: `find_and_redact_secrets` also says where each secret was, as its kind and the line it
+starts on in the text given (1-based), so `inspect` can name the line to fix. A PEM block becomes
+one placeholder on one line, which moves every line below it up; `_LineMap` maps a line of the
+partly redacted text back to the line of the original, one detector pass at a time.
+
 Placeholder: every secret becomes `REDACTED` (`<REDACTED_SECRET>`), one placeholder for all kinds,
 so the text does not tell the model which kind was there. Token detectors replace the whole token
 (a PEM block from its BEGIN line to its END line); the assignment detector replaces only the
@@ -206,29 +211,98 @@ def _entropy_threshold(value: str) -> float:
     return HEX_ENTROPY_THRESHOLD if _HEX_DIGITS.issuperset(value) else ENTROPY_THRESHOLD
 
 
+@dataclass(frozen=True)
+class SecretFinding:
+    """One secret replaced in a text."""
+
+    kind: str
+    """`private_key`, `aws_access_key`, `github_token`, `gitlab_token`, `slack_token` or `generic_secret`."""
+    line: int
+    """The line of the original text where it starts (1-based)."""
+
+
 def redact_secrets(text: str) -> tuple[str, dict[str, int]]:
     """Replace secrets in `text` with `REDACTED`.
 
-    Returns the redacted text and the number of secrets replaced per kind (`private_key`,
-    `aws_access_key`, `github_token`, `gitlab_token`, `slack_token`, `generic_secret`); kinds
-    with no hit are absent.
+    Returns the redacted text and the number of secrets replaced per kind (see `SecretFinding.kind`);
+    kinds with no hit are absent.
     """
-    counts: dict[str, int] = {}
+    text, findings = find_and_redact_secrets(text)
+    return text, dict(Counter(f.kind for f in findings))
+
+
+def find_and_redact_secrets(text: str) -> tuple[str, list[SecretFinding]]:
+    """Replace secrets in `text` with `REDACTED`; returns the redacted text and every secret replaced,
+    token detectors first (in `_TOKEN_DETECTORS` order), then assignments, each in text order."""
+    findings: list[SecretFinding] = []
+    lines = _LineMap()
     for detector in _TOKEN_DETECTORS:
         if any(hint in text for hint in detector.hints):
-            text, n = detector.pattern.subn(REDACTED, text)
-            if n:
-                counts[detector.kind] = n
-    text, n = _redact_assignments(text)
-    if n:
-        counts["generic_secret"] = n
-    return text, counts
+            text, found = _redact_tokens(detector, text, lines)
+            findings += found
+    text, value_lines = _redact_assignments(text)
+    findings += [SecretFinding("generic_secret", lines.original(line)) for line in value_lines]
+    return text, findings
 
 
-def _redact_assignments(text: str) -> tuple[str, int]:
-    """Redact random-looking values assigned to secret-named keys; returns (text, count)."""
+class _LineMap:
+    """Maps a line of the partly redacted text back to the original's. Each pass that redacted a
+    multi-line match (a PEM block) records, in its output's lines, where and how many lines went."""
+
+    def __init__(self) -> None:
+        self._passes: list[list[tuple[int, int]]] = []
+
+    def original(self, line: int) -> int:
+        for shifts in reversed(self._passes):
+            line += sum(removed for at, removed in shifts if at < line)
+        return line
+
+    def add_pass(self, shifts: list[tuple[int, int]]) -> None:
+        if shifts:
+            self._passes.append(shifts)
+
+
+def _redact_tokens(detector: _TokenDetector, text: str, lines: _LineMap) -> tuple[str, list[SecretFinding]]:
+    """One token detector's pass: the text with its matches replaced, and where they were."""
+    matches = list(detector.pattern.finditer(text))
+    if not matches:
+        return text, []
+    starts = _line_numbers(text, [m.start() for m in matches])
+    findings = [SecretFinding(detector.kind, lines.original(line)) for line in starts]
     pieces: list[str] = []
-    cursor = n_redacted = 0
+    shifts: list[tuple[int, int]] = []
+    cursor = removed = 0
+    for match, line in zip(matches, starts):
+        pieces += (text[cursor:match.start()], REDACTED)
+        cursor = match.end()
+        n_newlines = text.count("\n", match.start(), cursor)
+        if n_newlines:
+            # Its placeholder sits on the line it started on, less the lines earlier matches took.
+            shifts.append((line - removed, n_newlines))
+            removed += n_newlines
+    pieces.append(text[cursor:])
+    lines.add_pass(shifts)
+    return "".join(pieces), findings
+
+
+def _line_numbers(text: str, positions: list[int]) -> list[int]:
+    """1-based line of each of the sorted `positions`, counting newlines once from the start."""
+    numbers: list[int] = []
+    line = 1
+    cursor = 0
+    for position in positions:
+        line += text.count("\n", cursor, position)
+        cursor = position
+        numbers.append(line)
+    return numbers
+
+
+def _redact_assignments(text: str) -> tuple[str, list[int]]:
+    """Redact random-looking values assigned to secret-named keys; returns the text and the line of
+    each value redacted (in the text given: an assignment never spans lines)."""
+    pieces: list[str] = []
+    starts: list[int] = []
+    cursor = 0
     for start in _hint_positions(text):
         if start < cursor:  # inside a value already redacted
             continue
@@ -241,9 +315,9 @@ def _redact_assignments(text: str) -> tuple[str, int]:
             value_start, value_end = match.span(group)
             pieces += (text[cursor:value_start], REDACTED)
             cursor = value_end
-            n_redacted += 1
+            starts.append(value_start)
     pieces.append(text[cursor:])
-    return "".join(pieces), n_redacted
+    return "".join(pieces), _line_numbers(text, starts)
 
 
 def _hint_positions(text: str) -> list[int]:

@@ -14,16 +14,19 @@ import pytest
 
 from codetune.data.files import (
     SKIP_BINARY,
+    SKIP_CODETUNE_OUTPUT,
     SKIP_DUPLICATE,
     SKIP_EMPTY,
     SKIP_EXTENSION,
     SKIP_GENERATED,
     SKIP_IGNORED,
     SKIP_MINIFIED,
+    SKIP_NOT_UTF8,
     SKIP_SECRET_FILE,
     SKIP_SYMLINK,
     SKIP_TOO_LARGE,
     ScanResult,
+    SecretLocation,
     SkippedFile,
     SourceFile,
     scan_repository,
@@ -240,10 +243,16 @@ def test_invalid_utf8_under_one_percent_is_replaced(tmp_path: Path) -> None:
     assert result.files[0].sha256 == hashlib.sha256(raw).hexdigest()
 
 
-def test_invalid_utf8_at_one_percent_or_more_is_binary(tmp_path: Path) -> None:
-    write(tmp_path, "latin1.py", b"# \xe9\xe8\xe0\n" + b"x = 1\n" * 30)  # 3 in 186 bytes
-    result = scan_repository(tmp_path, [".py"])
-    assert skipped(result) == {"latin1.py": SKIP_BINARY}
+def test_text_that_is_not_utf8_is_not_utf8_and_only_nul_bytes_make_binary(tmp_path: Path) -> None:
+    write(tmp_path, "latin1.py", b"# \xe9\xe8\xe0\n" + b"x = 1\n" * 30)  # 3 invalid in 186 bytes
+    write(tmp_path, "cp1252.md", "Caf\u00e9 cr\u00e8me \u2013 na\u00efve r\u00e9sum\u00e9\n".encode("cp1252") * 5)
+    write(tmp_path, "sjis.py", "# \u65e5\u672c\u8a9e\u306e\u30b3\u30e1\u30f3\u30c8\n".encode("shift_jis") + b"y = 2\n")
+    write(tmp_path, "cut.py", "s = '\u00e9\u00e8'\n".encode()[:-3] + b"\n" * 2)  # UTF-8 cut mid-character
+    write(tmp_path, "utf16.py", "x = 1\n".encode("utf-16"))
+    write(tmp_path, "blob.py", bytes(range(256)) * 4)
+    result = scan_repository(tmp_path, [".py", ".md"])
+    assert skipped(result) == {"blob.py": SKIP_BINARY, "cp1252.md": SKIP_NOT_UTF8, "cut.py": SKIP_NOT_UTF8,
+                               "latin1.py": SKIP_NOT_UTF8, "sjis.py": SKIP_NOT_UTF8, "utf16.py": SKIP_BINARY}
 
 
 def test_replacement_characters_in_the_file_are_not_decoding_errors(tmp_path: Path) -> None:
@@ -271,6 +280,9 @@ def test_secrets_redacted_in_kept_files_and_counted(tmp_path: Path) -> None:
         f'OTHER = "{REDACTED}"\n',
     ]
     assert result.secrets_redacted == {"generic_secret": 1, "github_token": 2}
+    assert result.secrets_found == [SecretLocation("a.py", "github_token", 1), SecretLocation("a.py", "generic_secret", 2),
+                                    SecretLocation("b.py", "github_token", 1)]
+    assert result.secret_locations(limit=1) == {"generic_secret": ["a.py:2"], "github_token": ["a.py:1"]}
 
     raw = scan_repository(tmp_path, [".py"], redact=False)
     assert token in raw.files[0].text
@@ -303,3 +315,46 @@ def test_missing_repository_raises(tmp_path: Path) -> None:
 def test_skipped_file_is_a_value(tmp_path: Path) -> None:
     write(tmp_path, "x.txt", "hello\n")
     assert scan_repository(tmp_path, [".rs"]).skipped == [SkippedFile("x.txt", SKIP_EXTENSION)]
+
+
+def write_run_dir(run_dir: Path) -> None:
+    """What a fit leaves in its run directory, with the manifest's content as codetune.run.Manifest writes it."""
+    write(run_dir, "MANIFEST.json", '{\n  "phase_results": {"phase_1_scan": {"status": "completed"}}\n}\n')
+    write(run_dir, "config.yaml", "data:\n  repo: .\n")
+    write(run_dir, "adapter/README.md", "# Model card\n")
+    write(run_dir, "tensorboard/hparams.yaml", "seq_len: 64\n")
+    write(run_dir, "samples/step_2.md", "fn process\n")
+
+
+def test_codetune_output_is_pruned_by_its_markers_wherever_it_is(tmp_path: Path) -> None:
+    write(tmp_path, "src/lib.rs", "pub fn a() -> u32 {\n    1\n}\n")
+    write_run_dir(tmp_path / "experiments" / "first")
+    write_run_dir(tmp_path / "src" / "nested-run")
+    write(tmp_path, "prepared/data_report.json", '{"repo": "/r", "phase_1_scan": {}}')
+    write(tmp_path, "prepared/notes.md", "# prepared\n")
+    write(tmp_path, "merged/codetune_merge.json", '{"source_run": "/r/runs/a", "base_model": "tiny"}')
+    write(tmp_path, "merged/README.md", "# merged\n")
+    write(tmp_path, "cache/tokens/v1-" + "0123456789abcdef" * 2 + "/ab/ab12.i32", b"\x01\x00\x00\x00")
+    write(tmp_path, "cache/keep.md", "# next to the cache\n")
+    # A user's files that share a marker's name are not codetune's.
+    write(tmp_path, "web/MANIFEST.json", '{"name": "extension"}')
+    write(tmp_path, "web/app.js", "export const a = 1;\n")
+    write(tmp_path, "docs/data_report.json", "not json")
+    write(tmp_path, "docs/report.md", "# report\n")
+    write(tmp_path, "tokens/README.md", "# a folder named tokens\n")
+
+    result = scan_repository(tmp_path, [".rs", ".md", ".yaml", ".js", ".json"], ignore_patterns=["!experiments/"])
+    assert kept(result) == ["cache/keep.md", "docs/data_report.json", "docs/report.md", "src/lib.rs",
+                            "tokens/README.md", "web/MANIFEST.json", "web/app.js"]
+    outputs = sorted(s.rel_path for s in result.skipped if s.reason == SKIP_CODETUNE_OUTPUT)
+    assert outputs == ["cache/tokens/", "experiments/first/", "merged/", "prepared/", "src/nested-run/"]
+    assert result.skip_counts() == {SKIP_CODETUNE_OUTPUT: 5}
+
+
+def test_codetune_output_markers_are_the_names_codetune_writes() -> None:
+    from codetune.data.files import CODETUNE_OUTPUT_MARKERS
+    from codetune.prepare import REPORT_NAME
+    from codetune.run import MANIFEST_NAME
+    from codetune.use import MERGE_MARKER
+
+    assert set(CODETUNE_OUTPUT_MARKERS) == {MANIFEST_NAME, REPORT_NAME, MERGE_MARKER}

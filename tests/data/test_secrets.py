@@ -10,6 +10,8 @@ import pytest
 
 from codetune.data.secrets import (
     REDACTED,
+    SecretFinding,
+    find_and_redact_secrets,
     is_secret_file,
     looks_random,
     redact_secrets,
@@ -143,6 +145,22 @@ def test_every_kind_counted_in_one_text_and_redaction_is_idempotent() -> None:
     assert redacted == f'{REDACTED}\naws = "{REDACTED}"\ngh = "{REDACTED}"\npassword = "{REDACTED}"\n'
     assert counts == {"private_key": 1, "aws_access_key": 1, "github_token": 1, "generic_secret": 1}
     assert redact_secrets(redacted) == (redacted, {})
+
+
+def test_each_secret_is_found_on_its_line_of_the_original_text() -> None:
+    """Two 7-line PEM blocks become one line each; what follows them is still found on the file's line."""
+    github = "ghp_" + random_token(36, 21)
+    lines = ["import os", pem_block("RSA PRIVATE KEY"), f'gh = "{github}"', "", pem_block("EC PRIVATE KEY"),
+             f'password = "{VALUE}"', f'token = "{github}"  # again']
+    text = "\n".join(lines) + "\n"
+    redacted, findings = find_and_redact_secrets(text)
+    assert redacted == f'import os\n{REDACTED}\ngh = "{REDACTED}"\n\n{REDACTED}\npassword = "{REDACTED}"\n' \
+                       f'token = "{REDACTED}"  # again\n'
+    # PEM blocks at lines 2-8 and 11-17 of the original.
+    assert findings == [SecretFinding("private_key", 2), SecretFinding("private_key", 11),
+                        SecretFinding("github_token", 9), SecretFinding("github_token", 19),
+                        SecretFinding("generic_secret", 18)]
+    assert redact_secrets(text) == (redacted, {"private_key": 2, "github_token": 2, "generic_secret": 1})
 
 
 def test_shannon_entropy_exact_values() -> None:
