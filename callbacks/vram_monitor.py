@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
@@ -49,7 +50,9 @@ class VRAMMonitor(Callback):
 
     Without a CUDA root device, without ``pynvml`` (package ``nvidia-ml-py``), or when NVML does not
     start or cannot read the device (no NVIDIA driver, ROCm), the monitor turns itself off with one
-    warning saying why; training goes on without the ``vram/*`` figures.
+    warning saying why; training goes on without the ``vram/*`` figures. A run on the CPU that the
+    user chose (``--trainer.accelerator cpu``, or any CPU trainer while CUDA is available) turns it
+    off silently: there is nothing to act on (``disabled_reason`` still says why).
 
     Args:
         log_every_n_steps: Optimizer steps between readings.
@@ -90,7 +93,7 @@ class VRAMMonitor(Callback):
             return
         self.disabled_reason = self._start(self._watched_device(trainer))
         self.enabled = self.disabled_reason is None
-        if not self.enabled:
+        if not self.enabled and not _cpu_was_chosen(trainer):
             rank_zero_warn(f"VRAMMonitor is off: {self.disabled_reason}. The vram/* metrics and the manifest's "
                            f"peak_vram_gb will be missing for this run; they need an NVIDIA CUDA device, its "
                            f"driver (NVML) and `pip install nvidia-ml-py`.")
@@ -208,6 +211,18 @@ class VRAMMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.peaks = VRAMPeaks(**state_dict.get("peaks", {}))
         self.device_name = self.device_name or state_dict.get("device_name")
+
+
+def _cpu_was_chosen(trainer: L.Trainer) -> bool:
+    """Whether the trainer runs on the CPU because the user asked for it, rather than for want of a GPU. Lightning
+    resolves `accelerator="auto"` without keeping what was asked, so that is read from the LightningCLI config when
+    there is one; a CPU trainer while CUDA is available can only have been asked for."""
+    if trainer.strategy.root_device.type != "cpu":
+        return False
+    if torch.cuda.is_available():
+        return True
+    configs = [cb.config for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)]
+    return any(str(config.get("trainer", {}).get("accelerator")) == "cpu" for config in configs)
 
 
 def _peaks_table(summary: dict[str, Any]) -> Table:

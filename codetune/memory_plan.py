@@ -135,6 +135,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from codetune.errors import ConfigError
@@ -149,6 +150,13 @@ CUDA_CONTEXT_BYTES = 400 * 2**20
 # typically 5-15% above the allocated peak; a step here frees three ~0.6 GB loss buffers and then carves
 # the last layer's re-run out of them, a pattern that fragments, so the midpoint, not the low end.
 ALLOCATOR_MARGIN = 0.10
+# On the CPU the process's resident memory grows by more than the tensors the plan counts: the heap keeps freed
+# blocks for reuse and CPU kernels (oneDNN, SDPA's backward) allocate scratch. Measured on tiny fits (fp32, sdpa,
+# packed windows; peak RSS over the RSS at the first step): 2.3x the plan's to-allocate at 8 x 256 tokens, 2.06x at
+# 4 x 1024, 1.75x at 4 x 2048, 1.56x at 2 x 4096 (about 1.4x + 70 MiB), so RAM is checked for twice the plan plus
+# 256 MiB: uncertain, and the cost of a wrong "fits" is a machine swapping to a halt.
+CPU_RSS_FACTOR = 2.0
+CPU_RSS_OVERHEAD_BYTES = 256 * 2**20
 NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_CODE_BYTES = 16 * 4
@@ -330,6 +338,11 @@ class MemoryPlan:
         """
         step = math.ceil(self.to_allocate_after_load * (1 + ALLOCATOR_MARGIN))
         return step if after_load else self.on_card_after_load + step
+
+    def required_ram_bytes(self) -> int:
+        """The available RAM (read once the model is loaded) that training on the CPU needs: what it still allocates,
+        times `CPU_RSS_FACTOR`, plus `CPU_RSS_OVERHEAD_BYTES` (see them for the measurement)."""
+        return math.ceil(self.to_allocate_after_load * CPU_RSS_FACTOR) + CPU_RSS_OVERHEAD_BYTES
 
     def fits(self, free_bytes: int) -> bool:
         """Whether the plan fits `free_bytes` read before the model was loaded (an empty card), margin included."""
@@ -800,14 +813,12 @@ def training_shape_for(*, seq_len: int, micro_batch_size: int, quantized_4bit: b
 
 
 def format_plan(plan: MemoryPlan, free_bytes: int | None = None, after_load: bool = False) -> str:
-    """A human summary: one line per term in GiB, the predicted peak, and whether it fits `free_bytes`
-    (read on an empty card, or with the model loaded if `after_load`), the allocator margin included."""
-    tr = plan.training
-    chunk = "none" if tr.loss_chunk_size is None else str(tr.loss_chunk_size)
-    lines = [f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
-             f"{_dtype_label(tr)}, LoRA r{tr.lora_rank}, dropout {tr.lora_dropout:g}, "
-             f"checkpointing {'on' if tr.gradient_checkpointing else 'off'}, loss chunk {chunk}, "
-             f"{tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}"]
+    """A human summary: one line per term, the predicted peak, and whether it fits `free_bytes` (read on an
+    empty card, or with the model loaded if `after_load`), the allocator margin included. A CPU plan is
+    `format_ram_plan`'s."""
+    if plan.training.device == "cpu":
+        return format_ram_plan(plan, free_bytes)
+    lines = [_plan_header(plan)]
     lines += [f"  {TERM_LABELS[name]:<22} {_gib(size):>8} GiB" for name, size in plan.terms().items()]
     lines.append(f"  {'peak':<22} {_gib(plan.total):>8} GiB  (* only the largest counts)")
     if free_bytes is not None:
@@ -817,6 +828,45 @@ def format_plan(plan: MemoryPlan, free_bytes: int | None = None, after_load: boo
         lines.append(f"  {verdict} in {_gib(free_bytes)} GiB {state}: needs {_gib(needed)} GiB with the "
                      f"{ALLOCATOR_MARGIN:.0%} allocator margin ({_gib(free_bytes - needed)} GiB left)")
     return "\n".join(lines)
+
+
+def format_ram_plan(plan: MemoryPlan, available_bytes: int | None = None) -> str:
+    """The summary of a CPU plan: RAM, not a card, so no CUDA context and no row that is zero; in MiB under 1 GiB
+    (a tiny model's rows would all read 0.00 GiB); with `available_bytes` (read with the model loaded), whether
+    `required_ram_bytes` fits it."""
+    unit, scale = ("GiB", GiB) if plan.total >= GiB else ("MiB", 2**20)
+    lines = [_plan_header(plan)]
+    lines += [f"  {TERM_LABELS[name]:<22} {size / scale:>8.2f} {unit}" for name, size in plan.terms().items() if size]
+    lines.append(f"  {'peak':<22} {plan.total / scale:>8.2f} {unit}  (* only the largest counts)")
+    if available_bytes is not None:
+        needed = plan.required_ram_bytes()
+        verdict = "fits" if needed <= available_bytes else "does NOT fit"
+        lines.append(f"  {verdict} in {_gib(available_bytes)} GiB of available RAM: needs {_gib(needed)} GiB once the "
+                     f"model is loaded (what is left to allocate x{CPU_RSS_FACTOR:g} + "
+                     f"{CPU_RSS_OVERHEAD_BYTES // 2**20} MiB for the heap)")
+    return "\n".join(lines)
+
+
+def _plan_header(plan: MemoryPlan) -> str:
+    tr = plan.training
+    chunk = "none" if tr.loss_chunk_size is None else str(tr.loss_chunk_size)
+    return (f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
+            f"{_dtype_label(tr)}, LoRA r{tr.lora_rank}, dropout {tr.lora_dropout:g}, "
+            f"checkpointing {'on' if tr.gradient_checkpointing else 'off'}, loss chunk {chunk}, "
+            f"{tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}")
+
+
+def available_ram_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """The RAM the kernel can give this process now without swapping (Linux's MemAvailable), or None where
+    `meminfo` does not exist or has no such line (not Linux)."""
+    try:
+        text = Path(meminfo).read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # in kB
+    return None
 
 
 def _dtype_label(training: TrainingShape) -> str:

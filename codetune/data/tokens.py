@@ -23,13 +23,17 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codetune.errors import ConfigError
+from codetune.model.model_dir import bad_model_dir_message, local_model_dir, tokenizer_problem
 from codetune.model.tiny import TINY_NAME, train_tokenizer
 from codetune.run import atomic_write_bytes
+
+if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = "v1"
 TOKEN_DTYPE = np.dtype("<i4")
@@ -40,11 +44,22 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
                    revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `name_or_path` (hub id at `revision`, or local dir), or a new one trained for `tiny`;
     errors name `flag`."""
+    from transformers import AutoTokenizer
+
     if name_or_path == TINY_NAME:
         return train_tokenizer(training_texts, vocab_size=tiny_vocab_size)
+    directory = local_model_dir(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    except (ValueError, KeyError) as err:  # what transformers raises on a tokenizer.json it cannot read
+        problem = tokenizer_problem(directory) if directory is not None else None
+        if problem is None:
+            raise
+        raise ConfigError(bad_model_dir_message(flag, directory, problem)) from err
     except OSError as err:
+        if directory is not None:
+            raise ConfigError(bad_model_dir_message(
+                flag, directory, f"no tokenizer could be loaded from it ({str(err).strip().rstrip('.')})")) from err
         raise ConfigError(
             f"{flag} {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "
             f"Use a local model directory, a Hugging Face id that is cached or reachable (with HF_HUB_OFFLINE "

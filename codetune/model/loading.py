@@ -4,20 +4,31 @@ We deliberately do not call peft's `prepare_model_for_kbit_training`: it upcasts
 unquantized weight to fp32 (for a 1.5B model with a tied 151k-token embedding that is ~0.5 GB of
 VRAM for nothing, since those weights are frozen). The parts of it we need — frozen base,
 gradient checkpointing, inputs that require grad — are done explicitly below.
+
+peft, bitsandbytes and transformers' model classes are imported inside the functions that use them: importing
+them costs about a second, which every command (`--help` included) would otherwise pay at start-up.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from safetensors import SafetensorError
 
 from codetune.errors import ConfigError
+from codetune.model.model_dir import bad_model_dir_message, config_problem, local_model_dir
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 Quantization = Literal["auto", "nf4", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -91,27 +102,77 @@ def check_context(seq_len: int, config: PretrainedConfig) -> None:
 def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype, trust_remote_code: bool,
                    attn_implementation: str, device: torch.device, revision: str | None = None) -> PreTrainedModel:
     """A causal LM from a hub id (at `revision`: a commit pins it) or local directory, in NF4 (double-quantized)
-    when `quantize`."""
+    when `quantize`. A local directory that is not a complete model is one ConfigError naming what it lacks."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    directory = local_model_dir(name_or_path)
+    problem = config_problem(directory) if directory is not None else None
+    if problem:
+        raise ConfigError(bad_model_dir_message("--model.name_or_path", directory, problem))
     quantization_config = None
     if quantize:
         quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, quantization_config=quantization_config,
-            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, revision=revision,
-            # bitsandbytes quantizes while placing weights, so 4-bit loads straight onto the device.
-            device_map={"": device} if quantize else None,
-        )
-    except OSError as err:
-        raise ConfigError(f"--model.name_or_path {str(name_or_path)!r}: could not load the model "
-                          f"({str(err).strip().rstrip('.')}). Use a local model directory, a Hugging Face id that is "
-                          f"cached or reachable, or 'tiny'.") from err
+        with quiet_weight_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), dtype=dtype, quantization_config=quantization_config,
+                trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, revision=revision,
+                # bitsandbytes quantizes while placing weights, so 4-bit loads straight onto the device.
+                device_map={"": device} if quantize else None,
+            )
+    except (OSError, SafetensorError) as err:  # no weights file or an unreadable one; a torn .safetensors
+        raise ConfigError(_load_failure_message(name_or_path, directory, err)) from err
     # from_pretrained returns eval mode, which silently disables dropout and gradient checkpointing.
     model.train()
     if quantize:
         keep_4bit_layout_trainable(model)
     return model
+
+
+def _load_failure_message(name_or_path: str | Path, directory: Path | None, err: Exception) -> str:
+    reason = str(err).strip().rstrip(".")
+    if directory is not None:
+        return bad_model_dir_message("--model.name_or_path", directory, f"its weights could not be loaded ({reason})")
+    return (f"--model.name_or_path {str(name_or_path)!r}: could not load the model ({reason}). Use a local model "
+            f"directory, a Hugging Face id that is cached or reachable, or 'tiny'.")
+
+
+@contextmanager
+def quiet_weight_bars() -> Iterator[None]:
+    """Without transformers' per-tensor progress bars ("Loading weights", "Writing model shards"): they finish in
+    a blink and read as noise. huggingface_hub's download bars stay as they were (a download takes minutes)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars_on, hub_bars_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # turns the hub's off too
+    if not hub_bars_off:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+        if hub_bars_off:
+            disable_progress_bars()
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# bitsandbytes logs this when it is imported (peft imports it whatever the quantization) on a CPU with AVX512-BF16
+# and without the optional `kernels` package: a faster CPU 4-bit kernel is missing, nothing is wrong.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
@@ -131,19 +192,26 @@ def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     # Non-reentrant checkpointing: the reentrant one fails under DDP ("marked ready twice").
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 names it activation checkpointing (`gradient_checkpointing_enable` is its deprecated alias).
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 
 
 def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, target_modules: list[str],
                modules_to_save: list[str] | None = None) -> PeftModel:
     """Wrap `model` in LoRA adapters; `modules_to_save` layers are trained in full (and saved with the adapter)."""
+    from peft import LoraConfig, get_peft_model
+
     _check_modules_to_save(model, modules_to_save or [])
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         modules_to_save=list(modules_to_save) if modules_to_save else None,
                         bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as err:
         if "not found in the base model" not in str(err):
             raise
@@ -158,6 +226,8 @@ def keep_adapter_input_dtype(model: torch.nn.Module) -> None:
     16-bit dtype anyway, and the cast's fp32 copy is what backward would keep. A checkpointed layer's recompute
     must see the same setting as its forward, so it is not scoped to the forward. Code that runs the model
     outside the trainer's autocast (generation) enters `trainer.precision_plugin.forward_context()`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False

@@ -35,15 +35,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
-from transformers import get_cosine_schedule_with_warmup
 
 from codetune.backoff import accumulation_steps, halved, is_out_of_memory
 from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, OutOfMemoryAtMinimumError
-from codetune.memory_plan import (DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape, TrainingShape, format_plan,
-                                  plan_for_card, plan_memory, training_shape_for)
+from codetune.memory_plan import (CPU_RSS_FACTOR, CPU_RSS_OVERHEAD_BYTES, DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape,
+                                  TrainingShape, available_ram_bytes,
+                                  format_plan, plan_for_card, plan_memory, training_shape_for)
 from codetune.model.loading import (DType, Quantization, apply_lora, check_context, check_precision, cuda_capability,
                                     enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
-                                    resolve_dtype, resolve_quantization)
+                                    quiet_weight_bars, resolve_dtype, resolve_quantization)
 from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
@@ -194,9 +194,10 @@ class CodeLoRAModule(L.LightningModule):
                      device: torch.device) -> tuple[dict[str, Any] | None, bool]:
         """The predicted peak of one step (codetune/memory_plan.py), made once, and whether gradient checkpointing
         is on. `--data.batch_size auto` takes its micro-batch from it and `--model.gradient_checkpointing auto`
-        its choice. The card's free memory is read now, with the weights and adapters loaded, so it is compared
-        with what training will still allocate (`fits_after_load`), not with the whole plan. Printed; returned
-        for the manifest."""
+        its choice. The card's free memory (on the CPU: the available RAM) is read now, with the weights and
+        adapters loaded, so it is compared with what training will still allocate (`fits_after_load`), not with
+        the whole plan. On the CPU a plan that does not fit the RAM stops the run here. Printed; returned for the
+        manifest."""
         hp = self.hparams
         # Every other process on the card counts too: this is what the allocator can still get.
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -214,19 +215,35 @@ class CodeLoRAModule(L.LightningModule):
             return self._without_plan(err, free)
         checkpointing = plan.training.gradient_checkpointing
         self.micro_batch_size = plan.training.micro_batch_size
-        rank_zero_info(f"codetune VRAM plan (micro-batch {self.micro_batch_size}, gradient checkpointing "
-                       f"{'on' if checkpointing else 'off'}{' by the plan' if hp.gradient_checkpointing == 'auto' else ''}"
-                       f"):\n{format_plan(plan, free, after_load=True)}")
-        if free is not None and not plan.fits_after_load(free):
+        if device.type == "cuda":
+            self._report_card_plan(plan, free)
+            return _plan_record(plan, free, plan.required_free_bytes(after_load=True), "VRAM"), checkpointing
+        ram = self._report_ram_plan(plan)
+        return _plan_record(plan, ram, plan.required_ram_bytes(), "RAM"), checkpointing
+
+    def _plan_title(self, plan: MemoryPlan, memory: str) -> str:
+        auto = " by the plan" if self.hparams.gradient_checkpointing == "auto" else ""
+        return (f"codetune {memory} plan (micro-batch {self.micro_batch_size}, gradient checkpointing "
+                f"{'on' if plan.training.gradient_checkpointing else 'off'}{auto})")
+
+    def _report_card_plan(self, plan: MemoryPlan, free: int) -> None:
+        rank_zero_info(f"{self._plan_title(plan, 'VRAM')}:\n{format_plan(plan, free, after_load=True)}")
+        if not plan.fits_after_load(free):
             rank_zero_warn(f"codetune: the plan needs {plan.required_free_bytes(after_load=True) / 2**30:.2f} GiB more "
                            f"than the weights, and {free / 2**30:.2f} GiB are free; expect OOM back-offs (or lower "
                            f"--data.batch_size / --data.seq_len; `codetune plan` shows what fits).")
-        return {"predicted_peak_gib": round(plan.total / 2**30, 3),
-                "free_gib": None if free is None else round(free / 2**30, 3),
-                "free_read": "after the model was loaded",
-                "required_free_gib": round(plan.required_free_bytes(after_load=True) / 2**30, 3),
-                "micro_batch_size": self.micro_batch_size, "gradient_checkpointing": checkpointing,
-                "terms_gib": {k: round(v / 2**30, 3) for k, v in plan.terms().items()}}, checkpointing
+
+    def _report_ram_plan(self, plan: MemoryPlan) -> int | None:
+        """Print a CPU plan against the available RAM, and stop (ConfigError) when it does not fit: on the CPU there
+        is no OOM to back off from, the machine swaps until the kernel kills the process. Returns the RAM read."""
+        ram = available_ram_bytes()
+        rank_zero_info(f"{self._plan_title(plan, 'RAM')}:\n{format_plan(plan, ram)}")
+        if ram is None:
+            rank_zero_warn("codetune: the available RAM cannot be read here (no MemAvailable in /proc/meminfo), so "
+                           "the memory plan is not checked against it; watch the first steps' memory.")
+        elif plan.required_ram_bytes() > ram:
+            raise ConfigError(ram_plan_message(plan, ram, self.hparams.gradient_checkpointing))
+        return ram
 
     def _choose(self, shape: ModelShape, training: TrainingShape, free: int | None,
                 device: torch.device) -> MemoryPlan:
@@ -279,7 +296,7 @@ class CodeLoRAModule(L.LightningModule):
         if self.trainer.is_global_zero and not (target / "config.json").exists():
             model = build_tiny_model(self.tokenizer, seed=self.hparams.seed,
                                      max_position_embeddings=max(self.hparams.seq_len, 4096))
-            with atomic_save_dir(target) as tmp:
+            with atomic_save_dir(target) as tmp, quiet_weight_bars():
                 model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
         self.trainer.strategy.barrier("codetune-tiny-base")
@@ -528,6 +545,8 @@ class CodeLoRAModule(L.LightningModule):
     # -- optimizer and checkpoints ------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_cosine_schedule_with_warmup
+
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.optimizer_name, params, self.hparams.learning_rate, self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -602,6 +621,32 @@ class CodeLoRAModule(L.LightningModule):
                 f"is exported when that run ends.")
         with atomic_save_dir(directory) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
+
+
+def _plan_record(plan: MemoryPlan, free: int | None, required: int, memory: str) -> dict[str, Any]:
+    """The manifest's `vram_plan`: the plan's figures, and the free memory (`memory`: VRAM, or RAM on the CPU)."""
+    return {"memory": memory, "predicted_peak_gib": round(plan.total / 2**30, 3),
+            "free_gib": None if free is None else round(free / 2**30, 3),
+            "free_read": "after the model was loaded", "required_free_gib": round(required / 2**30, 3),
+            "micro_batch_size": plan.training.micro_batch_size,
+            "gradient_checkpointing": plan.training.gradient_checkpointing,
+            "terms_gib": {k: round(v / 2**30, 3) for k, v in plan.terms().items()}}
+
+
+def ram_plan_message(plan: MemoryPlan, available: int, checkpointing_flag: bool | str) -> str:
+    """What stops a CPU run whose memory plan does not fit the available RAM: the figures and what to lower."""
+    tr = plan.training
+    fixes = [f"--data.seq_len (now {tr.seq_len})", f"--data.batch_size (now {tr.micro_batch_size})"]
+    if not tr.gradient_checkpointing:
+        with_it = plan_memory(plan.model, replace(tr, gradient_checkpointing=True))
+        fixes.append(f"--model.gradient_checkpointing true (now {checkpointing_flag}; "
+                     f"{with_it.required_ram_bytes() / 2**30:.2f} GiB)")
+    return (f"the memory plan does not fit this machine's RAM: micro-batch {tr.micro_batch_size} x {tr.seq_len} "
+            f"tokens is predicted to peak at {plan.total / 2**30:.2f} GiB, so training needs "
+            f"{plan.required_ram_bytes() / 2**30:.2f} GiB of RAM beyond the loaded model (what is left to allocate "
+            f"x{CPU_RSS_FACTOR:g} for what the CPU heap keeps, + {CPU_RSS_OVERHEAD_BYTES // 2**20} MiB), and "
+            f"{available / 2**30:.2f} GiB are available: it would swap until the system kills it. Lower "
+            f"{', or '.join(fixes)}, or close other programs; `codetune plan` shows the plan's terms.")
 
 
 def non_finite_step_message(step: int, loss: float, grad_norm: float, checkpoint: str | None, run_dir: Path,

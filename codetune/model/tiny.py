@@ -10,10 +10,12 @@ peft, exactly as for a hub model.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported where used: transformers' model classes take a second to import
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_NAME = "tiny"
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
@@ -21,6 +23,9 @@ BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Byte-level BPE over `texts`; every byte is in the alphabet, so no input is ever unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -38,6 +43,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
 def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
                 max_position_embeddings: int = 4096, bos_token_id: int = 1, eos_token_id: int = 2,
                 pad_token_id: int = 0) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     # Dimensions stay multiples of 32: bitsandbytes' 4-bit blocks and fused kernels expect it.
     for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
         if value % 32:
@@ -64,6 +71,8 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0,
                      max_position_embeddings: int = 4096) -> LlamaForCausalLM:
+    from transformers import LlamaForCausalLM
+
     config = tiny_config(
         padded_vocab_size(tokenizer),
         max_position_embeddings=max_position_embeddings,

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,7 +99,7 @@ class RecordingLogger:
 
 def cuda_trainer(*loggers: RecordingLogger) -> SimpleNamespace:
     return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_step=0,
-                           loggers=list(loggers), is_global_zero=True)
+                           loggers=list(loggers), is_global_zero=True, callbacks=[])
 
 
 def drive(monitor: VRAMMonitor, trainer: SimpleNamespace, steps: range) -> None:
@@ -237,6 +238,7 @@ def test_resumed_without_a_gpu_keeps_the_earlier_peaks_and_prints_nothing(monkey
 
     resumed, cpu = VRAMMonitor(log_every_n_steps=3), cuda_trainer()
     cpu.strategy.root_device = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the machine it resumes on has no GPU
     with pytest.warns(UserWarning, match=OFF):
         resumed.setup(cpu, None, "fit")
     resumed.load_state_dict(first.state_dict())
@@ -372,3 +374,31 @@ def test_real_fit_logs_every_n_steps_and_a_resumed_fit_keeps_the_peaks(monkeypat
     assert resumed.summary()["peak_vram_gb"] == 11.25 and resumed.summary()["peak_torch_reserved_gb"] == 10.0
     # Steps 3, 6, 7 before; then the end of epoch 0 at step 8 and step 9 (its epoch end is the same step).
     assert resumed.summary()["readings"] == 3 + 2
+
+
+class ConfigHolder(SaveConfigCallback):
+    """LightningCLI's config callback, saving nothing."""
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        pass
+
+
+def cli_fit(monitor: VRAMMonitor, accelerator: str) -> L.Trainer:
+    """A CPU fit as LightningCLI runs it: its SaveConfigCallback holds the config the user gave."""
+    from jsonargparse import Namespace
+
+    saver = ConfigHolder(None, Namespace(trainer=Namespace(accelerator=accelerator)), save_to_log_dir=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, saver])
+    trainer.fit(TinyModule())
+    return trainer
+
+
+def test_a_cpu_run_the_user_chose_is_not_warned_about(recwarn, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    chosen = VRAMMonitor()
+    cli_fit(chosen, "cpu")  # --trainer.accelerator cpu: the demo
+    assert off_warnings(recwarn) == [] and chosen.enabled is False and "runs on cpu" in chosen.disabled_reason
+    # --trainer.accelerator auto that found no GPU: the user expected one, and is told why there are no figures.
+    cli_fit(VRAMMonitor(), "auto")
+    assert len(off_warnings(recwarn)) == 1
