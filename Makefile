@@ -17,7 +17,7 @@ CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge tensorboard test bench gpu-check clean
+.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge tensorboard test bench gpu-check clean clean-runs
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@touch $@
 
 demo: install ## Train the embedded tiny model on this project's own source, on CPU (a few minutes)
-	@$(PY) -m codetune.cli fit --config configs/training_config.yaml --config configs/presets/demo.yaml \
+	@$(PY) -m codetune fit --config configs/training_config.yaml --config configs/presets/demo.yaml \
 		--data.repo . $(NAME_ARG) $(ARGS)
 
 inspect: install ## Language mix, skipped files and the config to use: make inspect REPO=~/code/project
@@ -53,15 +53,15 @@ prepare: install ## Only scan, tokenize and pack into OUT: make prepare REPO=...
 
 train: install ## Train with the default config: make train REPO=~/code/project [MODEL=...] [ARGS=...]
 	@test -n "$(REPO)" || { echo "make train: set REPO=path/to/your/repository"; exit 2; }
-	@$(PY) -m codetune.cli fit --config configs/training_config.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
+	@$(PY) -m codetune fit --config configs/training_config.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
 
 train-rust: install ## Train with the Rust config: make train-rust REPO=~/code/crate [MODEL=...] [ARGS=...]
 	@test -n "$(REPO)" || { echo "make train-rust: set REPO=path/to/your/crate"; exit 2; }
-	@$(PY) -m codetune.cli fit --config configs/training_config_rust.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
+	@$(PY) -m codetune fit --config configs/training_config_rust.yaml --data.repo "$(REPO)" $(MODEL_ARG) $(NAME_ARG) $(ARGS)
 
 resume: install ## Continue a run from its last checkpoint: make resume RUN=runs/<name>
 	@test -f "$(RUN)/config.yaml" || { echo "make resume: set RUN=runs/<name> (a run directory with config.yaml)"; exit 2; }
-	@$(PY) -m codetune.cli fit --config "$(RUN)/config.yaml" --ckpt_path last $(ARGS)
+	@$(PY) -m codetune fit --config "$(RUN)/config.yaml" --ckpt_path last $(ARGS)
 
 generate: install ## Complete code with a finished run: make generate RUN=runs/<name> PROMPT="fn process" [ARGS=...]
 	@test -n "$(RUN)" -a -n "$(PROMPT)" || { echo 'make generate: set RUN=runs/<name> and PROMPT="fn process"'; exit 2; }
@@ -87,5 +87,8 @@ bench: install ## Print the benchmark figures (training throughput vs TRL, memor
 gpu-check: install ## On a CUDA card: the GPU check's table (bench/gpu_check.py), JSON in gpu_check.json [ARGS=--dry-run]
 	$(PY) bench/gpu_check.py --out gpu_check.json $(ARGS)
 
-clean: ## Remove the venv, runs and caches
-	rm -rf $(VENV) runs .pytest_cache *.egg-info
+clean: ## Remove the venv and caches (trained runs stay: make clean-runs)
+	rm -rf $(VENV) .pytest_cache *.egg-info
+
+clean-runs: ## Delete every trained run under runs/ (adapters, checkpoints, logs)
+	rm -rf runs

@@ -4,19 +4,31 @@
 with repeated `--config`; every knob is a typed `__init__` parameter of the data module
 (`--data.*`), the module (`--model.*`), the trainer (`--trainer.*`) or a callback
 (`--generation.*`, `--oom_backoff.*`, `--vram.*`, `--checkpoint.*`). The last line a training command prints is its run directory.
+
+`--config` takes a YAML file or the name of a config shipped in the package (`default`, `rust`, `demo`:
+`codetune/configs/`, which the checkout's `configs/` links to). A bad flag or config key is one short
+message naming the closest real flag, before anything is built. Lightning's console lines that ask
+nothing of the user (device availability, seed, tips, its model summary) are dropped here, by name.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib.resources
+import logging
+import re
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -24,13 +36,14 @@ from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
+from callbacks.interrupt import InterruptCheckpoint
 from callbacks.manifest import ManifestWriter
 from callbacks.oom_backoff import OOMBackoff
 from callbacks.random_state import RandomState
 from callbacks.vram_monitor import VRAMMonitor
 from codetune.checkpoint_io import AtomicCheckpointIO
 from codetune.data.datamodule import CodeDataModule
-from codetune.errors import ConfigError, exit_status
+from codetune.errors import ConfigError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
 from codetune.run import atomic_write_text, default_run_name
@@ -51,7 +64,46 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class CodetuneCLI(LightningCLI):
-    """LightningCLI with codetune's run directory, callbacks and linked arguments."""
+    """LightningCLI with codetune's run directory, callbacks and linked arguments; `fit` is its one subcommand."""
+
+    PROG = "codetune"
+    DESCRIPTION = "Fine-tune a code LLM on your repository with QLoRA (`codetune --help` lists the other commands)."
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        # No validate/test/predict: the module has no test or predict step, and the held-out loss that
+        # `validate` would give is measured at the end of every fit (MANIFEST.json's final_val_loss).
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    @override
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={L.__version__}"])
+        # Errors raise, to be reworded by parse_arguments, instead of printing the whole usage before them.
+        parser = self.parser_class(**{**kwargs, "exit_on_error": False})
+        parser.add_argument("-c", "--config", action=ActionConfigFile,
+                            help="A YAML config file, or the name of a shipped one: "
+                                 f"{', '.join(shipped_configs())}. Repeat to compose (later ones override).")
+        return parser
+
+    @override
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # jsonargparse names a subcommand's program `codetune [options] fit`; users type `codetune fit`.
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            parser.prog = f"{self.parser.prog} {name}"
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(describe_parse_error(str(err), self._parser_of(args), args)) from None
+
+    def _parser_of(self, args: Sequence[str]) -> LightningArgumentParser:
+        """The parser that reads the flags: the subcommand's, or the only one (`prepare`, `plan`)."""
+        subcommands = getattr(self, "_subcommand_parsers", {})
+        return next((subcommands[a] for a in args if a in subcommands), self.parser)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -68,6 +120,9 @@ class CodetuneCLI(LightningCLI):
         # No version counter: both checkpoint callbacks must overwrite one last.ckpt, not write last-v1.ckpt.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.enable_version_counter": False})
+        # The module prints its own one-line summary (trainable of total parameters); Lightning's table adds
+        # a FLOPs column of zeros and the metric objects.
+        parser.set_defaults({"trainer.enable_model_summary": False})
         # Facts stated once: the model fixes the tokenizer; the window and micro-batch are data settings.
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
@@ -92,6 +147,8 @@ class CodetuneCLI(LightningCLI):
         if config.checkpoint_every_n_steps < 0:
             raise ConfigError(f"--checkpoint_every_n_steps={config.checkpoint_every_n_steps}: use a positive number "
                               "of optimizer steps, or 0 to checkpoint only at epoch ends.")
+        if self.subcommand == "fit":
+            check_resumable(config.ckpt_path, Path(config.checkpoint.dirpath))
 
     @override
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
@@ -101,7 +158,8 @@ class CodetuneCLI(LightningCLI):
         trainer = config.trainer
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_progress_bar is not False:
-            callbacks.append(RichProgressBar())
+            # First, so that it is gone before any other callback prints at the end of training.
+            callbacks.insert(0, RunProgressBar())
         if config.checkpoint_every_n_steps > 0:
             # A second ModelCheckpoint: Lightning's triggers are exclusive, so the --checkpoint.* one cannot
             # also save every N steps. Both write the same last.ckpt; the newest is what a resume loads.
@@ -134,6 +192,199 @@ class CodetuneCLI(LightningCLI):
             raise
 
 
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with the run's real limits and out of the way of the end-of-run lines.
+
+    The description is ``Epoch N/LAST`` when `--trainer.max_epochs` bounds the run, plus ``(max S steps)``
+    when `--trainer.max_steps` does (Lightning's own shows ``Epoch 0/-2`` for a run bounded by steps alone).
+    The bar stops when training ends, so the evaluation table and the phase lines printed after it are not
+    followed by the bar drawn once more; place it first among the callbacks for that.
+    """
+
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        if self.trainer.max_steps > 0:
+            description += f" (max {self.trainer.max_steps} steps)"
+        # Padded like Lightning's, so the bar does not jump between training and validation.
+        return f"{description:{len(self.validation_description)}}"
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_progress()
+
+    @override
+    def _stop_progress(self) -> None:
+        # Once: off a terminal, rich prints an empty line at every stop (train end, then teardown).
+        if not self._progress_stopped:
+            super()._stop_progress()
+
+
+def check_resumable(ckpt_path: str | None, checkpoints: Path) -> None:
+    """`--ckpt_path` must name a checkpoint that is there: Lightning would warn and train from scratch instead."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+        return  # Lightning's other keywords: it resolves (and refuses) them itself
+    fresh = "To start the run fresh instead, run the same command without --ckpt_path."
+    if ckpt_path == "last":
+        if not any(checkpoints.glob("last*.ckpt")):
+            raise ConfigError(f"--ckpt_path last: nothing to resume in {checkpoints} (no last.ckpt: the run saved "
+                              f"no checkpoint yet). {fresh}")
+    elif not Path(ckpt_path).is_file():
+        raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file (give a .ckpt file, or `last` for the "
+                          f"run's {checkpoints}/last.ckpt). {fresh}")
+
+
+# -- configs shipped with the package -----------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Short name -> YAML shipped in codetune/configs/: `default` (training_config.yaml), `rust`
+    (training_config_rust.yaml), and each preset by its stem (`demo`)."""
+    root = Path(str(importlib.resources.files("codetune") / "configs"))
+    names = {}
+    for path in sorted(root.glob("training_config*.yaml")):
+        names[path.stem.removeprefix("training_config").removeprefix("_") or "default"] = path
+    for path in sorted((root / "presets").glob("*.yaml")):
+        names[path.stem] = path
+    return names
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """`args` with each `--config NAME` of a shipped config replaced by its path; a --config that is neither a
+    file nor a shipped name is a ConfigError listing the names."""
+    out, args = [], list(args)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-c", "--config") and args:
+            out += [arg, _config_path(args.pop(0))]
+        elif arg.startswith("--config="):
+            out.append(f"--config={_config_path(arg.partition('=')[2])}")
+        else:
+            out.append(arg)
+    return out
+
+
+def _config_path(value: str) -> str:
+    if Path(value).expanduser().is_file() or value.lstrip().startswith("{") or "\n" in value:
+        return value  # a file, or YAML/JSON given inline (jsonargparse reads both)
+    names = shipped_configs()
+    if value in names:
+        return str(names[value])
+    raise ConfigError(f"--config {value}: no such file, and not the name of a shipped config "
+                      f"({', '.join(names)}). Give a YAML file's path or one of those names.")
+
+
+# -- parse errors, reworded -------------------------------------------------------------------------------
+
+
+def describe_parse_error(message: str, parser: LightningArgumentParser, args: Sequence[str]) -> str:
+    """jsonargparse's error as one message: every unknown flag, and every unknown key of each --config file,
+    with the closest real name; a bad value with its flag first."""
+    message = " ".join(message.split())
+    known = parser_keys(parser)
+    command = parser.prog
+    unrecognized = re.match(r"unrecognized arguments: (.*)", message)
+    if unrecognized:
+        flags = [a.partition("=")[0] for a in unrecognized[1].split() if a.startswith("-")]
+        wrong = [f"{flag}{_suggestion(flag.lstrip('-'), known, '--')}" for flag in flags]
+        return f"`{command}` has no flag {', '.join(wrong)}. `{command} --help` lists them."
+    files = [f"{path}: unknown key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+             for path, keys in unknown_config_keys(args, known)]
+    unknown = re.match(r"Subcommand '\w+' does not accept option '([^']+)'", message) or re.match(
+        r"Key '([^']+)' is not expected", message)
+    if files:  # every typo of every file, whichever one jsonargparse stopped at
+        also = "" if unknown else f" Also: {_reworded(message)}"
+        return f"{'; '.join(files)}. `{command} --help` lists the settings.{also}"
+    if unknown:
+        return f"`{command}` has no setting {unknown[1]}{_suggestion(unknown[1], known)}. `{command} --help` lists them."
+    return _reworded(message)
+
+
+def _reworded(message: str) -> str:
+    """A bad value's message with its flag first (jsonargparse starts with `Parser key "data.seq_len":`)."""
+    bad_value = re.match(r'Parser key "([^"]+)": (.*)', message)
+    return f"--{bad_value[1]}: {bad_value[2]}" if bad_value else message
+
+
+def parser_keys(parser: LightningArgumentParser) -> set[str]:
+    """Every setting the parser knows, dotted (`data.seq_len`), as flags and config keys spell it."""
+    # `--trainer.logger.help CLASS` and the like print help; they are no setting.
+    return {action.dest for action in parser._actions
+            if action.dest != argparse.SUPPRESS and not action.dest.endswith(".help")}
+
+
+def _suggestion(name: str, known: set[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{match[0]}?)" if match else ""
+
+
+def unknown_config_keys(args: Sequence[str], known: set[str]) -> list[tuple[str, list[str]]]:
+    """(file, its unknown keys with suggestions) for each `--config` file in `args` that has any."""
+    found = []
+    for path in _config_files(args):
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # not readable as YAML: jsonargparse's own message says so
+        keys = config_tree_unknowns(tree, known) if isinstance(tree, dict) else []
+        if keys:
+            found.append((path, [f"{key}{_suggestion(key, known)}" for key in keys]))
+    return found
+
+
+def config_tree_unknowns(tree: dict, known: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys of a config tree that name no setting; below a known setting nothing is checked (its value
+    may be a dict, e.g. `trainer.logger`'s class_path and init_args)."""
+    unknown = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and any(k.startswith(f"{dotted}.") for k in known):
+            unknown += config_tree_unknowns(value, known, f"{dotted}.")
+        elif dotted not in known:
+            unknown.append(dotted)
+    return unknown
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    args = list(args)
+    pairs = zip(args, [*args[1:], ""])
+    return [v for a, v in pairs if a in ("-c", "--config") and Path(v).is_file()] + [
+        a.partition("=")[2] for a in args if a.startswith("--config=") and Path(a.partition("=")[2]).is_file()]
+
+
+# -- Lightning's console chatter ----------------------------------------------------------------------------
+
+# Lightning's info lines that ask nothing of the user, by their text; every other line still shows.
+LIGHTNING_CHATTER = re.compile(r"GPU available: |TPU available: |💡 Tip: |Seed set to |"
+                               r"Loading `train_dataloader` to estimate number of stepping batches|"
+                               r"`Trainer\.fit` stopped: `max_steps=")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return LIGHTNING_CHATTER.search(record.getMessage()) is None
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Within: Lightning's chatter lines are dropped, and its `_pytree` deprecation warning (a torch API
+    Lightning itself uses; nothing for the user to change)."""
+    chatter = _DropChatter()
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(chatter)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"))
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(chatter)
+
+
 def derived_precision(config: Namespace) -> str:
     """--trainer.precision when it is not given: the one --model.dtype trains under on the device the trainer
     will pick (`auto` dtype: bf16-mixed from compute capability 8.0, 16-mixed below, 32-true on CPU)."""
@@ -147,7 +398,8 @@ def derived_precision(config: Namespace) -> str:
 
 def build_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI] = CodetuneCLI, run: bool = True) -> CodetuneCLI:
     """The CLI over `args` (None: sys.argv); `run=False` parses and instantiates without a subcommand."""
-    with warnings.catch_warnings():
+    args = resolve_config_args(sys.argv[1:] if args is None else args)
+    with warnings.catch_warnings(), quiet_lightning():
         # `main` always passes the command line explicitly (it strips `prepare`), which Lightning warns about.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return _instantiate_cli(args, cli_class, run)
@@ -161,46 +413,24 @@ def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], r
         seed_everything_default=42,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ManifestWriter(), RandomState()], "log_every_n_steps": 1},
+        # InterruptCheckpoint last: its checkpoint at a step boundary follows every other callback's work of the step.
+        trainer_defaults={"callbacks": [ManifestWriter(), RandomState(), InterruptCheckpoint()],
+                          "log_every_n_steps": 1},
         auto_configure_optimizers=False,
         run=run,
-        parser_kwargs={"description": "Fine-tune a code LLM on your repository with QLoRA. Other commands: "
-                                      "`codetune inspect REPO` (language mix, skipped files, recommended "
-                                      "config), `codetune prepare ... --out DIR` (the packed data only), "
-                                      "`codetune compare RUN...` (runs side by side), `codetune generate RUN "
-                                      "--prompt P` and `codetune merge RUN --out DIR` (use a finished run)."},
+        parser_kwargs={"prog": cli_class.PROG, "description": cli_class.DESCRIPTION},
     )
 
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of every command (`inspect` and `prepare` included); returns the exit status."""
-    args = sys.argv[1:] if args is None else list(args)
-    command = args[0] if args else None
-    if command == "inspect":
-        from codetune.inspect import run
+    from codetune.__main__ import main as dispatch
 
-        return run(args[1:])
-    if command == "compare":
-        from codetune.compare import run as compare
-
-        return compare(args[1:])
-    if command == "plan":
-        from codetune.plan import main as plan_main
-
-        return plan_main(args[1:])
-    if command == "prepare":
-        from codetune.prepare import main as prepare_main
-
-        return exit_status(lambda: prepare_main(args[1:]), "codetune prepare")
-    if command in ("generate", "merge"):
-        from codetune.use import main_generate, main_merge
-
-        use_main = main_generate if command == "generate" else main_merge
-        return exit_status(lambda: use_main(args[1:]), f"codetune {command}")
-    return exit_status(lambda: _run_lightning_cli(args))
+    return dispatch(args)
 
 
-def _run_lightning_cli(args: list[str]) -> int:
+def run_fit(args: list[str]) -> int:
+    """`codetune fit ...` (args start with `fit`): trains, then prints the run directory as the last line."""
     cli = build_cli(args)
     if cli.subcommand == "fit":
         print(cli.trainer.default_root_dir, flush=True)

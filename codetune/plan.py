@@ -21,7 +21,6 @@ Importing Lightning (seconds) cannot be avoided here: the defaults come from the
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -122,7 +121,7 @@ def parse_size(text: str) -> int:
 def parse_fit_config(fit_args: list[str]) -> Any:
     """`fit`'s configuration for these flags (configs merged, links applied, defaults from the real
     signatures), without instantiating anything. A bad flag or value is a ConfigError."""
-    from codetune.cli import CodetuneCLI
+    from codetune.cli import CodetuneCLI, resolve_config_args
     from codetune.data.datamodule import CodeDataModule
     from codetune.model.module import CodeLoRAModule
 
@@ -134,16 +133,15 @@ def parse_fit_config(fit_args: list[str]) -> Any:
             pass  # no model, data module or trainer: the plan needs only their settings
 
     # Last, so it overrides the configs: planning must not reseed this process's generators.
-    args = [*fit_args, "--seed_everything=false"]
+    args = [*resolve_config_args(fit_args), "--seed_everything=false"]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             cli = _ParseOnly(CodeLoRAModule, CodeDataModule, args=args, run=False, auto_configure_optimizers=False,
-                             parser_kwargs={"exit_on_error": False})
-    except argparse.ArgumentError as err:
-        message = " ".join(str(err).split())
-        raise ConfigError(f"{message}. `codetune plan` takes fit's --config, --model.* and --data.* flags, plus "
-                          f"--vram SIZE and --json (see `codetune fit --help`).") from err
+                             parser_kwargs={"prog": "codetune plan"})
+    except ConfigError as err:  # a flag or config key the parser does not know, or a bad value
+        raise ConfigError(f"{err} `codetune plan` takes fit's --config, --model.* and --data.* flags, plus "
+                          f"--vram SIZE and --json (see `codetune fit --help`).") from None
     return cli.config
 
 

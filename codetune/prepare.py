@@ -39,6 +39,11 @@ REPORT_NAME = "data_report.json"
 class PrepareCLI(CodetuneCLI):
     """The training CLI's arguments, plus `--out`; nothing is trained."""
 
+    PROG = "codetune prepare"
+    DESCRIPTION = ("Only scan, tokenize and pack a repository, exactly as `codetune fit` would, into --out: train.npy, "
+                   "val.npy (int32 windows), the tokenizer and data_report.json. Takes fit's --config, --model.* "
+                   "and --data.* flags.")
+
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)

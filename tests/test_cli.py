@@ -256,3 +256,86 @@ def test_batch_size_auto_keeps_the_effective_batch(tmp_path, fixture_repo, capsy
     assert manifest["config"]["data"]["batch_size"] == "auto"
     assert scalars(tmp_path / "runs" / "auto", "train/micro_batch_size") == [6.0, 6.0]
     assert manifest["phase_results"]["phase_3_model"]["vram_plan"]["predicted_peak_gib"] > 0
+
+
+def test_make_clean_keeps_the_runs_and_clean_runs_removes_them():
+    import subprocess
+
+    def make(*target: str) -> str:
+        return subprocess.run(["make", "-n", *target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    assert "runs" not in make("clean").split()
+    assert make("clean-runs").split() == ["rm", "-rf", "runs"]
+    listed = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "make clean-runs" in listed
+
+
+def test_progress_bar_names_the_runs_limits_and_stops_once():
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from codetune.cli import RunProgressBar
+
+    bar = RunProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=3)  # --trainer.max_steps alone
+    assert bar._get_train_description(0).strip() == "Epoch 0 (max 3 steps)"
+    bar._trainer = SimpleNamespace(max_epochs=10, max_steps=-1)
+    assert bar._get_train_description(2).strip() == "Epoch 2/9"
+    bar.progress = mock.Mock()
+    bar.on_train_end(None, None)
+    bar.teardown(None, None, "fit")
+    # Stopped when training ends (before the end-of-run lines print), and not again: each stop off a terminal
+    # prints a line.
+    assert bar.progress.stop.call_count == 1
+
+
+def test_lightnings_chatter_is_dropped_and_the_rest_kept():
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from codetune.cli import quiet_lightning
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_lightning():
+                rank_zero_info("GPU available: False, used: False")
+                rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
+                rank_zero_info("`Trainer.fit` stopped: `max_steps=3` reached.")
+                rank_zero_info("codetune data: 28 train / 2 val files")
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+                warnings.warn("set --data.seq_len lower", UserWarning)
+            rank_zero_info("GPU available: False, used: False")  # outside, Lightning speaks as before
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["codetune data: 28 train / 2 val files", "GPU available: False, used: False"]
+    assert [str(w.message) for w in caught] == ["set --data.seq_len lower"]
+
+
+def test_a_tiny_fit_prints_one_line_per_phase_and_no_lightning_chatter(tmp_path, fixture_repo):
+    import os
+    import subprocess
+
+    from conftest import fit_command, subprocess_env
+
+    command = fit_command(fixture_repo, tmp_path / "runs", "quiet", "--trainer.max_steps", "2",
+                          "--trainer.enable_progress_bar", "true")
+    summary = command.index("--trainer.enable_model_summary")
+    del command[summary:summary + 2]  # the default now
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=True)
+    output = result.stdout + result.stderr
+    for chatter in ("GPU available", "TPU available", "Tip:", "Seed set to", "Loading `train_dataloader`",
+                    "`Trainer.fit` stopped", "LeafSpec", "FLOPs", "Epoch 0/-2"):
+        assert chatter not in output, chatter
+    assert "Epoch 0/9 (max 2 steps)" in result.stdout
+    lines = result.stdout.rstrip().splitlines()
+    # The bar is drawn before the end-of-run lines, not again after them.
+    assert lines[-1] == str(tmp_path / "runs" / "quiet") and lines[-2].startswith("codetune ✓ phase_6_export")

@@ -138,6 +138,15 @@ def test_the_embedded_tiny_model_is_planned_from_its_config(capsys):
     assert report["fits"] is True
 
 
+def test_shipped_config_names_work_from_any_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    named = _json_plan(capsys, "--config", "default", "--config", "demo", "--vram", "1GiB")
+    monkeypatch.chdir(REPO)
+    by_path = _json_plan(capsys, "--config", str(DEFAULT), "--config", "configs/presets/demo.yaml", "--vram", "1GiB")
+    assert named["configs"] == ["default", "demo"]
+    assert named["terms_bytes"] == by_path["terms_bytes"] and named["training"] == by_path["training"]
+
+
 def test_sizes_take_binary_and_decimal_units():
     assert parse_size("6GiB") == parse_size("6144MiB") == parse_size("6 gib") == 6 * 2**30
     assert (parse_size("8GB"), parse_size("5.5GiB"), parse_size("512MB")) == (8 * 10**9, 5.5 * 2**30, 512 * 10**6)
@@ -147,8 +156,10 @@ def test_sizes_take_binary_and_decimal_units():
     (["--vram", "6G"], "--vram '6G': give the card's free memory with a unit, e.g. --vram 6GiB"),
     (["--vram", "0GiB"], "--vram '0GiB': must be more than 0"),
     (["--vram"], "--vram '': give the card's free memory"),
-    (["--model.lora_rnk", "16"], "unrecognized arguments: --model.lora_rnk 16. `codetune plan` takes fit's --config"),
-    (["--model.lora_rank", "abc"], 'Parser key "model.lora_rank": Expected a <class \'int\'>. Got value: abc'),
+    (["--model.lora_rnk", "16"], "`codetune plan` has no flag --model.lora_rnk (did you mean --model.lora_rank?). "
+                                 "`codetune plan --help` lists them. `codetune plan` takes fit's --config"),
+    (["--model.lora_rank", "abc"], "--model.lora_rank: Expected a <class 'int'>. Got value: abc"),
+    (["--config", "rsut"], "--config rsut: no such file, and not the name of a shipped config (default, rust, demo)"),
     (["--data.seq_len", "65536"], "--data.seq_len=65536 is longer than the model's context (32768 tokens)"),
     (["--data.batch_size", "auto"], "--data.batch_size auto needs --data.effective_batch_size N"),
     (["--model.lora_target_modules", "[c_attn]"], "--model.lora_target_modules=['c_attn']: the estimate knows"),
