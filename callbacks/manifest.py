@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from typing_extensions import override
 
+from callbacks.generation_eval import GenerationEval
+from callbacks.interrupt import TrainingInterrupted
 from codetune.run import Manifest, git_commit, package_versions, utc_now
 
 ADAPTER_DIR = "adapter"
@@ -45,7 +47,11 @@ class ManifestWriter(Callback):
     config, when the CLI saved one), ``segments`` (one per training process: the first and each
     resume, with ``resumed_from``, ``start_step``, ``end_step``, ``training_minutes``, ``status``;
     brought up to date at every checkpoint, so a killed segment still shows how far it got).
-    A failure marks the running phase and segment ``failed`` with the error.
+    ``training_time_minutes``, each segment's ``training_minutes`` and ``phase_4_training``'s ``wall_s`` are
+    training time: the steps and the validation, not the generation eval (before the first step and at each
+    epoch end), whose seconds ``phase_5_evaluation`` holds.
+    A failure marks the running phase and segment ``failed`` with the error; Ctrl-C or SIGTERM
+    (``callbacks/interrupt.py``) marks them, and the run, ``interrupted``, naming the step and the checkpoint.
 
     The console shows each phase as it ends (status, wall time, its key figures); Lightning's rich
     progress bar shows the training itself.
@@ -59,6 +65,8 @@ class ManifestWriter(Callback):
         self.manifest: Manifest | None = None
         self.tokens_trained = 0
         self._train_started = 0.0
+        self._eval_s_at_start = 0.0
+        self._final_minutes: float | None = None
         self._console = Console(highlight=False, soft_wrap=True)
 
     @property
@@ -73,7 +81,8 @@ class ManifestWriter(Callback):
         self.manifest = Manifest(self.run_dir)
         datamodule = trainer.datamodule
         repo = Path(getattr(datamodule, "repo", ".")).resolve()
-        for stale in ("failed_phase", "error", "finished_at"):  # of an earlier process in this directory
+        # Left by an earlier process in this directory.
+        for stale in ("failed_phase", "error", "interrupted_phase", "interrupted", "finished_at"):
             self.manifest.data.pop(stale, None)
         self.manifest.update(run_name=self.run_dir.name, run_dir=str(self.run_dir.resolve()), status="running",
                              started_at=self.manifest.data.get("started_at") or utc_now(), repo=str(repo),
@@ -110,7 +119,9 @@ class ManifestWriter(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_started = time.perf_counter()
+        self._train_started, self._final_minutes = time.perf_counter(), None
+        # A resumed run's eval history (in the checkpoint) holds earlier segments' evals: only what follows counts.
+        self._eval_s_at_start = _eval_seconds(trainer)
         if self.manifest is not None:
             self.manifest.start_phase("phase_4_training")
             # The checkpoint is known (and loaded) by now; without one, earlier segments were another run.
@@ -125,7 +136,7 @@ class ManifestWriter(Callback):
         # What a later resume will start from: if this process is killed, its segment ends here.
         if self.manifest is not None and self.manifest.segments:
             self.manifest.update_segment(end_step=trainer.global_step, last_checkpoint_at=utc_now(),
-                                         training_minutes=self._training_minutes())
+                                         training_minutes=self._training_minutes(trainer))
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -142,10 +153,16 @@ class ManifestWriter(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish_training(trainer, self._training_minutes())
+        # Frozen here: the last checkpoint, saved after this hook, must not add its own writing time to the segment.
+        self._final_minutes = self._training_minutes(trainer)
+        self._finish_training(trainer, self._final_minutes)
 
-    def _training_minutes(self) -> float:
-        return (time.perf_counter() - self._train_started) / 60 if self._train_started else 0.0
+    def _training_minutes(self, trainer: L.Trainer) -> float:
+        """Minutes of this segment so far, less the generation eval's: it runs inside the training loop's hooks."""
+        if self._final_minutes is not None or not self._train_started:
+            return self._final_minutes or 0.0
+        evaluating = _eval_seconds(trainer) - self._eval_s_at_start
+        return max(time.perf_counter() - self._train_started - evaluating, 0.0) / 60
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -189,17 +206,30 @@ class ManifestWriter(Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.manifest is not None:
+        if self.manifest is None:
+            return
+        if isinstance(exception, (TrainingInterrupted, KeyboardInterrupt)):
+            self._interrupt(trainer, exception)
+        else:
             self.manifest.fail_running_phases(exception)
-            for name, phase in self.manifest.phases.items():
-                if phase.get("status") == "failed":
-                    self._show(name)
+        for name, phase in self.manifest.phases.items():
+            if phase.get("status") in ("failed", "interrupted"):
+                self._show(name)
+
+    def _interrupt(self, trainer: L.Trainer, exception: BaseException) -> None:
+        """A signal, not a failure. With a checkpoint, on_save_checkpoint brought the segment to its step; without
+        one, the segment keeps the figures of its last checkpoint, which is where a resume starts."""
+        reason = (str(exception) if isinstance(exception, TrainingInterrupted)
+                  else f"KeyboardInterrupt at step {trainer.global_step}: no checkpoint written")
+        minutes = self.manifest.data.get("training_time_minutes") or 0.0
+        self.manifest.interrupt_running_phases(reason, wall_s={"phase_4_training": 60 * minutes})
 
     def _show(self, name: str) -> None:
         """One console line for a finished (or failed) phase: status, wall time, key figures."""
         phase = self.manifest.phases.get(name, {})
-        mark = {"completed": "[green]✓[/]", "failed": "[red]✗[/]"}.get(phase.get("status"), "·")
-        detail = escape(phase.get("error") or phase_summary(name, phase))
+        mark = {"completed": "[green]✓[/]", "failed": "[red]✗[/]", "interrupted": "[yellow]■[/]"}.get(
+            phase.get("status"), "·")
+        detail = escape(phase.get("error") or phase.get("interrupted") or phase_summary(name, phase))
         self._console.print(f"[bold]codetune[/] {mark} {name:<18} {phase.get('wall_s') or 0.0:>8.2f} s  {detail}")
 
     @override
@@ -242,6 +272,12 @@ def _callback_results(trainer: L.Trainer) -> dict[str, Any]:
         if hasattr(callback, "manifest_results"):
             results.update(callback.manifest_results())
     return results
+
+
+def _eval_seconds(trainer: L.Trainer) -> float:
+    """Seconds the generation eval has spent, over every segment (its history is restored from the checkpoint)."""
+    return sum(c.manifest_phases()["phase_5_evaluation"]["eval_seconds"] for c in trainer.callbacks
+               if isinstance(c, GenerationEval))
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:

@@ -9,8 +9,11 @@ The manifest is a plain JSON document: `phase_results.<phase>` holds status, sta
 seconds and its results (as keys of the phase itself) for each phase (`phase_1_scan` ... `phase_6_export`); top-level keys hold the
 run's identity, versions and `training_time_minutes`. `segments` lists each process that trained
 the run: the first, then one per resume (`resumed_from`, `start_step`, `end_step`, `status`,
-`training_minutes`); `training_time_minutes` is their sum. A segment still `running` when the next
-one starts was killed: it becomes `interrupted`, its figures those of its last checkpoint.
+`training_minutes`: time in training steps and validation, not in the generation eval, which
+`phase_5_evaluation` times); `training_time_minutes` is their sum. A segment stopped by Ctrl-C or
+SIGTERM is `interrupted` (with `interrupted`: the signal, the step, the checkpoint written or not), and
+so is the run's `status`; a segment still `running` when the next one starts was killed: it becomes
+`interrupted` too, its figures those of its last checkpoint.
 """
 
 from __future__ import annotations
@@ -171,6 +174,21 @@ class Manifest:
         if self.segments and self.segments[-1].get("status") == "running":
             self.segments[-1].update(status="failed", finished_at=utc_now())
         self.data.update(status="failed", failed_phase=failed[0] if failed else None, error=message)
+        self.write()
+
+    def interrupt_running_phases(self, reason: str, wall_s: dict[str, float] | None = None) -> None:
+        """Mark whatever phase (and segment) was running as interrupted by a signal, which is not a failure: the
+        run resumes from its last checkpoint. `reason` says when and whether a checkpoint was written; `wall_s`
+        gives a phase its wall time (training time, which excludes the evaluation)."""
+        interrupted = [n for n, p in self.phases.items() if p.get("status") == "running"]
+        for name in interrupted:
+            self.phases[name].update(status="interrupted", interrupted=reason)
+            if name in (wall_s or {}):
+                self.phases[name]["wall_s"] = round(wall_s[name], 3)
+        if self.segments and self.segments[-1].get("status") == "running":
+            self.segments[-1].update(status="interrupted", interrupted=reason, finished_at=utc_now())
+        self.data.update(status="interrupted", interrupted_phase=interrupted[0] if interrupted else None,
+                         interrupted=reason)
         self.write()
 
     # -- segments: one per training process (the first, then each resume) -------------------------

@@ -1,4 +1,5 @@
-"""Exact resume: a run SIGKILLed mid-epoch and resumed ends with the adapter of an uninterrupted run."""
+"""Exact resume: a run SIGKILLed mid-epoch, or stopped by Ctrl-C or SIGTERM, and resumed ends with the adapter of
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from lightning.pytorch.callbacks import Callback
 
 from conftest import fit_command, subprocess_env
 
@@ -119,3 +122,90 @@ def fit_command_resume(run_dir: Path) -> list[str]:
 def adapter_key(checkpoint_key: str) -> str:
     """The adapter file's name for a trainable weight in the checkpoint's state_dict."""
     return checkpoint_key.removeprefix("model.").replace(".modules_to_save", "").replace(".default", "")
+
+
+class PauseUntilSignalled(Callback):
+    """In a fresh run, waits before optimizer step `step` + 1 (writing `paused` into the run directory) until the
+    test wrote `signalled` there, right after signalling the process: the signal lands at a known point, and the
+    interrupt's checkpoint is that of step `step` + 1. Loaded by class path from this module (PYTHONPATH=tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is not None or trainer.global_step != self.step:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        (run_dir / "paused").write_text(str(self.step))
+        deadline = time.monotonic() + 120
+        # A signal's Python handler runs as soon as the sleep it interrupts returns, before the file is checked.
+        while not (run_dir / "signalled").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+PAUSE_AT = 5  # the signal lands before step 6 (epoch 1 runs steps 5 to 8): a mid-epoch stop
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted run, without periodic checkpoints, that each signal's run is compared with."""
+    from conftest import write_fixture_repo
+
+    tmp = tmp_path_factory.mktemp("signals")
+    repo = write_fixture_repo(tmp / "repo")
+    full = train(repo, tmp / "runs", "full", "--checkpoint_every_n_steps", "0")
+    assert full.returncode == 0, full.stderr[-3000:]
+    return repo, tmp / "runs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_exactly(uninterrupted, signum):
+    repo, runs = uninterrupted
+    name = signum.name.lower()
+    pause = json.dumps({"class_path": "test_resume.PauseUntilSignalled", "init_args": {"step": PAUSE_AT}})
+    # No periodic checkpoint: whatever the resume starts from, the interrupt wrote.
+    cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps", "0",
+                      "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={pause}", *DROPOUT)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = runs / name
+    deadline = time.monotonic() + 300
+    while not (run_dir / "paused").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the pause"
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    (run_dir / "signalled").write_text(signum.name)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err[-3000:]  # 130 for SIGINT, 143 for SIGTERM
+
+    stopped_at = PAUSE_AT + 1
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == stopped_at
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    assert manifest["status"] == "interrupted" and not (run_dir / "adapter").exists()
+    (segment,) = manifest["segments"]
+    assert (segment["status"], segment["start_step"], segment["end_step"]) == ("interrupted", 0, stopped_at)
+    training = manifest["phase_results"]["phase_4_training"]
+    assert training["status"] == "interrupted" and "error" not in training
+    assert training["interrupted"].startswith(f"{signum.name} at step {stopped_at}: checkpoint ")
+    # The epoch of the stop (epoch 1) was not evaluated: only the base's and epoch 0's evals ran.
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.jsonl", "epoch_0.jsonl"]
+    command = f"codetune fit --config {run_dir / 'config.yaml'} --ckpt_path last"
+    assert command in out and f"make resume RUN={run_dir}" in out, out[-2000:]
+
+    # The printed command, as `python -m codetune`.
+    resumed = subprocess.run([sys.executable, "-m", *command.split()], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    first, second = manifest["segments"]
+    assert first["status"] == "interrupted" and (second["start_step"], second["end_step"]) == (stopped_at, 12)
+    assert manifest["status"] == "completed"
+    assert samples(run_dir) == samples(runs / "full")
+    reference = load_file(runs / "full" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert [e["epoch"] for e in manifest["phase_results"]["phase_5_evaluation"]["epochs"]] == list(range(EPOCHS))

@@ -88,3 +88,20 @@ def test_segments_a_killed_one_becomes_interrupted_and_times_add_up(tmp_path):
     # Training from scratch in the same directory: the earlier segments were another run's.
     Manifest(tmp_path).start_segment(resumed_from=None)
     assert [s["segment"] for s in json.loads((tmp_path / "MANIFEST.json").read_text())["segments"]] == [1]
+
+
+def test_an_interrupted_run_is_not_a_failed_one(tmp_path):
+    manifest = Manifest(tmp_path)
+    manifest.start_segment(resumed_from=None)
+    manifest.update_segment(start_step=0, end_step=14, training_minutes=0.5)
+    manifest.start_phase("phase_4_training")
+    manifest.interrupt_running_phases("SIGINT at step 14: checkpoint runs/x/checkpoints/last.ckpt",
+                                      wall_s={"phase_4_training": 30.0})
+    data = json.loads((tmp_path / "MANIFEST.json").read_text())
+    phase = data["phase_results"]["phase_4_training"]
+    assert (phase["status"], phase["wall_s"]) == ("interrupted", 30.0) and "error" not in phase
+    assert phase["interrupted"] == "SIGINT at step 14: checkpoint runs/x/checkpoints/last.ckpt"
+    assert (data["status"], data["interrupted_phase"]) == ("interrupted", "phase_4_training")
+    assert "failed_phase" not in data and "error" not in data
+    segment = data["segments"][0]
+    assert (segment["status"], segment["end_step"]) == ("interrupted", 14) and segment["finished_at"]
