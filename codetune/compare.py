@@ -44,6 +44,8 @@ EVAL_METRICS = (
     ("chrf", "completion chrF", HIGHER),
     ("syntax_valid", "syntax-valid completions", HIGHER),
 )
+# The eval metrics that are rates on 0..1: shown with three decimals in every column (0.063 -> 0.013, -0.050).
+RATE_METRICS = frozenset({"next_line_exact_match", "chrf", "syntax_valid"})
 # phase_5_evaluation keys and how the table names them; tuned - base is better in the metric's direction.
 EVAL_STAGES = (("base", "base"), ("final", "tuned"), ("delta", "tuned-base"))
 
@@ -321,7 +323,8 @@ def metrics_table(report: dict[str, Any]) -> Table:
     section_of = {row.name: row.section for row in ROWS}
     for i, row in enumerate(rows):
         last_of_section = i + 1 == len(rows) or section_of.get(rows[i + 1]["name"]) != section_of.get(row["name"])
-        cells = [_metric_cell(v, d, ver) for v, d, ver in zip(row["values"], row["deltas"], row["verdicts"])]
+        rate = _is_rate(row)
+        cells = [_metric_cell(v, d, ver, rate) for v, d, ver in zip(row["values"], row["deltas"], row["verdicts"])]
         table.add_row(row["label"], *cells, end_section=last_of_section)
     return table
 
@@ -339,30 +342,60 @@ def config_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _metric_cell(value: Any, change: int | float | None, verdict_: str | None) -> Text:
-    text = Text(format_value(value))
+def _metric_cell(value: Any, change: int | float | None, verdict_: str | None, rate: bool) -> Text:
+    text = Text(format_value(value, rate=rate))
     if change is not None:
         style = {"better": "green", "worse": "red"}.get(verdict_ or "", "dim")
         text.append(" (")
-        text.append(format_change(change), style=style)
+        text.append(format_change(change, rate=rate), style=style)
         text.append(")")
     return text
 
 
-def format_value(value: Any) -> str:
+def _is_rate(row: Mapping[str, Any]) -> bool:
+    """Whether a metric row (of `compare_runs`) holds an eval rate: phase_5_evaluation.<stage>.<rate metric>."""
+    path = row["source"].split(".")
+    return path[:2] == ["phase_results", "phase_5_evaluation"] and path[-1] in RATE_METRICS
+
+
+def format_value(value: Any, rate: bool = False) -> str:
+    """A value as a person reads it: integers with thousands separators, a `rate` (0..1) with three decimals,
+    other numbers with four significant digits (whole numbers from 1,000 up), never in exponent notation."""
     if value is None:
         return MISSING
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    if rate:
+        return f"{value:.3f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:,.0f}" if math.isfinite(value) and abs(value) >= 1000 else f"{value:.4g}"
+    return _significant(value, 4, sign="")
 
 
-def format_change(change: int | float) -> str:
+def format_change(change: int | float, rate: bool = False) -> str:
+    """A change with its sign: as `format_value` shows the values, with three significant digits for
+    numbers below 1,000; 0 has no sign."""
+    if change == 0:
+        return format_value(change, rate=rate)
+    if rate:
+        return f"{change:+.3f}"
     if isinstance(change, int):
         return f"{change:+,}"
-    return f"{change:+,.0f}" if abs(change) >= 1000 else f"{change:+.3g}"
+    return _significant(change, 3, sign="+")
+
+
+def _significant(value: float, digits: int, sign: str) -> str:
+    """`value` to `digits` significant digits in fixed-point notation (whole from 1,000 up, with separators)."""
+    if not math.isfinite(value):
+        return f"{value:{sign}}"
+    if value == 0:
+        return "0"
+    decimals = max(digits - 1 - math.floor(math.log10(abs(value))), 0)
+    if abs(round(value, decimals)) >= 1000:  # 999.96 rounds up to 1,000
+        return f"{value:{sign},.0f}"
+    # Fixed-point, then trailing zeros dropped: 2.730 reads as 2.73, as the %g spelling did.
+    text = f"{value:{sign}.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def format_config_value(value: Any) -> str:

@@ -233,3 +233,32 @@ def test_two_trained_runs_compare_end_to_end(tmp_path, capsys):
     assert eight > four
     for name in ("final_train_loss", "final_val_loss", "final_perplexity", "eval_final_perplexity"):
         assert isinstance(rows[name]["deltas"][1], float), name
+
+
+@pytest.mark.parametrize(("value", "rate", "shown"), [
+    (-0.006365, False, "-0.006365"), (-0.006365, True, "-0.006"), (0.0630174, True, "0.063"), (1.0, True, "1.000"),
+    (2.73, False, "2.73"), (6.0, False, "6"), (2095.89, False, "2,096"), (999.96, False, "1,000"),
+    (30.2712, False, "30.27"), (1e-7, False, "0.0000001"), (12_345, False, "12,345"), (None, False, "—"),
+])
+def test_values_read_without_exponents_and_rates_have_three_decimals(value, rate, shown):
+    from codetune.compare import format_value
+
+    assert format_value(value, rate=rate) == shown
+
+
+def test_changes_have_a_sign_and_the_values_precision():
+    from codetune.compare import format_change
+
+    assert [format_change(c) for c in (-390.6268, 0.0123456, -2066.2, 50, 0.0)] == ["-391", "+0.0123", "-2,066",
+                                                                                   "+50", "0"]
+    assert [format_change(c, rate=True) for c in (-0.0503895, 0.0, 0.25)] == ["-0.050", "0.000", "+0.250"]
+
+
+def test_eval_rates_are_shown_with_three_decimals_in_every_column(tmp_path, capsys):
+    a = write_run(tmp_path / "a", manifest("a", 2.73, chrf=0.0630174))
+    b = write_run(tmp_path / "b", manifest("b", 2.31, chrf=0.0566509))
+    assert main(["compare", str(a.parent), str(b.parent)]) == 0
+    lines = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.count("│") == 4}
+    cells = [c.strip() for c in lines["completion chrF, tuned"].split("│")[2:4]]
+    assert cells == ["0.063", "0.057 (-0.006)"]
+    assert [c.strip() for c in lines["held-out perplexity, base"].split("│")[2:4]] == ["40", "40 (0)"]

@@ -27,10 +27,19 @@ To bound the comparison, the truth is cut to its first `max_lines` lines and the
 same number of lines as that cut truth: a model is not penalised for generating past the truth
 it is compared with, which is itself only the start of the rest of the file.
 
+**What a completion is scored on.** `scored_prefix(generated, truth)` is the start of a generation
+that the two metrics above read: its lines through the one that completes both the first non-blank
+line (exact match) and as many lines as chrF compares (the truth's line count, at most
+`max_lines`), line breaks included; None while the generation does not hold all of that yet. Any
+text after it changes neither score, so generation can stop there (`codetune.eval.stopping`) and
+score what it would have scored at full length. Syntax validity is judged on the same prefix, as a
+cut completion (below), so that it does not depend on how far past it generation ran.
+
 **Syntax validity.** `syntax_valid(code, language)` parses `code` (the prompt's prefix followed by
 the generation: the generation alone is a fragment) with a tree-sitter grammar (`tree-sitter-rust`,
-`tree-sitter-python`) and returns None for a language without one. A generation usually stops at
-`max_new_tokens` in the middle of an item, so with `truncated=True` (the default) the rule is
+`tree-sitter-python`) and returns None for a language without one. A generation usually stops in
+the middle of an item (at `max_new_tokens`, or at its scored prefix), so with `truncated=True`
+(the default) the rule is
 "could this text be the beginning of a valid program", decided as follows:
 
 1. Candidate texts: the code itself, then the code without its last non-blank line, then without
@@ -74,6 +83,7 @@ from torchmetrics.functional.text import chrf_score
 CHRF_CHAR_ORDER = 6
 CHRF_WORD_ORDER = 0
 CHRF_BETA = 2.0
+CHRF_MAX_LINES = 20
 MAX_DROPPED_LINES = 2
 
 _GRAMMARS: dict[str, Callable[[], object]] = {
@@ -113,7 +123,7 @@ def mean_next_line_exact_match(generated: Sequence[str], truths: Sequence[str]) 
     return sum(map(next_line_exact_match, generated, truths)) / len(truths)
 
 
-def chrf(generated: Sequence[str], truths: Sequence[str], max_lines: int = 20) -> float:
+def chrf(generated: Sequence[str], truths: Sequence[str], max_lines: int = CHRF_MAX_LINES) -> float:
     """Corpus chrF (0..1) of generations against truths, each cut to the truth's first `max_lines` lines."""
     _check_pairs(generated, truths)
     if max_lines < 1:
@@ -126,6 +136,23 @@ def chrf(generated: Sequence[str], truths: Sequence[str], max_lines: int = 20) -
     score = chrf_score(preds, targets, n_char_order=CHRF_CHAR_ORDER, n_word_order=CHRF_WORD_ORDER,
                        beta=CHRF_BETA, lowercase=False, whitespace=False)
     return float(score)
+
+
+def scored_prefix(generated: str, truth: str, max_lines: int = CHRF_MAX_LINES) -> str | None:
+    """The start of `generated` that exact match and chrF read against `truth` (see the module docstring),
+    or None while `generated` does not hold all of it: text added then could still change a score."""
+    needed = len(truth.splitlines()[:max_lines])
+    lines = generated.splitlines(keepends=True)
+    first_nonblank = None
+    for i, piece in enumerate(lines):
+        content = piece.splitlines()[0]
+        if len(content) == len(piece):  # no line break yet: the last line may still grow
+            return None
+        if first_nonblank is None and content.strip():
+            first_nonblank = i
+        if first_nonblank is not None and i + 1 >= needed:
+            return "".join(lines[: i + 1])
+    return None
 
 
 def _first_nonblank_line(text: str) -> str | None:
@@ -147,7 +174,7 @@ def _check_pairs(generated: Sequence[str], truths: Sequence[str]) -> None:
 def syntax_valid(code: str, language: str, *, truncated: bool = True) -> bool | None:
     """Whether `code` (prompt prefix + generation) parses; None without a grammar for `language`.
 
-    With `truncated` (the generation hit `max_new_tokens`), an unfinished tail is tolerated by the
+    With `truncated` (the generation was cut: by `max_new_tokens` or at its scored prefix), an unfinished tail is tolerated by the
     rule in the module docstring; otherwise the whole text must parse without ERROR or MISSING nodes.
     """
     parser = _parser(language)
