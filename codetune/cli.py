@@ -139,7 +139,7 @@ class CodetuneCLI(LightningCLI):
         config.trainer.default_root_dir = str(run_dir)
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                class_path="codetune.tensorboard.EpochlessTensorBoardLogger",
                 init_args=Namespace(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
             )
         if config.checkpoint.dirpath is None:

@@ -31,7 +31,7 @@ from rich.table import Table
 from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
                                  scan_argument_problems, scan_repository)
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
-from codetune.data.languages import language_table, recommend_config
+from codetune.data.languages import RUST_CONFIG, language_table, recommend_config
 from codetune.errors import ConfigError, exit_status
 
 NO_TOKENIZER = "none"
@@ -158,8 +158,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     # soft_wrap: a command wrapped at the terminal width could not be pasted.
     console.print(f"Recommended config: [bold]{report['recommended_config']}[/bold] "
                   f"({report['recommendation_reason']})", soft_wrap=True)
-    target = "train-rust" if report["recommended_config"].endswith("_rust.yaml") else "train"
-    console.print(f"  make {target} REPO={report['repo']}", soft_wrap=True, highlight=False)
+    repo = Path(report["repo"]).resolve()
+    console.print(f"  codetune fit --config {report['recommended_config']} --data.repo {repo}",
+                  soft_wrap=True, highlight=False)
+    target = "train-rust" if report["recommended_config"] == RUST_CONFIG else "train"
+    console.print(f"  make {target} REPO={repo}   (from the codetune checkout)", soft_wrap=True, highlight=False)
 
 
 def _language_table(report: dict[str, Any]) -> Table:

@@ -106,7 +106,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a training subprocess: offline, with tests/ importable (probe callbacks)."""
     import os
 
-    return {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             **extra}
 
 

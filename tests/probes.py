@@ -80,8 +80,8 @@ class SlowRankZeroEval(Callback):
         evaluation = next(c for c in trainer.callbacks if isinstance(c, GenerationEval))
         generate = evaluation._generate
 
-        def slow_generate(module, texts):
+        def slow_generate(module, *args, **kwargs):
             time.sleep(self.seconds)
-            return generate(module, texts)
+            return generate(module, *args, **kwargs)
 
         evaluation._generate = slow_generate

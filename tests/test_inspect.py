@@ -45,7 +45,7 @@ def test_mixed_repo_report(fixture_repo, tmp_path, capsys):
     # 7 Rust files vs 6 Python files of similar length: about half Rust, not more than 70%.
     rust = 6 * RUST_LINES + 4
     assert report["rust_share_of_code_lines"] == pytest.approx(rust / (rust + 6 * PY_LINES), abs=1e-4)
-    assert report["recommended_config"] == "configs/training_config.yaml"
+    assert report["recommended_config"] == "default"
     assert report["token_cache"]["misses"] == 13 and report["token_cache"]["hits"] == 0
     again = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"))
     assert again["token_cache"]["hits"] == 13 and again["token_cache"]["misses"] == 0
@@ -68,10 +68,10 @@ def test_rust_crate_gets_the_rust_config_in_the_table(tmp_path, capsys):
     assert main(["inspect", str(crate), "--tokenizer", "none"]) == 0
     out = capsys.readouterr().out
     assert "kept files per language" in out and "(not code)" in out and "tokens" not in out.split("Skipped")[0]
-    assert "configs/training_config_rust.yaml" in out and "make train-rust REPO=" in out
+    assert f"codetune fit --config rust --data.repo {crate.resolve()}" in out and "make train-rust REPO=" in out
     assert "Cargo.lock" in out  # skipped, as a lockfile, with its reason
     report = inspect_json(capsys, str(crate), "--tokenizer", "none")
-    assert report["recommended_config"] == "configs/training_config_rust.yaml"
+    assert report["recommended_config"] == "rust"
     assert report["totals"]["tokens"] is None and report["token_cache"] is None
     assert report["rust_share_of_code_lines"] == pytest.approx(5 * RUST_LINES / (5 * RUST_LINES + 1), abs=1e-4)
 

@@ -2,8 +2,9 @@
 
 `language_table` sums files, lines, bytes and (when token counts are given) tokens per language over
 the files a scan kept. `recommend_config` applies the rule users know from the two configs: when
-more than 70% of the *code* lines are Rust, `configs/training_config_rust.yaml` (longer windows,
-rank 16); otherwise `configs/training_config.yaml`.
+more than 70% of the *code* lines are Rust, the config named `rust` (`configs/training_config_rust.yaml`:
+longer windows, rank 16); otherwise `default` (`configs/training_config.yaml`). These are the short names
+`--config` takes from any directory (the configs ship with the package).
 
 "Code" means programming languages: prose and data files (`NON_CODE_LANGUAGES`: Markdown, reST,
 plain text, JSON, YAML, TOML) are listed and trained on but left out of the share, because a crate
@@ -20,8 +21,8 @@ from codetune.data.files import SourceFile
 
 NON_CODE_LANGUAGES = frozenset({"markdown", "restructuredtext", "text", "json", "yaml", "toml"})
 RUST_SHARE_THRESHOLD = 0.70
-DEFAULT_CONFIG = "configs/training_config.yaml"
-RUST_CONFIG = "configs/training_config_rust.yaml"
+DEFAULT_CONFIG = "default"
+RUST_CONFIG = "rust"
 
 
 @dataclass(frozen=True)
