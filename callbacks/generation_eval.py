@@ -212,6 +212,7 @@ class GenerationEval(Callback):
             # its truth's lines, so rows of similar truths stop together.
             self._repo_prompts = sorted(chosen, key=lambda p: len(p.continuation.splitlines()))
         # Every rank holds the same results (from the same checkpoint), so all take the same branch.
+        self._evaluate_unevaluated_epoch(trainer, pl_module)
         if not self.base_eval or self.results["base"] is not None:  # not again when a run resumes
             return
         with pl_module.model.disable_adapter(), torch.random.fork_rng(devices=[]):
@@ -230,10 +231,27 @@ class GenerationEval(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             val_loss = trainer.callback_metrics.get("val/loss")
-            result = self._evaluate(trainer, pl_module, f"epoch_{trainer.current_epoch}",
-                                    float(val_loss) if val_loss is not None else None)
-            self.results["epochs"].append({"epoch": trainer.current_epoch, "step": trainer.global_step, **result})
+            self._evaluate_epoch(trainer, pl_module, trainer.current_epoch,
+                                 float(val_loss) if val_loss is not None else None)
         self._wait_for_rank_zero()
+
+    def _evaluate_unevaluated_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from a checkpoint of an epoch's last step (Ctrl-C there, callbacks/interrupt.py) continues
+        at the next epoch, so that epoch's end never ran: evaluate it now, its perplexity from the held-out loss
+        (its validation run was skipped too)."""
+        epoch = trainer.current_epoch - 1
+        if self.results["base"] is None or epoch < 0 or any(e["epoch"] >= epoch for e in self.results["epochs"]):
+            return
+        with torch.random.fork_rng(devices=[]):
+            nll = pl_module.held_out_loss()  # on every rank, as for the base
+            if trainer.is_global_zero:
+                self._evaluate_epoch(trainer, pl_module, epoch, nll)
+        self._wait_for_rank_zero()
+
+    def _evaluate_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                        mean_nll: float | None) -> None:
+        result = self._evaluate(trainer, pl_module, f"epoch_{epoch}", mean_nll)
+        self.results["epochs"].append({"epoch": epoch, "step": trainer.global_step, **result})
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -143,7 +143,8 @@ class PauseUntilSignalled(Callback):
             time.sleep(0.05)
 
 
-PAUSE_AT = 5  # the signal lands before step 6 (epoch 1 runs steps 5 to 8): a mid-epoch stop
+MID_EPOCH = 5  # the signal lands before step 6 (epoch 1 runs steps 5 to 8): a mid-epoch stop
+LAST_OF_EPOCH = 7  # before step 8, the last of epoch 1: the resume starts at epoch 2 and must evaluate epoch 1
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +160,14 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_exactly(uninterrupted, signum):
+@pytest.mark.parametrize(("signum", "pause_at"), [
+    (signal.SIGINT, MID_EPOCH), (signal.SIGTERM, MID_EPOCH), (signal.SIGINT, LAST_OF_EPOCH),
+], ids=["ctrl-c", "sigterm", "ctrl-c-at-the-epochs-last-step"])
+def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_exactly(uninterrupted, signum,
+                                                                                        pause_at):
     repo, runs = uninterrupted
-    name = signum.name.lower()
-    pause = json.dumps({"class_path": "test_resume.PauseUntilSignalled", "init_args": {"step": PAUSE_AT}})
+    name = f"{signum.name.lower()}-{pause_at}"
+    pause = json.dumps({"class_path": "test_resume.PauseUntilSignalled", "init_args": {"step": pause_at}})
     # No periodic checkpoint: whatever the resume starts from, the interrupt wrote.
     cmd = fit_command(repo, runs, name, "--trainer.max_epochs", str(EPOCHS), "--checkpoint_every_n_steps", "0",
                       "--trainer.callbacks+=probes.SampleLog", f"--trainer.callbacks+={pause}", *DROPOUT)
@@ -179,7 +183,7 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err[-3000:]  # 130 for SIGINT, 143 for SIGTERM
 
-    stopped_at = PAUSE_AT + 1
+    stopped_at = pause_at + 1
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == stopped_at
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
@@ -189,7 +193,8 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     training = manifest["phase_results"]["phase_4_training"]
     assert training["status"] == "interrupted" and "error" not in training
     assert training["interrupted"].startswith(f"{signum.name} at step {stopped_at}: checkpoint ")
-    # The epoch of the stop (epoch 1) was not evaluated: only the base's and epoch 0's evals ran.
+    # The epoch of the stop (epoch 1) was not evaluated: only the base's and epoch 0's evals ran. (Stopped after
+    # epoch 1's last step, the resume continues at epoch 2 and evaluates epoch 1 first: asserted below.)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.jsonl", "epoch_0.jsonl"]
     command = f"codetune fit --config {run_dir / 'config.yaml'} --ckpt_path last"
     assert command in out and f"make resume RUN={run_dir}" in out, out[-2000:]

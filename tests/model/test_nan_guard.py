@@ -147,7 +147,7 @@ def nan_run(repo) -> SimpleNamespace:
 def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(nan_run):
     run_dir, err, record, last = nan_run.run_dir, nan_run.err, nan_run.record, nan_run.last
     assert nan_run.status == 2 and "Traceback" not in err
-    assert f"codetune: error: training stopped at optimizer step {NAN_AT}: the loss is nan. " in err
+    assert f"codetune fit: error: training stopped at optimizer step {NAN_AT}: the loss is nan. " in err
     assert "the weights were not updated" in err and f"The last good checkpoint is {last}. " in err
     assert "--model.learning_rate (now 0.005)" in err and "--model.dtype bfloat16" in err
     assert "--run_name nan --ckpt_path last" in err and f"make resume RUN={run_dir} " in err
@@ -189,7 +189,7 @@ def test_inf_gradient_with_a_finite_loss_stops_before_any_checkpoint(repo, monke
     run_dir = repo.parent / "runs" / "inf"
     assert status == 2 and "Traceback" not in err
     expected = "training stopped at optimizer step 1: the gradient norm is inf while the loss is finite ("
-    assert f"codetune: error: {expected}" in err
+    assert f"codetune fit: error: {expected}" in err
     assert "No checkpoint was written yet (--checkpoint_every_n_steps N" in err and "then train again." in err
     assert_failed_in_training_without_adapter(*after_the_run(run_dir), expected)
     assert not list((run_dir / "checkpoints").glob("*.ckpt"))
