@@ -111,8 +111,9 @@ class CodetuneCLI(LightningCLI):
                             help="Run directory name under --runs_dir (default: a timestamp).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are created.")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=25,
-                            help="Also write checkpoints/last.ckpt every N optimizer steps (0: only at epoch ends, "
-                                 "per --checkpoint.*). A killed run resumes from it with --ckpt_path last.")
+                            help="Write checkpoints/last.ckpt every N optimizer steps (0: none during training; one is "
+                                 "still written at its end and on Ctrl-C). A killed run resumes from it with "
+                                 "--ckpt_path last.")
         parser.add_lightning_class_args(GenerationEval, "generation")
         parser.add_lightning_class_args(OOMBackoff, "oom_backoff")
         parser.add_lightning_class_args(VRAMMonitor, "vram")
@@ -146,7 +147,7 @@ class CodetuneCLI(LightningCLI):
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
         if config.checkpoint_every_n_steps < 0:
             raise ConfigError(f"--checkpoint_every_n_steps={config.checkpoint_every_n_steps}: use a positive number "
-                              "of optimizer steps, or 0 to checkpoint only at epoch ends.")
+                              "of optimizer steps, or 0 for no periodic checkpoint.")
         if self.subcommand == "fit":
             check_resumable(config.ckpt_path, Path(config.checkpoint.dirpath))
 

@@ -90,12 +90,15 @@ def fixture_repo(tmp_path: Path) -> Path:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DEMO_CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
+                "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+
+
 def fit_command(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
     """`python -m codetune fit` on the demo preset, sized for tests (windows of 64, batches of 2 x 2)."""
     import sys
 
-    return [sys.executable, "-m", "codetune", "fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
-            "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(repo),
+    return [sys.executable, "-m", "codetune", "fit", *DEMO_CONFIGS, "--data.repo", str(repo),
             "--data.cache_dir", str(runs.parent / "token-cache"), "--runs_dir", str(runs), "--run_name", name,
             "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "2",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

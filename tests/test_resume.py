@@ -84,11 +84,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
 
     # The same windows at every step (each once per epoch), and the same final weights.
     assert samples(killed_dir) == samples(runs / "full")
-    reference = load_file(runs / "full" / "adapter" / "adapter_model.safetensors")
-    adapter = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
-    assert adapter.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    adapter = assert_same_adapter(killed_dir, runs / "full")
     # ... which moved well away from the checkpoint resumed from: the resumed steps did train.
     at_checkpoint = {adapter_key(k): v for k, v in ckpt["state_dict"].items()}
     assert max(float((v - at_checkpoint[k]).abs().max()) for k, v in adapter.items()) > 1e-3
@@ -113,6 +109,16 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
     assert evaluation["base"] == json.loads((runs / "full" / "MANIFEST.json").read_text())["phase_results"][
         "phase_5_evaluation"]["base"]
     assert [e["epoch"] for e in evaluation["epochs"]] == list(range(EPOCHS))
+
+
+def assert_same_adapter(run_dir: Path, reference_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's exported adapter equals the reference run's, tensor by tensor (CPU, fp32); returns it."""
+    reference = load_file(reference_dir / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    return adapter
 
 
 def fit_command_resume(run_dir: Path) -> list[str]:
@@ -208,9 +214,5 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     assert first["status"] == "interrupted" and (second["start_step"], second["end_step"]) == (stopped_at, 12)
     assert manifest["status"] == "completed"
     assert samples(run_dir) == samples(runs / "full")
-    reference = load_file(runs / "full" / "adapter" / "adapter_model.safetensors")
-    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    assert adapter.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_adapter(run_dir, runs / "full")
     assert [e["epoch"] for e in manifest["phase_results"]["phase_5_evaluation"]["epochs"]] == list(range(EPOCHS))

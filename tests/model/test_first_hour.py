@@ -16,9 +16,8 @@ from codetune.cli import main
 from codetune.memory_plan import GiB
 from codetune.model.tiny import build_tiny_model, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+from conftest import DEMO_CONFIGS as CONFIGS
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
