@@ -260,14 +260,19 @@ def test_batch_size_auto_keeps_the_effective_batch(tmp_path, fixture_repo, capsy
 
 
 def test_make_clean_keeps_the_runs_and_clean_runs_removes_them():
+    import os
     import subprocess
 
-    def make(*target: str) -> str:
-        return subprocess.run(["make", "-n", *target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # Outside any make that runs the tests (`make test` in CI): a nested make prints its directory changes.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
 
-    assert "runs" not in make("clean").split()
-    assert make("clean-runs").split() == ["rm", "-rf", "runs"]
-    listed = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    def make(*args: str) -> str:
+        return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True, env=env).stdout
+
+    assert "runs" not in make("-n", "clean").split()
+    assert make("-n", "clean-runs").split() == ["rm", "-rf", "runs"]
+    listed = make("help")
     assert "make clean-runs" in listed
 
 
