@@ -31,9 +31,9 @@ from codetune.cli import CodetuneCLI, build_cli
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 from codetune.model.tiny import TINY_NAME
-from codetune.run import atomic_save_dir, replaceable_output_dir
+from codetune.run import PREPARE_MARKER, atomic_save_dir, replaceable_output_dir
 
-REPORT_NAME = "data_report.json"
+REPORT_NAME = PREPARE_MARKER
 
 
 class PrepareCLI(CodetuneCLI):

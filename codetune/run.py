@@ -34,6 +34,10 @@ from typing import Any
 from codetune.errors import ConfigError
 
 MANIFEST_NAME = "MANIFEST.json"
+# The marker files of `codetune prepare --out` and `codetune merge --out` (their report, their source run): named
+# here, with the manifest, so that the scan can tell codetune's outputs without importing those commands.
+PREPARE_MARKER = "data_report.json"
+MERGE_MARKER = "codetune_merge.json"
 PHASES = ("phase_1_scan", "phase_2_tokenize", "phase_3_model", "phase_4_training", "phase_5_evaluation",
           "phase_6_export")
 _VERSIONED = ("codetune", "torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics", "tokenizers")

@@ -53,10 +53,9 @@ from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quanti
 from codetune.model.module import BASE_MODEL_DIR
 from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
 from codetune.model.tiny import TINY_NAME
-from codetune.run import MANIFEST_NAME, atomic_save_dir, replaceable_output_dir, utc_now
+from codetune.run import MANIFEST_NAME, MERGE_MARKER, atomic_save_dir, replaceable_output_dir, utc_now
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGE_MARKER = "codetune_merge.json"
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -82,7 +82,7 @@ from pathlib import Path
 import pathspec
 
 from codetune.data.secrets import find_and_redact_secrets, is_secret_file
-from codetune.run import MANIFEST_NAME
+from codetune.run import MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
 
 SKIP_IGNORED = "ignored"
 SKIP_EXTENSION = "extension"
@@ -98,12 +98,10 @@ SKIP_EMPTY = "empty"
 SKIP_CODETUNE_OUTPUT = "codetune_output"
 
 # A directory codetune wrote holds one of these files, a JSON object that always has the given key.
-# The names are those of codetune.prepare.REPORT_NAME and codetune.use.MERGE_MARKER (a test keeps
-# them equal): importing those modules would load torch into `codetune inspect`.
 CODETUNE_OUTPUT_MARKERS: dict[str, str] = {
     MANIFEST_NAME: "phase_results",  # a run directory (codetune.run.Manifest)
-    "data_report.json": "phase_1_scan",  # codetune prepare --out
-    "codetune_merge.json": "source_run",  # codetune merge --out
+    PREPARE_MARKER: "phase_1_scan",  # codetune prepare --out
+    MERGE_MARKER: "source_run",  # codetune merge --out
 }
 # <cache_dir>/tokens/<CACHE_FORMAT>-<32 hex digits of the tokenizer fingerprint>/ (codetune.data.tokens).
 TOKEN_CACHE_DIR = "tokens"
