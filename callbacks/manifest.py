@@ -276,8 +276,7 @@ def _callback_results(trainer: L.Trainer) -> dict[str, Any]:
 
 def _eval_seconds(trainer: L.Trainer) -> float:
     """Seconds the generation eval has spent, over every segment (its history is restored from the checkpoint)."""
-    return sum(c.manifest_phases()["phase_5_evaluation"]["eval_seconds"] for c in trainer.callbacks
-               if isinstance(c, GenerationEval))
+    return sum(c.eval_seconds for c in trainer.callbacks if isinstance(c, GenerationEval))
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
