@@ -60,7 +60,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from codetune.data.files import DEFAULT_EXTENSIONS, LANGUAGE_BY_EXTENSION, ScanResult, scan_repository
-from codetune.data.packing import Windows, pack_windows
+from codetune.data.fim import DEFAULT_FIM_RATE, NewlineTable, find_fim_tokens, training_samples
+from codetune.data.packing import Windows, pack_samples, pack_windows
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_cached
 from codetune.model.tiny import train_tokenizer
@@ -74,6 +75,8 @@ SEQ_LENS = (2048, 4096)
 GOAL_COLD_RATIO = 0.8
 GOAL_WARM_S_PER_100K_LINES = 1.0
 GOAL_PACKING_EFFICIENCY = 0.995
+GOAL_FIM_EXTRA = 0.10  # FIM adds at most 10% to an ingest
+FIM_SEQ_LEN = 2048
 
 T = TypeVar("T")
 
@@ -196,9 +199,29 @@ def measure_packing(train_ids: list[np.ndarray], tokenizer: Any, seq_len: int, r
 
 def train_split(scan: ScanResult, ids: list[np.ndarray]) -> list[np.ndarray]:
     """The ids of the files `CodeDataModule` trains on with its default split (same order)."""
+    return train_files(scan, ids)[1]
+
+
+def train_files(scan: ScanResult, ids: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+    """The paths and ids of the files `CodeDataModule` trains on with its default split (same order)."""
     by_path = dict(zip((f.rel_path for f in scan.files), ids))
     train_paths, _ = split_paths(list(by_path), DEFAULT_VAL_FRACTION)  # seed 0, as CodeDataModule
-    return [by_path[p] for p in train_paths]
+    return train_paths, [by_path[p] for p in train_paths]
+
+
+def measure_samples(paths: list[str], ids: list[np.ndarray], tokenizer: Any, fim_rate: float,
+                    rounds: int) -> tuple[float, Windows, int]:
+    """Best seconds of what `CodeDataModule` does after tokenizing, at `fim_rate` (with FIM: the newline table
+    of the tokenizer, pieces, draws and samples), packing included; the windows and the FIM sample count."""
+    eos, pad, tokens = tokenizer.eos_token_id, pad_token_id(tokenizer), find_fim_tokens(tokenizer)
+
+    def build() -> tuple[Windows, int]:
+        table = NewlineTable.of(tokenizer) if fim_rate else None
+        samples = training_samples(paths, ids, eos, FIM_SEQ_LEN, 0, fim_rate, 0.5, tokens, table)
+        return pack_samples(samples.stream, samples.whole, FIM_SEQ_LEN, pad), len(samples.records)
+
+    seconds, (windows, n_fim) = best_of(rounds, build)
+    return seconds, windows, n_fim
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -281,6 +304,27 @@ def run_packing(corpus: Corpus, ids: list[np.ndarray], tokenizer: Any, rounds: i
                     f">= {GOAL_PACKING_EFFICIENCY:.1%}", windows.efficiency >= GOAL_PACKING_EFFICIENCY)
 
 
+def run_fim(corpus: Corpus, ids: list[np.ndarray], tokenizer: Any, rounds: int, report: Report,
+            scan_s: float, cold_s: float, warm_s: float) -> None:
+    """What FIM at its default rate adds to an ingest: cold (scan + cold tokenization + samples) and warm."""
+    if find_fim_tokens(tokenizer) is None:
+        print("FIM: the tokenizer has no FIM tokens; nothing to measure", flush=True)
+        return
+    paths, train_ids = train_files(corpus.scan, ids)
+    plain_s, plain, _ = measure_samples(paths, train_ids, tokenizer, 0.0, rounds)
+    fim_s, windows, n_fim = measure_samples(paths, train_ids, tokenizer, DEFAULT_FIM_RATE, rounds)
+    report.step(f"samples + pack, no FIM, seq_len {FIM_SEQ_LEN} (best of {rounds})", plain_s,
+                f"{len(plain):,} windows, efficiency {plain.efficiency:.4%}")
+    report.step(f"samples + pack, fim_rate {DEFAULT_FIM_RATE} (best of {rounds})", fim_s,
+                f"{len(windows):,} windows, {n_fim:,} FIM samples, efficiency {windows.efficiency:.4%}")
+    for name, base in (("cold", scan_s + cold_s + plain_s), ("warm", warm_s + plain_s)):
+        extra = (fim_s - plain_s) / base
+        report.goal(f"FIM's extra time, {name} ingest", f"{extra:+.2%}", f"< {GOAL_FIM_EXTRA:.0%}",
+                    extra < GOAL_FIM_EXTRA)
+    report.goal(f"packing efficiency with FIM, seq_len {FIM_SEQ_LEN}", f"{windows.efficiency:.4%}",
+                f">= {GOAL_PACKING_EFFICIENCY:.1%}", windows.efficiency >= GOAL_PACKING_EFFICIENCY)
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -325,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.step("tokenizer train/load (not in any ratio)", seconds, f"{len(tokenizer):,} tokens")
     ids = run_tokenization(corpus, tokenizer, args.rounds, report)
     run_packing(corpus, ids, tokenizer, args.rounds, report)
+    seconds = {s.name.split(" ")[0]: s.seconds for s in report.steps}
+    run_fim(corpus, ids, tokenizer, args.rounds, report, seconds["scan"], seconds["cold"], seconds["warm"])
     print_report(report)
 
 

@@ -13,7 +13,9 @@ Tokens: `--tokenizer tiny` (the default, offline) trains the embedded default's 
 kept files, as `fit` does with the training files; a local model directory or a cached hub id
 (`Qwen/Qwen2.5-Coder-1.5B`) counts with that model's tokenizer; `none` skips token counting for the
 fastest answer. Token ids go through the same on-disk cache as training (`--cache_dir`), so a
-second look at an unchanged repository re-tokenizes nothing.
+second look at an unchanged repository re-tokenizes nothing. With a tokenizer, the report also says
+what `fit`'s fill-in-the-middle would make of the training split at `--seq_len` and `--fim_rate`
+(the same pieces and draws, `codetune.data.fim`): pieces, FIM samples, PSM and SPM.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", default="~/.cache/codetune",
                         help="Token cache, shared with training ('none' disables it).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow a hub tokenizer's custom code.")
+    parser.add_argument("--seq_len", type=int, default=2048,
+                        help="Window length for the fill-in-the-middle plan, as --data.seq_len (default: 2048).")
+    parser.add_argument("--fim_rate", type=float, default=None,
+                        help="As --data.fim_rate: the share of training pieces made FIM samples (default: 0.5 when "
+                             "the tokenizer has FIM tokens, else 0, as fit).")
     return parser
 
 
@@ -73,6 +81,7 @@ def main(argv: Sequence[str]) -> int:
     report = inspect_repository(
         Path(args.repo), args.extensions, args.ignore_patterns, args.max_file_bytes, args.max_line_length,
         args.tokenizer, None if args.cache_dir == NO_TOKENIZER else args.cache_dir, args.trust_remote_code,
+        args.seq_len, args.fim_rate,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -83,9 +92,14 @@ def main(argv: Sequence[str]) -> int:
 
 def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: Sequence[str], max_file_bytes: int,
                        max_line_length: int, tokenizer: str, cache_dir: str | None,
-                       trust_remote_code: bool = False) -> dict[str, Any]:
+                       trust_remote_code: bool = False, seq_len: int = 2048,
+                       fim_rate: float | None = None) -> dict[str, Any]:
     """The inspection report of `repo` as a JSON-ready dict (see `print_report` for its parts)."""
     problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
+    if seq_len < 2:
+        problems.append(f"seq_len={seq_len}: a window needs at least 2 tokens")
+    if fim_rate is not None and not 0 <= fim_rate <= 1:
+        problems.append(f"fim_rate={fim_rate}: use a share in [0, 1], e.g. 0.5")
     if problems:
         raise ConfigError("; ".join(f"--{p}" for p in problems))
     if not repo.expanduser().is_dir():
@@ -95,7 +109,9 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
     scan = scan_repository(repo.expanduser(), extensions, ignore_patterns, max_file_bytes, max_line_length)
     scan_s = time.perf_counter() - started
     started = time.perf_counter()
-    token_counts, cache = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code)
+    counted = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code)
+    token_counts, cache = (None, None) if counted is None else ([len(x) for x in counted.ids], counted.cache)
+    fim = None if counted is None else _fim_plan(scan, counted, seq_len, fim_rate)
     tokenize_s = time.perf_counter() - started
     rows = language_table(scan.files, token_counts)
     advice = recommend_config(rows)
@@ -117,15 +133,24 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
         "recommended_config": advice.config,
         "recommendation_reason": advice.reason,
         "token_cache": cache,
+        "fim": fim,
         "wall_s": {"scan": round(scan_s, 3), "tokenize": round(tokenize_s, 3)},
     }
 
 
-def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None,
-                  trust_remote_code: bool) -> tuple[list[int] | None, dict[str, Any] | None]:
-    """Tokens per kept file and the token cache's hits and misses (None, None: not counted)."""
+@dataclass(frozen=True)
+class Counted:
+    """The tokenizer, the ids of every kept file (scan order) and the token cache's hits and misses."""
+
+    tokenizer: Any
+    ids: list[Any]
+    cache: dict[str, Any]
+
+
+def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None, trust_remote_code: bool) -> Counted | None:
+    """Every kept file's ids under `tokenizer` (None: not counted)."""
     if tokenizer == NO_TOKENIZER or not scan.files:
-        return None, None
+        return None
     # Imported here: transformers costs seconds to import, and `--tokenizer none` needs none of it.
     from codetune.data.tokens import load_tokenizer, tokenize_cached
 
@@ -136,7 +161,24 @@ def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None,
     by_path = {f.rel_path: f.text for f in scan.files}
     loaded = load_tokenizer(tokenizer, [by_path[p] for p in train_paths], trust_remote_code, flag="--tokenizer")
     ids, stats = tokenize_cached(loaded, texts, cache_dir)
-    return [len(x) for x in ids], {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory}
+    return Counted(loaded, ids, {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory})
+
+
+def _fim_plan(scan: ScanResult, counted: Counted, seq_len: int, fim_rate: float | None) -> dict[str, Any]:
+    """What fit's fill-in-the-middle would make of the training split: the same samples (seed 0)."""
+    from codetune.data.fim import DEFAULT_FIM_RATE, NewlineTable, find_fim_tokens, training_samples
+
+    tokens = find_fim_tokens(counted.tokenizer)
+    if tokens is None and fim_rate:
+        raise ConfigError(f"--fim_rate {fim_rate}: the tokenizer has no fill-in-the-middle tokens, so fit would refuse "
+                          f"it; leave --fim_rate out (fit then trains left-to-right).")
+    rate = (DEFAULT_FIM_RATE if fim_rate is None else fim_rate) if tokens is not None else 0.0
+    train_paths, _ = split_paths([f.rel_path for f in scan.files], DEFAULT_VAL_FRACTION)
+    by_path = {f.rel_path: ids for f, ids in zip(scan.files, counted.ids)}
+    samples = training_samples(train_paths, [by_path[p] for p in train_paths], counted.tokenizer.eos_token_id,
+                               seq_len, 0, rate, 0.5, tokens, NewlineTable.of(counted.tokenizer) if rate else None)
+    return {"tokens": tokens.names() if tokens else None, "rate": rate, "spm_rate": 0.5, "seq_len": seq_len,
+            **samples.counts()}
 
 
 def _skipped_examples(scan: ScanResult) -> dict[str, list[str]]:
@@ -155,6 +197,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(_skipped_table(report))
     if report["secrets_redacted"]:
         console.print(_secrets_table(report))
+    if report["fim"] is not None:
+        console.print(_fim_line(report), soft_wrap=True)
     # soft_wrap: a command wrapped at the terminal width could not be pasted.
     console.print(f"Recommended config: [bold]{report['recommended_config']}[/bold] "
                   f"({report['recommendation_reason']})", soft_wrap=True)
@@ -163,6 +207,16 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   soft_wrap=True, highlight=False)
     target = "train-rust" if report["recommended_config"] == RUST_CONFIG else "train"
     console.print(f"  make {target} REPO={repo}   (from the codetune checkout)", soft_wrap=True, highlight=False)
+
+
+def _fim_line(report: dict[str, Any]) -> str:
+    fim = report["fim"]
+    if fim["tokens"] is None:
+        return (f"Fill-in-the-middle: tokenizer {report['tokenizer']!r} has no FIM tokens, so fit trains "
+                f"left-to-right only.")
+    return (f"Fill-in-the-middle: tokenizer {report['tokenizer']!r} has {fim['tokens']['family']}'s sentinels; at "
+            f"--data.fim_rate {fim['rate']} and {fim['seq_len']:,}-token windows, {fim['fim']:,} of {fim['pieces']:,} "
+            f"training pieces become FIM samples ({fim['psm']:,} PSM, {fim['spm']:,} SPM).")
 
 
 def _language_table(report: dict[str, Any]) -> Table:

@@ -4,12 +4,16 @@ It takes the same configs and flags as `fit` and runs phase 1 (scan) and phase 2
 pack) exactly as training would, then writes, for inspection or for another trainer:
 
 * `train.npy`, `val.npy`: int32 token ids, shape `[windows, seq_len]` (`numpy.load`); files are
-  joined with the tokenizer's EOS, padding fills the tail of the last window;
+  joined with the tokenizer's EOS, padding fills the tail of the last window; with
+  `--data.fim_rate`, training rows start with fill-in-the-middle samples (each inside one row, see
+  `codetune.data.fim`) and left-to-right text fills the rest (`codetune.data.packing.pack_samples`);
 * the tokenizer (`tokenizer.json` and its configs): `AutoTokenizer.from_pretrained(DIR)` loads it.
   The model fixes the tokenizer; with `tiny`, it is the BPE trained on the training files;
 * `data_report.json`: the phase results that `fit` records in MANIFEST.json (files kept and skipped
   per reason, secrets redacted, tokens per split, windows, `packing_efficiency`, wall times), the
-  files of each split and every skipped path with its reason.
+  files of each split, every skipped path with its reason, and every fill-in-the-middle sample: its
+  file, piece (token range of the file's ids), order (psm/spm) and middle (token range in the piece),
+  in packing order (phase_2_tokenize.fim has the settings and counts).
 
 No model weights are loaded (for a hub or local model only its config is read, to check that
 `--data.seq_len` fits its context). `DIR` is written atomically: it appears whole or not at all, and
@@ -93,6 +97,9 @@ def data_report(datamodule: CodeDataModule) -> dict[str, Any]:
         **phases,
         "files": datamodule.split_files,
         "skipped": [{"path": s.rel_path, "reason": s.reason} for s in datamodule.skipped],
+        # In packing order: the k-th <fim_prefix> of train.npy (row-major) starts the k-th sample.
+        "fim_samples": [{"path": r.path, "piece": r.piece, "tokens": [r.start, r.end], "order": r.cut.order,
+                         "middle": [r.cut.middle_start, r.cut.middle_end]} for r in datamodule.fim_records],
     }
 
 

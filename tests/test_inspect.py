@@ -56,7 +56,8 @@ def test_inspect_counts_with_the_tokenizer_fit_trains_and_warms_its_cache(fixtur
     from codetune.data.datamodule import CodeDataModule
 
     report = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"))
-    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, cache_dir=str(tmp_path / "cache"))
+    # fim_rate 0: FIM samples add sentinels, which inspect does not count (it counts files, not samples).
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, fim_rate=0.0, cache_dir=str(tmp_path / "cache"))
     module.setup("fit")
     tokenize = module.report["phase_2_tokenize"]
     assert (tokenize["cache_hits"], tokenize["cache_misses"]) == (13, 0), "fit reads what inspect wrote"
@@ -151,3 +152,17 @@ def test_inspect_reports_codetune_output_as_skipped(fixture_repo, capsys):
     assert report["totals"]["files"] == 13
     assert report["files_skipped"]["codetune_output"] == 1
     assert report["skipped_examples"]["codetune_output"] == ["my-runs/r1/"]
+
+
+def test_inspect_reports_the_fim_samples_fit_would_make(fixture_repo, tmp_path, capsys):
+    from codetune.data.datamodule import CodeDataModule
+
+    report = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(tmp_path / "cache"), "--seq_len", "64")
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, cache_dir=str(tmp_path / "cache"))
+    module.setup("fit")
+    fit = module.report["phase_2_tokenize"]["fim"]
+    assert report["fim"]["fim"] > 0
+    assert {k: report["fim"][k] for k in ("pieces", "fim", "psm", "spm", "rate")} == {
+        k: fit[k] for k in ("pieces", "fim", "psm", "spm", "rate")}
+    assert main(["inspect", str(fixture_repo), "--cache_dir", str(tmp_path / "cache"), "--seq_len", "64"]) == 0
+    assert f"{fit['fim']} of {fit['pieces']} training pieces become FIM samples" in capsys.readouterr().out

@@ -29,7 +29,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 def test_writes_arrays_tokenizer_and_report(fixture_repo, in_tmp, capsys):
     out = in_tmp / "prepared"
-    assert main(prepare_args(fixture_repo, out, in_tmp)) == 0
+    assert main(prepare_args(fixture_repo, out, in_tmp, "--data.fim_rate", "0")) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["data_report.json", "tokenizer.json", "tokenizer_config.json",
                                                      "train.npy", "val.npy"]
@@ -47,9 +47,10 @@ def test_writes_arrays_tokenizer_and_report(fixture_repo, in_tmp, capsys):
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = tokenizer.decode(train.ravel())
-    assert "pub struct Counter" in text or "class Energy" in text
-    # Windows hold whole files joined by EOS: every training file's text is in the decoded windows.
+    # Left-to-right windows hold whole files joined by EOS: every training file's text is in the decoded windows.
+    assert all((fixture_repo / path).read_text() + tokenizer.eos_token in text for path in report["files"]["train"])
     assert text.count(tokenizer.eos_token) == len(report["files"]["train"])
+    assert not any((fixture_repo / path).read_text() in text for path in report["files"]["val"])
     assert not (in_tmp / "runs").exists()
 
 

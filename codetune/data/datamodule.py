@@ -1,5 +1,9 @@
 """The LightningDataModule: repository -> files -> token ids -> packed windows -> optimizer batches.
 
+Training files are cut into samples by `codetune.data.fim` (a share of them fill-in-the-middle,
+with `--data.fim_rate`; each kept whole inside one window) and packed by
+`codetune.data.packing.pack_samples`; validation windows stay left-to-right.
+
 Each training batch is one *optimizer* batch of `batch_size x gradient_accumulation_steps` windows;
 the LightningModule splits it into micro-batches of `batch_size`. Keeping the split in the module
 means an OOM back-off only changes how a batch is cut, never which samples it holds.
@@ -23,10 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
                                  SkippedFile, scan_argument_problems, scan_repository)
-from codetune.data.packing import PackingMode, Windows, pack_windows, window_labels
+from codetune.data.fim import (DEFAULT_FIM_RATE, FimRecord, FimTokens, NewlineTable, TrainingSamples, fim_families_text,
+                               find_fim_tokens, training_samples)
+from codetune.data.packing import PackingMode, Windows, pack_samples, window_labels
 from codetune.data.sampler import WindowBatchSampler, steps_per_epoch
 from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, split_paths
-from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached
+from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached, tokenize_texts
 from codetune.errors import ConfigError
 
 # Places per secret kind that phase_1_scan names (`secrets_redacted` has the full count).
@@ -86,6 +92,15 @@ class CodeDataModule(L.LightningDataModule):
         ignore_patterns: Extra gitignore-style patterns, on top of the built-in ones and .gitignore.
         val_fraction: Share of files held out for validation (file-level, deterministic).
         packing: 'isolated' (no attention across files) or 'concat' (plain concatenation).
+        fim_rate: Share of training file pieces turned into fill-in-the-middle samples (`codetune.data.fim`), so the
+            model keeps infilling for the editor. Null (the default): 0.5 when the tokenizer has FIM tokens
+            (Qwen's `<|fim_prefix|>`..., StarCoder's `<fim_prefix>`..., found by name), else 0 with one warning;
+            a rate above 0 with a tokenizer without them is an error. Validation windows stay left-to-right (the
+            FIM eval measures infilling), so val/loss compares across rates.
+        fim_spm_rate: Share of the FIM samples in SPM order (suffix first); the others are PSM, what editors send.
+        file_headers: Start every training and validation file (and FIM sample) with the model's repository
+            header, `<|file_sep|>path/in/repo.rs` and a newline, so the model learns which code lives where; needs
+            a tokenizer with a file separator token (Qwen's `<|file_sep|>`, StarCoder's `<file_sep>`).
         max_file_bytes: Files larger than this are skipped.
         max_line_length: Files with a longer line are treated as minified/generated and skipped.
         tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model.
@@ -109,6 +124,9 @@ class CodeDataModule(L.LightningDataModule):
         ignore_patterns: list[str] = [],
         val_fraction: float = DEFAULT_VAL_FRACTION,
         packing: PackingMode = "isolated",
+        fim_rate: float | None = None,
+        fim_spm_rate: float = 0.5,
+        file_headers: bool = False,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         tiny_vocab_size: int = 2048,
@@ -130,6 +148,9 @@ class CodeDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.val_fraction={val_fraction}: use a value in [0, 1), e.g. 0.1.")
         if packing not in ("isolated", "concat"):
             raise ConfigError(f"--data.packing={packing!r}: use 'isolated' or 'concat'.")
+        for flag, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+            if rate is not None and not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"--data.{flag}={rate}: use a share in [0, 1], e.g. 0.5.")
         self.repo = _existing_dir(repo)
         self.save_hyperparameters()
         self.seq_len = seq_len
@@ -137,6 +158,12 @@ class CodeDataModule(L.LightningDataModule):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.packing = packing
         self.tokenizer = None
+        self.fim_tokens: FimTokens | None = None
+        """The tokenizer's fill-in-the-middle sentinels (None: it has none); set in `setup`."""
+        self.fim_rate: float | None = None
+        """--data.fim_rate as resolved for the tokenizer in `setup` (0 without FIM tokens)."""
+        self.fim_records: list[FimRecord] = []
+        """Where each FIM training sample came from, in the order they are packed."""
         self.train_windows: Windows | None = None
         self.val_windows: Windows | None = None
         self.report: dict[str, Any] = {}
@@ -170,18 +197,60 @@ class CodeDataModule(L.LightningDataModule):
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.hparams.tokenizer, train_texts, self.hparams.trust_remote_code,
                                         self.hparams.tiny_vocab_size, revision=self.hparams.revision)
+        self.fim_tokens = find_fim_tokens(self.tokenizer)
+        self.fim_rate = self._resolve_fim_rate()
         # One batch for both splits: the tokenizer's thread pool gets all the work at once.
         ids, cache = tokenize_cached(self.tokenizer, train_texts + val_texts, self.hparams.cache_dir)
         train_ids, val_ids = ids[:len(train_texts)], ids[len(train_texts):]
-        eos, pad = self.tokenizer.eos_token_id, pad_token_id(self.tokenizer)
-        self.train_windows = pack_windows(train_ids, self.seq_len, eos, pad, self.packing)
-        self.val_windows = pack_windows(val_ids, self.seq_len, eos, pad, self.packing)
+        train, val = self._samples(train_paths, train_ids), self._samples(val_paths, val_ids, fim=False)
+        self.fim_records = train.records
+        pad = pad_token_id(self.tokenizer)
+        self.train_windows = pack_samples(train.stream, train.whole, self.seq_len, pad, self.packing)
+        self.val_windows = pack_samples(val.stream, val.whole, self.seq_len, pad, self.packing)
         tokenize_s = time.perf_counter() - started
-        self.report = self._report(scan, train_paths, val_paths, train_ids, val_ids, cache, scan_s, tokenize_s)
+        self.report = self._report(scan, train_paths, val_paths, train, val, cache, scan_s, tokenize_s)
+        fim = self.report["phase_2_tokenize"]["fim"]
         rank_zero_info(
             f"codetune data: {len(train_paths)} train / {len(val_paths)} val files, "
             f"{len(self.train_windows)} train / {len(self.val_windows)} val windows of {self.seq_len} tokens"
+            + (f"; fill-in-the-middle: {fim['fim']} of {fim['pieces']} training pieces ({fim['psm']} PSM, "
+               f"{fim['spm']} SPM)" if self.fim_rate else "")
         )
+
+    def _resolve_fim_rate(self) -> float:
+        """--data.fim_rate for this tokenizer: the default is on with FIM tokens and off (said once) without."""
+        asked = self.hparams.fim_rate
+        if self.fim_tokens is not None:
+            return DEFAULT_FIM_RATE if asked is None else asked
+        looked_for = f"looked for {fim_families_text()}"
+        if asked:
+            raise ConfigError(
+                f"--data.fim_rate={asked}: the tokenizer of {self.hparams.tokenizer!r} has no fill-in-the-middle "
+                f"tokens ({looked_for}). Train a code model that has them (e.g. Qwen/Qwen2.5-Coder-1.5B), or set "
+                f"--data.fim_rate 0 to train left-to-right only.")
+        if asked is None:
+            rank_zero_warn(f"codetune: the tokenizer of {self.hparams.tokenizer!r} has no fill-in-the-middle tokens "
+                           f"({looked_for}), so this run trains left-to-right only and has no FIM eval. Set "
+                           f"--data.fim_rate 0 to say that is what you want.")
+        return 0.0
+
+    def _samples(self, paths: list[str], ids: list[np.ndarray], fim: bool = True) -> TrainingSamples:
+        """A split's samples: FIM pieces at --data.fim_rate when `fim` (training), headers with --data.file_headers."""
+        rate = self.fim_rate if fim else 0.0
+        return training_samples(paths, ids, self.tokenizer.eos_token_id, self.seq_len, self.hparams.seed, rate,
+                                self.hparams.fim_spm_rate, self.fim_tokens,
+                                NewlineTable.of(self.tokenizer) if rate else None, self._headers(paths))
+
+    def _headers(self, paths: list[str]) -> list[np.ndarray] | None:
+        """`<|file_sep|>path` and a newline per file, as token ids (None without --data.file_headers)."""
+        if not self.hparams.file_headers:
+            return None
+        if self.fim_tokens is None or self.fim_tokens.file_sep is None:
+            raise ConfigError(
+                f"--data.file_headers true: the tokenizer of {self.hparams.tokenizer!r} has no repository file "
+                f"separator token (Qwen's <|file_sep|>, StarCoder's <file_sep>). Set --data.file_headers false.")
+        separator = np.array([self.fim_tokens.file_sep], dtype=np.int32)
+        return [np.concatenate((separator, ids)) for ids in tokenize_texts(self.tokenizer, [f"{p}\n" for p in paths])]
 
     def _scan(self) -> ScanResult:
         scan = scan_repository(self.repo, self.hparams.extensions, self.hparams.ignore_patterns,
@@ -196,8 +265,8 @@ class CodeDataModule(L.LightningDataModule):
             )
         return scan
 
-    def _report(self, scan: ScanResult, train_paths, val_paths, train_ids, val_ids, cache: CacheStats,
-                scan_s: float, tokenize_s: float) -> dict[str, Any]:
+    def _report(self, scan: ScanResult, train_paths, val_paths, train: TrainingSamples, val: TrainingSamples,
+                cache: CacheStats, scan_s: float, tokenize_s: float) -> dict[str, Any]:
         return {
             "phase_1_scan": {
                 "files_kept": len(scan.files),
@@ -211,13 +280,16 @@ class CodeDataModule(L.LightningDataModule):
                 "tokenizer": self.hparams.tokenizer,
                 "train_files": len(train_paths),
                 "val_files": len(val_paths),
-                "train_tokens": int(sum(len(t) + 1 for t in train_ids)),
-                "val_tokens": int(sum(len(t) + 1 for t in val_ids)),
+                "train_tokens": _tokens(train),
+                "val_tokens": _tokens(val),
                 "train_windows": len(self.train_windows),
                 "val_windows": len(self.val_windows),
                 "seq_len": self.seq_len,
                 "packing": self.packing,
                 "packing_efficiency": round(self.train_windows.efficiency, 5),
+                "fim": {"rate": self.fim_rate, "spm_rate": self.hparams.fim_spm_rate,
+                        "tokens": self.fim_tokens.names() if self.fim_tokens else None,
+                        "file_headers": self.hparams.file_headers, **train.counts()},
                 "cache_hits": cache.hits,
                 "cache_misses": cache.misses,
                 "cache_dir": cache.directory,
@@ -269,7 +341,7 @@ class CodeDataModule(L.LightningDataModule):
                 # Batches whose training step ran in this epoch (a checkpoint is saved after the step).
                 "steps_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 "train_windows": len(self.train_windows), "optimizer_batch_size": self.optimizer_batch_size,
-                "world_size": trainer.world_size}
+                "world_size": trainer.world_size, "fim_samples": len(self.fim_records)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_position = dict(state_dict) if state_dict else None
@@ -280,7 +352,7 @@ class CodeDataModule(L.LightningDataModule):
         if not saved:
             return 0, 0
         now = {"train_windows": len(self.train_windows), "optimizer_batch_size": self.optimizer_batch_size,
-               "world_size": self._replicas()[0]}
+               "world_size": self._replicas()[0], "fim_samples": len(self.fim_records)}
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             rank_zero_warn("codetune: resuming with different data or batching than the checkpoint ("
@@ -290,6 +362,11 @@ class CodeDataModule(L.LightningDataModule):
         if done >= steps_per_epoch(now["train_windows"], self.optimizer_batch_size, now["world_size"]):
             return epoch + 1, 0
         return epoch, done
+
+
+def _tokens(samples: TrainingSamples) -> int:
+    """Tokens of a split's samples: EOS, FIM sentinels and file headers included."""
+    return int(sum(map(len, samples.stream)) + sum(map(len, samples.whole)))
 
 
 def _existing_dir(repo: str | None) -> Path:

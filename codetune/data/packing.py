@@ -21,7 +21,15 @@ first token of a window a non-target anyway.
 Concatenation (`packing="concat"`). Positions run 0..seq_len-1 across file boundaries and tokens
 attend to earlier files in the window: the classic GPT-style packing, kept as an option.
 
-Padding (last window only) has position 0 and label -100; `n_real` records the real tokens per
+Fill-in-the-middle samples (`pack_samples`, `codetune.data.fim`) must not be cut: a middle
+without its prefix and suffix teaches nothing. Windows are filled with them next-fit, in order,
+and the space each window has left is filled from the left-to-right stream above, which flows on
+from one window's gap into the next's (a fragment restarts its positions like a window start).
+Only when the stream runs out before the FIM samples does a window other than the last end in
+padding, so efficiency stays where the stream alone puts it while the stream lasts (at
+`--data.fim_rate` 1 every window of FIM samples ends in padding); FIM samples sit in the first windows, which the sampler shuffles anyway.
+
+Padding (at the end of a window; only the last one without FIM) has position 0 and label -100; `n_real` records the real tokens per
 window so padding is never a target even when the pad id equals a real token id.
 """
 
@@ -62,38 +70,72 @@ class Windows:
 def pack_windows(files: Sequence[np.ndarray], seq_len: int, eos_id: int, pad_id: int,
                  mode: PackingMode = "isolated") -> Windows:
     """Concatenate `files` (token ids, no EOS) with one EOS after each, and cut `seq_len` windows."""
+    eos = np.array([eos_id], dtype=np.int32)
+    return pack_samples([np.concatenate((np.asarray(f, dtype=np.int32), eos)) for f in files], [], seq_len, pad_id,
+                        mode)
+
+
+def pack_samples(stream: Sequence[np.ndarray], whole: Sequence[np.ndarray], seq_len: int, pad_id: int,
+                 mode: PackingMode = "isolated") -> Windows:
+    """Windows holding every `whole` sample inside one window and the `stream` segments cut anywhere.
+
+    Both kinds are complete token sequences (EOS, sentinels and headers included). Windows are filled with
+    whole samples next-fit, in order; the space a window has left is filled from the stream, which continues
+    in the next window's gap; once the whole samples are placed, the rest of the stream is cut into full
+    windows as `pack_windows` does. Only where the stream runs out before the whole samples does a window end
+    in padding before the last one. Every segment, whole sample and window-gap fragment restarts the position
+    ids in `isolated` mode.
+    """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    lengths = np.array([len(f) + 1 for f in files], dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
+    too_long = [len(w) for w in whole if len(w) > seq_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} whole samples are longer than seq_len {seq_len} (e.g. {too_long[0]})")
+    lengths = np.array([len(s) for s in stream], dtype=np.int64)
+    flat = np.concatenate(stream).astype(np.int32) if len(stream) else np.zeros(0, dtype=np.int32)
+    segment_start_of = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    layout = _layout(whole, seq_len)
+    n_windows = len(layout) + max(0, -(-(len(flat) - sum(gap for _, gap in layout)) // seq_len))
+    if n_windows == 0:
         empty = np.zeros((0, seq_len), dtype=np.int32)
         return Windows(empty, empty.copy(), np.zeros(0, dtype=np.int32))
-    stream = np.empty(total, dtype=np.int32)
-    file_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    for start, tokens, length in zip(file_starts, files, lengths):
-        stream[start:start + length - 1] = tokens
-        stream[start + length - 1] = eos_id
-
-    n_windows = -(-total // seq_len)
-    padded = n_windows * seq_len
-    index = np.arange(total, dtype=np.int64)
-    if mode == "isolated":
-        file_start_of = np.repeat(file_starts, lengths)
-        window_start_of = (index // seq_len) * seq_len
-        positions = index - np.maximum(file_start_of, window_start_of)
-    elif mode == "concat":
-        positions = index % seq_len
-    else:
+    input_ids = np.full((n_windows, seq_len), pad_id, dtype=np.int32)
+    position_ids = np.zeros((n_windows, seq_len), dtype=np.int32)
+    n_real = np.zeros(n_windows, dtype=np.int32)
+    taken = 0  # stream tokens placed so far
+    for w in range(n_windows):
+        samples, gap = layout[w] if w < len(layout) else ([], seq_len)
+        used = 0
+        for sample in samples:
+            input_ids[w, used:used + len(sample)] = sample
+            position_ids[w, used:used + len(sample)] = np.arange(len(sample))
+            used += len(sample)
+        fragment = slice(taken, min(taken + gap, len(flat)))
+        n = fragment.stop - fragment.start
+        index = np.arange(fragment.start, fragment.stop, dtype=np.int64)
+        input_ids[w, used:used + n] = flat[fragment]
+        # A fragment restarts at a segment start and where it starts in this window.
+        position_ids[w, used:used + n] = index - np.maximum(segment_start_of[fragment], fragment.start)
+        taken, n_real[w] = fragment.stop, used + n
+    if mode == "concat":
+        position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), input_ids.shape).copy()
+    elif mode != "isolated":
         raise ValueError(f"--data.packing must be 'isolated' or 'concat', got {mode!r}")
+    position_ids[np.arange(seq_len)[None, :] >= n_real[:, None]] = 0
+    return Windows(input_ids, position_ids, n_real)
 
-    input_ids = np.full(padded, pad_id, dtype=np.int32)
-    position_ids = np.zeros(padded, dtype=np.int32)
-    input_ids[:total] = stream
-    position_ids[:total] = positions
-    n_real = np.full(n_windows, seq_len, dtype=np.int32)
-    n_real[-1] = total - (n_windows - 1) * seq_len
-    return Windows(input_ids.reshape(n_windows, seq_len), position_ids.reshape(n_windows, seq_len), n_real)
+
+def _layout(whole: Sequence[np.ndarray], seq_len: int) -> list[tuple[list[np.ndarray], int]]:
+    """(whole samples, space left after them) of each window that holds whole samples, filled next-fit."""
+    layout, i = [], 0
+    while i < len(whole):
+        samples, used = [], 0
+        while i < len(whole) and used + len(whole[i]) <= seq_len:
+            samples.append(whole[i])
+            used += len(whole[i])
+            i += 1
+        layout.append((samples, seq_len - used))
+    return layout
 
 
 def window_labels(input_ids: np.ndarray, position_ids: np.ndarray, n_real: np.ndarray,

@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # imported where used: transformers' model classes take a sec
 
 TINY_NAME = "tiny"
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+# Qwen2.5-Coder's fill-in-the-middle and repository sentinels: the demo and the tests train and infill through
+# the same path as a real code model (codetune.data.fim finds them by name).
+FIM_SPECIAL_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                      "<|file_sep|>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
@@ -32,12 +36,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[PAD, BOS, EOS, *FIM_SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=list(FIM_SPECIAL_TOKENS))
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,

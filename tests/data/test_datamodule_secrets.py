@@ -148,8 +148,10 @@ def secrets() -> Secrets:
 @pytest.fixture
 def datamodule(tmp_path: Path, secrets: Secrets) -> CodeDataModule:
     repo = write_secret_repo(tmp_path / "repo", secrets)
+    # fim_rate 0: the windows decoded in order are then the files' text (FIM samples fill window gaps, which would
+    # cut a left-to-right file's text apart). Redaction is on the text, before any FIM cut (tests/data/test_fim.py).
     dm = CodeDataModule(repo=str(repo), tokenizer="tiny", seq_len=64, batch_size=2, gradient_accumulation_steps=1,
-                        extensions=[".py", ".rs", ".json", ".toml"], cache_dir=str(tmp_path / "cache"))
+                        extensions=[".py", ".rs", ".json", ".toml"], fim_rate=0.0, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
     return dm
 

@@ -1,0 +1,246 @@
+"""Fill-in-the-middle samples: sentinels found by name, line-aware cuts, pieces that fit a window, rates, packing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from codetune.data.datamodule import CodeDataModule
+from codetune.data.fim import (FimCut, NewlineTable, draw_cut, fim_sample, find_fim_tokens, line_cut_style, pieces,
+                               training_samples)
+from codetune.data.packing import IGNORE_INDEX, pack_samples, window_labels
+from codetune.errors import ConfigError
+from codetune.model.tiny import train_tokenizer
+from conftest import PY_FILE, RUST_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
+EOS = 2
+
+
+def bpe(texts, special):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                              show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=special[0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return train_tokenizer([RUST_FILE, PY_FILE] * 4, vocab_size=512)
+
+
+def fim_check_module():
+    spec = importlib.util.spec_from_file_location("fim_samples_bench", ROOT / "bench" / "fim_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sentinels_are_found_by_name_for_each_family(tiny):
+    qwen = find_fim_tokens(tiny)
+    vocab = tiny.get_vocab()
+    assert qwen.family == "qwen"
+    assert (qwen.prefix, qwen.suffix, qwen.middle, qwen.file_sep) == (
+        vocab["<|fim_prefix|>"], vocab["<|fim_suffix|>"], vocab["<|fim_middle|>"], vocab["<|file_sep|>"])
+    starcoder = find_fim_tokens(bpe([PY_FILE], ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>",
+                                                "<file_sep>"]))
+    assert (starcoder.family, starcoder.prefix_text, starcoder.file_sep_text) == ("starcoder", "<fim_prefix>",
+                                                                                  "<file_sep>")
+    assert find_fim_tokens(bpe([PY_FILE], ["<|endoftext|>", "<fim_prefix>", "<fim_suffix>"])) is None, \
+        "all three sentinels of a family are needed"
+    assert find_fim_tokens(bpe([PY_FILE], ["<|endoftext|>"])) is None
+
+
+def test_boundaries_touch_a_line_break_and_pieces_rejoin_the_file(tiny):
+    table = NewlineTable.of(tiny)
+    ids = np.array(tiny(RUST_FILE * 3, add_special_tokens=False)["input_ids"])
+    boundaries = table.boundaries(ids)
+    assert len(boundaries) >= RUST_FILE.count("\n")  # at least one per line break
+    for k in boundaries:
+        assert tiny.decode(ids[:k]).endswith("\n") or tiny.decode(ids[k:]).startswith("\n")
+    cuts = pieces(len(ids), boundaries, budget=60)
+    assert cuts[0][0] == 0 and cuts[-1][1] == len(ids) and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert all(0 < end - start <= 60 for start, end in cuts)
+    assert all(end in set(boundaries.tolist()) for _, end in cuts[:-1]), "pieces end at line breaks"
+    assert "".join(tiny.decode(ids[a:b]) for a, b in cuts) == RUST_FILE * 3
+    lengths = [b - a for a, b in cuts]
+    assert max(lengths) - min(lengths) < 30, "near-equal pieces, not full ones and a stub"
+
+
+def test_a_line_longer_than_a_window_is_hard_cut():
+    assert pieces(10, np.array([], dtype=np.int64), budget=4) == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.mark.parametrize("order", ["psm", "spm"])
+def test_a_sample_holds_its_sentinels_in_order_and_its_parts_rejoin(tiny, order):
+    tokens = find_fim_tokens(tiny)
+    ids = np.array(tiny(PY_FILE, add_special_tokens=False)["input_ids"])
+    b = NewlineTable.of(tiny).boundaries(ids)
+    cut = FimCut(order, int(b[3]), int(b[7]))
+    header = np.array([tokens.file_sep, 50, 51])
+    sample = fim_sample(ids, cut, tokens, EOS, header).tolist()
+    p, m, s = ids[:cut.middle_start].tolist(), ids[cut.middle_start:cut.middle_end].tolist(), ids[cut.middle_end:].tolist()
+    if order == "psm":
+        assert sample == [*header, tokens.prefix, *p, tokens.suffix, *s, tokens.middle, *m, EOS]
+    else:
+        assert sample == [*header, tokens.prefix, tokens.suffix, *s, tokens.middle, *p, *m, EOS]
+    assert tiny.decode(p) + tiny.decode(m) + tiny.decode(s) == PY_FILE
+
+
+def test_draws_are_seeded_per_piece_and_hit_the_asked_rates():
+    boundaries = np.arange(1, 40)
+    cuts = [draw_cut(0, f"src/f{i}.rs", 0, 40, boundaries, 0.3, 0.25) for i in range(4000)]
+    again = [draw_cut(0, f"src/f{i}.rs", 0, 40, boundaries, 0.3, 0.25) for i in range(4000)]
+    assert cuts == again
+    fim = [c for c in cuts if c is not None]
+    # Binomial: 4000 x 0.3 = 1200 +- 29 (one standard error); 1200 x 0.25 = 300 +- 15.
+    assert abs(len(fim) - 1200) < 4 * 29
+    assert abs(sum(c.order == "spm" for c in fim) - 0.25 * len(fim)) < 4 * 15
+    assert all(0 <= c.middle_start < c.middle_end <= 40 for c in fim), "the middle is never empty"
+    assert {c.middle_start for c in fim} >= {0, 20}, "cuts spread over the boundaries, the piece's start included"
+    assert draw_cut(1, "src/f0.rs", 0, 40, boundaries, 1.0, 0.5) != draw_cut(2, "src/f0.rs", 0, 40, boundaries,
+                                                                            1.0, 0.5)
+
+
+def test_samples_fit_their_window_and_left_to_right_pieces_stay_one_segment(tiny):
+    tokens, table = find_fim_tokens(tiny), NewlineTable.of(tiny)
+    texts = [RUST_FILE * 4, PY_FILE, RUST_FILE]
+    files = [np.array(tiny(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    paths = ["a.rs", "b.py", "c.rs"]
+    samples = training_samples(paths, files, EOS, seq_len=96, seed=0, fim_rate=0.5, tokens=tokens, table=table)
+    assert samples.pieces > 3 and 0 < len(samples.records) < samples.pieces
+    assert all(len(w) <= 96 for w in samples.whole)
+    assert samples.counts()["fim"] + samples.counts()["left_to_right"] == samples.pieces
+    # Every token of every file is in exactly one sample, and every file ends with EOS once (its last sample's).
+    total = sum(map(len, samples.stream)) + sum(map(len, samples.whole))
+    assert total == sum(map(len, files)) + 3 * len(samples.records) + len(samples.records) + sum(
+        1 for i, p in enumerate(paths) if not samples.records or _last_piece_is_left_to_right(samples, p, files[i]))
+    off = training_samples(paths, files, EOS, seq_len=96, seed=0)
+    assert [s.tolist() for s in off.stream] == [f.tolist() + [EOS] for f in files] and not off.whole
+
+
+def _last_piece_is_left_to_right(samples, path, ids) -> bool:
+    return not any(r.path == path and r.end == len(ids) for r in samples.records)
+
+
+def test_packing_keeps_whole_samples_in_one_window_and_restarts_positions():
+    stream = [np.arange(100, 111, dtype=np.int32), np.arange(200, 205, dtype=np.int32)]  # 11 + 5 tokens
+    whole = [np.arange(300, 306, dtype=np.int32), np.arange(400, 404, dtype=np.int32), np.arange(500, 507,
+                                                                                                   dtype=np.int32)]
+    windows = pack_samples(stream, whole, seq_len=8, pad_id=0)
+    # next-fit: [300..305 | 100 101], [400..403 | 102..105], [500..506 | 106], then 107..110 200..204 (9): 2 windows
+    assert windows.input_ids.tolist() == [
+        [300, 301, 302, 303, 304, 305, 100, 101], [400, 401, 402, 403, 102, 103, 104, 105],
+        [500, 501, 502, 503, 504, 505, 506, 106], [107, 108, 109, 110, 200, 201, 202, 203], [204, 0, 0, 0, 0, 0, 0, 0]]
+    assert windows.position_ids.tolist() == [
+        [0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 3, 0, 1, 2, 3],
+        [0, 0, 0, 0, 0, 0, 0, 0]]
+    assert windows.n_real.tolist() == [8, 8, 8, 8, 1]
+    labels = window_labels(windows.input_ids, windows.position_ids, windows.n_real, "isolated")
+    assert (labels[windows.position_ids == 0] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        pack_samples([], [np.arange(9, dtype=np.int32)], seq_len=8, pad_id=0)
+
+
+def test_when_the_stream_runs_out_a_window_of_whole_samples_ends_in_padding():
+    windows = pack_samples([np.array([7, 7], dtype=np.int32)], [np.arange(1, 6, dtype=np.int32)] * 3, 8, pad_id=0)
+    assert windows.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 7, 0], [1, 2, 3, 4, 5, 0, 0, 0], [1, 2, 3, 4, 5, 0, 0, 0]]
+    assert windows.n_real.tolist() == [7, 5, 5]
+
+
+def test_line_cut_style_follows_the_tokenizer(tiny):
+    assert line_cut_style(tiny) == "before", "GPT-2's byte-level BPE merges a newline with the indentation after it"
+
+
+def test_prepared_windows_of_a_repository_decode_to_well_formed_samples(fixture_repo, tmp_path):
+    bench = fim_check_module()
+    out = tmp_path / "prepared"
+    bench.prepare(fixture_repo, out, [".py", ".rs"], seq_len=64, fim_rate=0.5, spm_rate=0.5,
+                  cache_dir=tmp_path / "cache")
+    check = bench.check_prepared(out, fixture_repo, [".py", ".rs"])
+    assert check.problems == [] and check.fim > 5 and check.spm > 0 and check.fim - check.spm > 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["phase_2_tokenize"]["fim"]["rate"] == 0.5 and report["phase_2_tokenize"]["fim"]["tokens"][
+        "prefix"] == "<|fim_prefix|>"
+    # The checker is not blind: a sample moved across a window boundary, or a swapped part, is caught.
+    train = np.load(out / "train.npy")
+    broken = train.copy()
+    row, col = np.argwhere(train == check_tokens(out).middle)[0]
+    broken[row, col] = broken[row, 0]
+    np.save(out / "train.npy", broken)
+    assert bench.check_prepared(out, fixture_repo, [".py", ".rs"]).problems
+
+
+def check_tokens(out):
+    from transformers import AutoTokenizer
+
+    return find_fim_tokens(AutoTokenizer.from_pretrained(out))
+
+
+def no_fim_tokenizer_dir(tmp_path) -> str:
+    directory = tmp_path / "nofim"
+    bpe([RUST_FILE, PY_FILE], ["<|endoftext|>"]).save_pretrained(directory)
+    return str(directory)
+
+
+def test_a_fim_rate_with_a_tokenizer_without_fim_tokens_is_one_clear_error(fixture_repo, tmp_path):
+    module = CodeDataModule(repo=str(fixture_repo), tokenizer=no_fim_tokenizer_dir(tmp_path), seq_len=64,
+                            fim_rate=0.5, cache_dir=None)
+    with pytest.raises(ConfigError, match=r"--data\.fim_rate=0\.5: the tokenizer .* has no fill-in-the-middle "
+                                          r"tokens \(looked for <\|fim_prefix\|> \(qwen\).*--data\.fim_rate 0"):
+        module.setup("fit")
+
+
+def test_the_default_with_a_tokenizer_without_fim_tokens_trains_left_to_right_and_says_so_once(fixture_repo, tmp_path):
+    module = CodeDataModule(repo=str(fixture_repo), tokenizer=no_fim_tokenizer_dir(tmp_path), seq_len=64,
+                            cache_dir=None)
+    with pytest.warns(UserWarning, match="trains left-to-right only") as caught:
+        module.setup("fit")
+    assert sum("fill-in-the-middle" in str(w.message) for w in caught) == 1
+    assert module.fim_rate == 0 and module.fim_records == [] and module.report["phase_2_tokenize"]["fim"]["fim"] == 0
+    silent = CodeDataModule(repo=str(fixture_repo), tokenizer=no_fim_tokenizer_dir(tmp_path), seq_len=64,
+                            fim_rate=0.0, cache_dir=None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        silent.setup("fit")
+
+
+def test_the_default_trains_fim_with_fim_tokens_and_validation_stays_left_to_right(fixture_repo):
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, cache_dir=None)
+    module.setup("fit")
+    fim = module.report["phase_2_tokenize"]["fim"]
+    assert module.fim_rate == 0.5 and fim["fim"] == len(module.fim_records) > 0
+    assert fim["psm"] + fim["spm"] == fim["fim"] and fim["fim"] + fim["left_to_right"] == fim["pieces"]
+    prefix = module.fim_tokens.prefix
+    assert (module.train_windows.input_ids == prefix).sum() == fim["fim"]
+    assert not (module.val_windows.input_ids == prefix).any()
+
+
+def test_file_headers_start_every_sample_with_the_repository_header(fixture_repo):
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, file_headers=True, fim_rate=1.0, cache_dir=None)
+    module.setup("fit")
+    tokens, windows = module.fim_tokens, module.train_windows
+    spans = []  # every sample (or window-gap fragment) of every window: from one position 0 to the next
+    for row, positions, n in zip(windows.input_ids, windows.position_ids, windows.n_real):
+        starts = [int(c) for c in np.flatnonzero(positions[:n] == 0)] + [int(n)]
+        spans += [row[a:b] for a, b in zip(starts, starts[1:])]
+    fim_spans = [ids for ids in spans if tokens.prefix in ids]
+    assert len(fim_spans) == len(module.fim_records) > 0
+    paths = set(module.split_files["train"])
+    for ids in fim_spans:
+        assert ids[0] == tokens.file_sep
+        header = module.tokenizer.decode(ids[1:list(ids).index(tokens.prefix)])
+        assert header.endswith("\n") and header[:-1] in paths
+    val = module.tokenizer.decode(module.val_windows.input_ids[0][:module.val_windows.n_real[0]])
+    assert val.startswith("<|file_sep|>" + module.split_files["val"][0] + "\n")
