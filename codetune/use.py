@@ -1,4 +1,5 @@
-"""Using a finished run: `codetune generate RUN --prompt ...` and `codetune merge RUN --out DIR`.
+"""Using a finished run: `codetune generate RUN --prompt ...` (or `--prefix/--suffix`, `--infill`) and
+`codetune merge RUN --out DIR`.
 
 Both rebuild the base model from the run's `config.yaml` (`model.name_or_path`: a hub id, a local
 directory, or `tiny`, whose randomly initialised base and tokenizer the run saved in `base_model/`)
@@ -14,6 +15,29 @@ is tokenized like the training files (no special tokens) and completed on its ow
 `--do_sample`; sampling is reseeded per prompt, so a completion does not depend on the others.
 Settings not given here (repetition penalty, top-k...) come from the model's generation config, as
 for the samples written during training.
+
+**generate, fill in the middle.** A base pretrained with FIM sentinels (Qwen2.5-Coder, StarCoder,
+DeepSeek-Coder, Code Llama; `codetune.data.fim` finds them by name, and 'tiny' has Qwen's) can write
+the code between a prefix and a suffix, as in an editor; a run with FIM training (`--data.fim_rate`)
+was tuned on such requests. Two ways to ask, each exclusive of `--prompt` and of the other:
+
+* ``--prefix P --suffix S`` prints only the middle the model writes after the PSM request
+  ``<fim_prefix> P <fim_suffix> S <fim_middle>`` (each part tokenized alone, sentinels by id), up to
+  its end-of-sequence token or `--max_new_tokens`, then a line break. Both flags are required
+  together; either may be ``''``. E.g.
+  ``codetune generate runs/r --prefix $'fn add(a: i32, b: i32) -> i32 {\n' --suffix $'\n}\n'``.
+* ``--infill FILE:LINE`` masks line LINE (from 1) of FILE and prints what the model writes there
+  (stderr says where, and why it stopped): the prefix and suffix are the file around the line, cut
+  where the tokenizer's tokens break (`line_cut_style`), as training cut its samples. "after" (Qwen):
+  prefix ends with the previous line's line break, middle is the line with its own; "before" (GPT-2's
+  byte-level BPE, 'tiny'): prefix ends at the previous line's end, middle is that line break, then the
+  line. Generation stops once the masked line has ended (the rest of the middle would be other
+  lines). When the run trained with `--data.file_headers`, the request starts with the file's header
+  ``<|file_sep|>PATH\n``, PATH relative to the run's `data.repo` when FILE lies inside it (a relative
+  `data.repo` is taken from the current directory, where `codetune fit` is usually run), else FILE as
+  given. E.g. ``codetune generate runs/r --infill src/lib.rs:12``.
+
+A base without FIM sentinels is refused for both, before the model loads.
 
 **merge** folds the adapter into the base weights (`W + B @ A * alpha / r`, and the fully trained
 `modules_to_save` layers replace theirs) and saves a plain transformers model that needs neither
@@ -33,6 +57,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +69,14 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from callbacks.manifest import ADAPTER_DIR
 from codetune.cli import CONFIG_NAME
+from codetune.data.fim import CutStyle, FimTokens, fim_families_text, find_fim_tokens, line_cut_style
 from codetune.data.tokens import load_tokenizer, pad_token_id
 from codetune.errors import ConfigError, NonFiniteWeightsError
+from codetune.eval.stopping import CompletionStop
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.model.module import BASE_MODEL_DIR
 from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
@@ -80,6 +108,10 @@ class RunConfig:
     seed: int | None = None
     base_revision: dict[str, Any] | None = None
     """MANIFEST.json's phase_3_model.base_revision: what the base was when the run trained (None: not recorded)."""
+    repo: str | None = None
+    """data.repo: the repository the run trained on, as given to `codetune fit`."""
+    file_headers: bool = False
+    """data.file_headers: training files began with `<|file_sep|>path` (False in runs that predate the flag)."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -116,11 +148,13 @@ def load_run_config(run: str | Path) -> RunConfig:
         raise ConfigError(f"RUN {str(run)!r} trained the 'tiny' model but its {BASE_MODEL_DIR}/ is missing, and "
                           f"the adapter only fits that base. Train the run again.")
     generation = config.get("generation") or {}
+    data = config.get("data") or {}
     return RunConfig(run_dir=run_dir, name_or_path=str(model["name_or_path"]), quantization=model["quantization"],
                      dtype=model["dtype"], trust_remote_code=bool(model["trust_remote_code"]),
                      attn_implementation=model["attn_implementation"],
                      **{k: generation.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
-                     base_revision=_phase_3_model(run_dir).get("base_revision"))
+                     base_revision=_phase_3_model(run_dir).get("base_revision"),
+                     repo=data.get("repo"), file_headers=bool(data.get("file_headers", False)))
 
 
 def check_base(config: RunConfig) -> None:
@@ -181,22 +215,30 @@ def training_precision(config: RunConfig, device: torch.device) -> tuple[bool, t
     return resolve_quantization(config.quantization, cuda), resolve_dtype(config.dtype, cuda)
 
 
-@torch.no_grad()
 def generate_completions(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
                          prompts: Sequence[str], max_new_tokens: int, do_sample: bool = False,
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """The completion (new text only) of each prompt, one prompt at a time (no padding to perturb the numbers)."""
-    device = next(model.parameters()).device
-    completions = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        if do_sample:
-            torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
-        completions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return completions
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                "top_p": top_p, "seed": seed}
+    return [tokenizer.decode(generate_ids(model, tokenizer, tokenizer(p, add_special_tokens=False)["input_ids"],
+                                          **settings), skip_special_tokens=True) for p in prompts]
+
+
+@torch.no_grad()
+def generate_ids(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
+                 max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, stop: CompletionStop | None = None) -> list[int]:
+    """The new token ids after `prompt_ids`: up to EOS, `max_new_tokens`, or `stop` (a one-row criterion)."""
+    ids = torch.tensor([list(prompt_ids)], device=next(model.parameters()).device)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    if do_sample:
+        torch.manual_seed(seed)
+    if stop is not None:
+        sampling["stopping_criteria"] = StoppingCriteriaList([stop])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def _pinned(config: RunConfig) -> dict[str, str]:
@@ -243,18 +285,172 @@ def _phase_3_model(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")).get("phase_results", {}).get("phase_3_model", {})
 
 
+# -- fill in the middle ------------------------------------------------------------------------------
+
+
+def require_fim_tokens(tokenizer: PreTrainedTokenizerBase, config: RunConfig, flag: str) -> FimTokens:
+    """The base's FIM sentinels; a base without them is refused, naming `flag` (the infill flag given)."""
+    fim = find_fim_tokens(tokenizer)
+    if fim is None:
+        raise ConfigError(f"{flag}: the base {config.name_or_path!r} has no fill-in-the-middle tokens (looked for "
+                          f"{fim_families_text()}), so it cannot infill. Use --prompt to complete code left to "
+                          f"right, or train a run on a code model that has them (e.g. Qwen/Qwen2.5-Coder-1.5B)"
+                          f"{_TINY_WITHOUT_FIM if config.name_or_path == TINY_NAME else ''}.")
+    return fim
+
+
+# 'tiny' runs trained before its tokenizer had Qwen's sentinels (codetune.model.tiny) have none.
+_TINY_WITHOUT_FIM = "; a 'tiny' run trained before 'tiny' had them: train it again"
+
+
+def infill_prompt_ids(tokenizer: PreTrainedTokenizerBase, fim: FimTokens, prefix: str, suffix: str,
+                      path: str | None = None) -> list[int]:
+    """The ids of a PSM request, laid out as training's FIM samples: [<file_sep> path\\n] <prefix> P <suffix> S
+    <middle> (no header when `path` is None), each text part tokenized alone as training tokenized files, and
+    each sentinel by id."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    header = [] if path is None else [_file_sep(fim), *encode(f"{path}\n")]
+    return [*header, fim.prefix, *encode(prefix), fim.suffix, *encode(suffix), fim.middle]
+
+
+def _file_sep(fim: FimTokens) -> int:
+    if fim.file_sep is None:
+        raise ConfigError(f"the run trained with data.file_headers true, but its {fim.family} tokenizer has no file "
+                          f"separator token to start the request with: its config.yaml does not match its base.")
+    return fim.file_sep
+
+
+@dataclass(frozen=True)
+class LineCut:
+    """A file cut around one line for an infill request: `prefix + middle + suffix` is the file.
+
+    `middle` is what a perfect model writes: the line, with the line break that the cut style puts in the
+    middle. `lead` is the line break the middle starts with ("before" style after line 1, else '')."""
+
+    prefix: str
+    middle: str
+    suffix: str
+    lead: str
+
+
+def line_spans(text: str) -> list[tuple[int, int, int]]:
+    """(start, end of content, end with its line break) of each line of `text`; lines end at "\\n" (the "\\r" of
+    "\\r\\n" belongs to the line break), and a final line break ends the last line rather than opening an empty one."""
+    spans, start = [], 0
+    while start < len(text):
+        newline = text.find("\n", start)
+        if newline < 0:
+            spans.append((start, len(text), len(text)))
+            break
+        crlf = newline > start and text[newline - 1] == "\r"
+        spans.append((start, newline - crlf, newline + 1))
+        start = newline + 1
+    return spans
+
+
+def cut_around_line(text: str, line: int, style: CutStyle) -> LineCut:
+    """Mask line `line` (1-based, within `line_spans`) of `text`, cut as the tokenizer breaks tokens: "after",
+    both cuts at line starts; "before", both at line ends (the middle starts with the previous line's break)."""
+    spans = line_spans(text)
+    start, end, stop = spans[line - 1]
+    if style == "after":
+        return LineCut(text[:start], text[start:stop], text[stop:], "")
+    cut = spans[line - 2][1] if line > 1 else 0
+    return LineCut(text[:cut], text[cut:end], text[end:], text[cut:start])
+
+
+def masked_line(middle: str, lead: str) -> tuple[str, bool]:
+    """The masked line in a generated middle: (its text, whether its line break was written). The middle's
+    `lead` (or a start of it) is skipped: a model writing the line's own line break first has ended nothing."""
+    body = middle[len(os.path.commonprefix([middle, lead])):]
+    line = body.splitlines(keepends=True)[0] if body else ""
+    content = line.splitlines()[0] if line else ""
+    return content, len(content) < len(line)
+
+
+def line_stop(tokenizer: PreTrainedTokenizerBase, prompt_width: int, lead: str, cap: int) -> CompletionStop:
+    """Stop a one-row generation once `masked_line` holds a line break (the rest of the middle is other lines)."""
+    return CompletionStop(tokenizer, prompt_width, rules=[lambda text: masked_line(text, lead)[1]], caps=[cap])
+
+
+@dataclass(frozen=True)
+class InfillTarget:
+    """`--infill FILE:LINE`, checked: the file as given, its UTF-8 text, and a line it has."""
+
+    file: str
+    line: int
+    text: str
+
+
+def read_infill_target(value: str) -> InfillTarget:
+    """Parse and check `--infill FILE:LINE`; every problem is one ConfigError naming the flag."""
+    file, colon, line = value.rpartition(":")
+    example = "e.g. --infill src/lib.rs:12"
+    if not colon or not file:
+        raise ConfigError(f"--infill {value!r}: give FILE:LINE, the file and the number of the line to fill in, "
+                          f"{example}.")
+    if not (line.isascii() and line.isdigit() and int(line) > 0):
+        raise ConfigError(f"--infill {value!r}: LINE {line!r} is not a positive integer (lines count from 1), "
+                          f"{example}.")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"--infill {value!r}: {file} {what}. Give a source file and a line of it, {example}.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--infill {value!r}: {file} is not UTF-8 text (byte {err.start} is not valid UTF-8); "
+                          f"infill reads source files as UTF-8.") from None
+    lines = len(line_spans(text))
+    if int(line) > lines:
+        has = "is empty" if not lines else f"has {lines} line{'s' * (lines > 1)}"
+        raise ConfigError(f"--infill {value!r}: {file} {has}; give a LINE from 1 to {lines} ({example}).")
+    return InfillTarget(file, int(line), text)
+
+
+def header_path(target: InfillTarget, repo: str | None) -> str:
+    """The path in the request's file header: relative to the run's `repo` when the file lies inside it (as
+    training wrote it, posix), else the file as given."""
+    file = Path(target.file).expanduser().resolve()
+    root = Path(repo).expanduser().resolve() if repo else None
+    return file.relative_to(root).as_posix() if root is not None and file.is_relative_to(root) else target.file
+
+
 # -- commands ----------------------------------------------------------------------------------------
+
+
+GENERATE_EXAMPLES = """\
+examples:
+  codetune generate runs/r --prompt 'fn process' --prompt 'impl Parser'
+  codetune generate runs/r --prefix $'fn add(a: i32, b: i32) -> i32 {\\n' --suffix $'\\n}\\n'
+  codetune generate runs/r --infill src/lib.rs:12
+"""
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="codetune generate",
-        description="Complete code with a finished run: its base model (as training loaded it) plus its LoRA "
-                    "adapter. Prints each prompt followed by its completion; several prompts are separated by a "
-                    "blank line.")
+        prog="codetune generate", epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write code with a finished run: its base model (as training loaded it) plus its LoRA\n"
+                    "adapter. Give exactly one of --prompt (complete left to right), --prefix with --suffix\n"
+                    "(fill in the middle) or --infill (fill in one line of a file); the last two need a base\n"
+                    "with fill-in-the-middle tokens.")
     parser.add_argument("run", help="The run directory (runs/<name>, the last line `codetune fit` prints).")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="Code to complete, e.g. 'fn process'. Repeat for several prompts.")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="Code to complete, e.g. 'fn process'. Repeat for several prompts. Prints each prompt "
+                             "followed by its completion; several are separated by a blank line.")
+    parser.add_argument("--prefix", default=None,
+                        help="Fill in the middle: the code before the gap (with --suffix; may be ''). Prints only "
+                             "the middle the model writes, up to its end of sequence or --max_new_tokens. A value "
+                             "that starts with '-' is given as --prefix=VALUE (likewise --suffix).")
+    parser.add_argument("--suffix", default=None,
+                        help="Fill in the middle: the code after the gap (with --prefix; may be '').")
+    parser.add_argument("--infill", default=None, metavar="FILE:LINE",
+                        help="Mask line LINE (from 1) of FILE and print what the model writes there, e.g. "
+                             "src/lib.rs:12; stderr says where and why it stopped (the line's end, EOS or "
+                             "--max_new_tokens). The request starts with the file's header when the run trained "
+                             "with data.file_headers.")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="Tokens to generate per prompt (default: the run's generation.max_new_tokens).")
     parser.add_argument("--do_sample", action="store_true",
@@ -272,17 +468,60 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROMPT, PREFIX_SUFFIX, INFILL = "--prompt", "--prefix/--suffix", "--infill"
+STOP_REASONS = {"complete": "the line ended", "cap": "cut at --max_new_tokens={}: the line may go on",
+                None: "the model ended the middle"}
+
+
 def main_generate(argv: Sequence[str]) -> int:
     args = build_generate_parser().parse_args(list(argv))
+    mode = _generate_mode(args)
+    target = read_infill_target(args.infill) if mode == INFILL else None
     device = _device(args.device)
     config = load_run_config(args.run)
     settings = _generation_settings(args, config)
+    tokenizer = load_tuned_tokenizer(config)
+    fim = None if mode == PROMPT else require_fim_tokens(tokenizer, config, mode)
     quantize, dtype = training_precision(config, device)
     model = load_tuned_model(config, device, dtype, quantize)
-    tokenizer = load_tuned_tokenizer(config)
-    completions = generate_completions(model, tokenizer, args.prompt, **settings)
-    print("\n\n".join(p + c for p, c in zip(args.prompt, completions)), flush=True)
+    if fim is None:
+        completions = generate_completions(model, tokenizer, args.prompt, **settings)
+        print("\n\n".join(p + c for p, c in zip(args.prompt, completions)), flush=True)
+    elif target is None:
+        ids = infill_prompt_ids(tokenizer, fim, args.prefix, args.suffix)
+        print(tokenizer.decode(generate_ids(model, tokenizer, ids, **settings), skip_special_tokens=True), flush=True)
+    else:
+        _print_infilled_line(model, tokenizer, fim, config, target, settings)
     return 0
+
+
+def _generate_mode(args: argparse.Namespace) -> str:
+    """Which one of the exclusive ways to ask was given: PROMPT, PREFIX_SUFFIX or INFILL."""
+    if (args.prefix is None) != (args.suffix is None):
+        given, missing = ("--prefix", "--suffix") if args.suffix is None else ("--suffix", "--prefix")
+        raise ConfigError(f"{given} needs {missing}: fill-in-the-middle takes the code on both sides of the gap "
+                          f"(give {missing} '' when that side is empty).")
+    given = [flag for flag, value in ((PROMPT, args.prompt), (PREFIX_SUFFIX, args.prefix), (INFILL, args.infill))
+             if value is not None]
+    if len(given) != 1:
+        problem = "nothing to generate" if not given else f"{' and '.join(given)} exclude each other"
+        raise ConfigError(f"{problem}: give one of --prompt TEXT (complete it), --prefix TEXT --suffix TEXT "
+                          f"(fill in between) or --infill FILE:LINE (fill in that line of FILE).")
+    return given[0]
+
+
+def _print_infilled_line(model: PeftModel, tokenizer: PreTrainedTokenizerBase, fim: FimTokens, config: RunConfig,
+                         target: InfillTarget, settings: dict[str, Any]) -> None:
+    """Fill in `target`'s line: the line on stdout, where it was and why generation stopped on stderr."""
+    cut = cut_around_line(target.text, target.line, line_cut_style(tokenizer))
+    header = header_path(target, config.repo) if config.file_headers else None
+    ids = infill_prompt_ids(tokenizer, fim, cut.prefix, cut.suffix, header)
+    stop = line_stop(tokenizer, len(ids), cut.lead, settings["max_new_tokens"])
+    middle = tokenizer.decode(generate_ids(model, tokenizer, ids, **settings, stop=stop), skip_special_tokens=True)
+    reason = STOP_REASONS[stop.reasons[0]].format(settings["max_new_tokens"])
+    print(f"codetune generate: line {target.line} of {target.file}, filled in ({reason}):", file=sys.stderr,
+          flush=True)
+    print(masked_line(middle, cut.lead)[0], flush=True)
 
 
 def _generation_settings(args: argparse.Namespace, config: RunConfig) -> dict[str, Any]:
@@ -305,7 +544,7 @@ def _generation_settings(args: argparse.Namespace, config: RunConfig) -> dict[st
             problems.append(f"--temperature={settings['temperature']}: must be > 0 (e.g. 0.8)")
         if settings["top_p"] is None or not 0 < settings["top_p"] <= 1:
             problems.append(f"--top_p={settings['top_p']}: must be in (0, 1] (e.g. 0.95)")
-    empty = [i + 1 for i, p in enumerate(args.prompt) if not p]
+    empty = [i + 1 for i, p in enumerate(args.prompt or []) if not p]
     if empty:
         problems.append(f"--prompt number {empty[0]} is empty: give the start of the code to complete")
     if problems:

@@ -286,3 +286,201 @@ def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monk
     use.load_tuned_tokenizer(config)
     assert asked["model"] == ("org/coder", {"revision": commit})
     assert asked["tokenizer"][0] == "org/coder" and asked["tokenizer"][1]["revision"] == commit
+
+
+# -- fill in the middle ------------------------------------------------------------------------------------
+
+FIM_NAMES = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>")
+
+
+def sentinel_ids(tokenizer) -> list[int]:
+    """The prefix, suffix, middle and file separator ids, looked up by name (not through codetune)."""
+    ids = tokenizer.convert_tokens_to_ids(list(FIM_NAMES))
+    assert tokenizer.unk_token_id not in ids and len(set(ids)) == 4, "the tiny tokenizer has Qwen's sentinels"
+    return ids
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prefix_suffix_prints_the_greedy_middle_of_base_plus_adapter(run_dir, tokenizer, capsys):
+    import codetune.use as use
+
+    reference = base_plus_adapter(run_dir, torch.float32)
+    prefix_id, suffix_id, middle_id, _ = sentinel_ids(tokenizer)
+    fim = use.find_fim_tokens(tokenizer)
+    args = ["generate", str(run_dir), "--max_new_tokens", str(NEW_TOKENS), "--device", "cpu"]
+    for prefix, suffix in (("pub fn add(&mut self, word: &str) -> usize {\n", "\n    }\n"), ("def analyze_", "")):
+        ids = [prefix_id, *text_ids(tokenizer, prefix), suffix_id, *(text_ids(tokenizer, suffix) if suffix else []),
+               middle_id]
+        assert use.infill_prompt_ids(tokenizer, fim, prefix, suffix) == ids, "the PSM layout of training"
+        expected = tokenizer.decode(greedy(reference, prompt_ids_of(ids)), skip_special_tokens=True)
+        assert main([*args, "--prefix", prefix, "--suffix", suffix]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == expected + "\n", (prefix, suffix)
+
+
+def prompt_ids_of(ids: list[int]) -> torch.Tensor:
+    return torch.tensor([ids])
+
+
+def test_cut_around_line_rebuilds_the_file_and_cuts_where_tokens_break():
+    from codetune.use import LineCut, cut_around_line, line_spans
+
+    text = "a\n    b\n  c\n"
+    assert cut_around_line(text, 2, "after") == LineCut("a\n", "    b\n", "  c\n", "")
+    assert cut_around_line(text, 2, "before") == LineCut("a", "\n    b", "\n  c\n", "\n")
+    assert cut_around_line(text, 1, "before") == LineCut("", "a", "\n    b\n  c\n", "")
+    assert cut_around_line(text, 3, "after") == LineCut("a\n    b\n", "  c\n", "", "")
+    assert cut_around_line("x\r\n  y\r\n", 2, "before") == LineCut("x", "\r\n  y", "\r\n", "\r\n")
+    for text, lines in (("a\n    b\n  c\n", 3), ("a\n    b\n  c", 3), ("x", 1), ("x\r\n  y\r\n", 2),
+                        ("\n\nq\n", 3), ("", 0)):
+        assert len(line_spans(text)) == lines, text
+        for line in range(1, lines + 1):
+            for style in ("after", "before"):
+                cut = cut_around_line(text, line, style)
+                assert cut.prefix + cut.middle + cut.suffix == text, (text, line, style)
+                assert cut.middle.startswith(cut.lead)
+
+
+def test_masked_line_skips_the_lead_and_ends_at_the_next_line_break():
+    from codetune.use import masked_line
+
+    assert masked_line("\n    b\n  c", "\n") == ("    b", True)
+    assert masked_line("\n   ", "\n") == ("   ", False)
+    assert masked_line("x = 1\r\ny", "") == ("x = 1", True)
+    assert masked_line("\n", "") == ("", True)
+    assert masked_line("\r", "\r\n") == ("", False), "half of a CRLF lead ends nothing"
+    assert masked_line("", "\n") == ("", False)
+
+
+def test_line_stop_stops_generation_once_the_masked_line_has_ended(tokenizer):
+    from codetune.use import line_stop
+
+    new = text_ids(tokenizer, "\n        let x = 1;\n        x\n")
+    breaks = [k for k, t in enumerate(new) if "\n" in tokenizer.decode([t])]
+    assert breaks[0] == 0 and len(breaks) >= 2
+    prompt = [7, 7, 7]
+    for lead, expected in (("\n", breaks[1] + 1), ("", breaks[0] + 1)):
+        stop = line_stop(tokenizer, len(prompt), lead, cap=64)
+        verdicts = [bool(stop(torch.tensor([prompt + new[:k]]), None)[0]) for k in range(1, len(new) + 1)]
+        assert verdicts.index(True) + 1 == expected and stop.stopped_at == [expected], lead
+        assert stop.reasons == ["complete"]
+    capped = line_stop(tokenizer, len(prompt), "\n", cap=2)
+    assert bool(capped(torch.tensor([prompt + new[:2]]), None)[0]) and capped.reasons == ["cap"]
+
+
+def with_file_headers(run_dir: Path, target: Path) -> Path:
+    import yaml
+
+    run = copy_run(run_dir, target)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["file_headers"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, tokenizer, tmp_path, capsys):
+    from codetune.use import LineCut, cut_around_line, line_cut_style
+
+    run = with_file_headers(run_dir, tmp_path / "headers")
+    repo = run_dir.parent.parent / "repo"
+    file = repo / "src" / "counter_0.rs"
+    text = file.read_text()
+    lines = text.split("\n")
+    assert lines[13].startswith("        let entry")
+    # The tiny tokenizer merges a line break with the next line's indentation: the cut lies at line ends.
+    assert line_cut_style(tokenizer) == "before"
+    prefix, middle, suffix = "\n".join(lines[:13]), "\n" + lines[13], "\n" + "\n".join(lines[14:])
+    assert prefix + middle + suffix == text
+    assert cut_around_line(text, 14, "before") == LineCut(prefix, middle, suffix, "\n")
+    prefix_id, suffix_id, middle_id, file_sep = sentinel_ids(tokenizer)
+    ids = [file_sep, *text_ids(tokenizer, "src/counter_0.rs\n"), prefix_id, *text_ids(tokenizer, prefix), suffix_id,
+           *text_ids(tokenizer, suffix), middle_id]
+    new = greedy(base_plus_adapter(run_dir, torch.float32), prompt_ids_of(ids))
+    written = tokenizer.decode(new, skip_special_tokens=True)
+    body = written[1:] if written.startswith("\n") else written
+    ended = body.splitlines(keepends=True)[:1] != body.splitlines()[:1]
+    why = ("the line ended" if ended else "the model ended the middle" if tokenizer.eos_token_id in new
+           else f"cut at --max_new_tokens={NEW_TOKENS}")
+
+    assert main(["generate", str(run), "--infill", f"{file}:14", "--max_new_tokens", str(NEW_TOKENS),
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (body.splitlines()[0] if body else "") + "\n"
+    # The last line: transformers may draw a weight-loading progress bar on stderr before it.
+    assert captured.err.endswith(f"\ncodetune generate: line 14 of {file}, filled in ({why}):\n"), captured.err
+
+
+def test_infill_header_path_is_relative_to_the_runs_repo_and_old_runs_have_none(run_dir, tmp_path, monkeypatch):
+    from codetune.use import InfillTarget, header_path, load_run_config
+
+    repo = run_dir.parent.parent / "repo"
+    inside = InfillTarget(str(repo / "src" / "nested" / "lib.rs"), 1, "")
+    assert header_path(inside, str(repo)) == "src/nested/lib.rs"
+    outside = InfillTarget(str(tmp_path / "x.rs"), 1, "")
+    assert header_path(outside, str(repo)) == str(tmp_path / "x.rs")
+    monkeypatch.chdir(repo / "src")  # a relative data.repo is read from the current directory, as fit was run
+    assert header_path(InfillTarget("nested/lib.rs", 1, ""), ".") == "nested/lib.rs"
+    assert header_path(InfillTarget("nested/lib.rs", 1, ""), None) == "nested/lib.rs"
+
+    assert load_run_config(with_file_headers(run_dir, tmp_path / "headers")).file_headers is True
+    old = copy_run(run_dir, tmp_path / "old")
+    config = (old / "config.yaml").read_text()
+    (old / "config.yaml").write_text("\n".join(line for line in config.split("\n") if "file_headers" not in line))
+    assert load_run_config(old).file_headers is False, "runs that predate data.file_headers had no headers"
+
+
+def refuse_to_load_the_model(monkeypatch):
+    """Requests refused up front never reach the model (a stand-in that fails loudly if called)."""
+    import codetune.use as use
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded for a request that should have been refused first")
+
+    monkeypatch.setattr(use, "load_tuned_model", loaded)
+
+
+def test_bad_generate_requests_are_one_line_naming_the_flag(run_dir, tmp_path, capsys, monkeypatch):
+    refuse_to_load_the_model(monkeypatch)
+    code = tmp_path / "code.rs"
+    code.write_text("fn a() {\n    1\n}\n")
+    (tmp_path / "latin1.rs").write_bytes("// café\n".encode("latin-1"))
+    (tmp_path / "empty.rs").write_text("")
+    for args, expected in (
+        ([], "nothing to generate: give one of --prompt TEXT"),
+        (["--prompt", "fn", "--prefix", "a", "--suffix", "b"], "--prompt and --prefix/--suffix exclude each other"),
+        (["--prompt", "fn", "--infill", f"{code}:1"], "--prompt and --infill exclude each other"),
+        (["--prefix", "fn a() {"], "--prefix needs --suffix"),
+        (["--suffix", ""], "--suffix needs --prefix"),
+        (["--infill", str(code)], f"--infill {str(code)!r}: give FILE:LINE"),
+        (["--infill", f"{code}:0"], "LINE '0' is not a positive integer"),
+        (["--infill", f"{code}:two"], "LINE 'two' is not a positive integer"),
+        (["--infill", f"{code}:4"], "code.rs has 3 lines; give a LINE from 1 to 3"),
+        (["--infill", f"{tmp_path / 'missing.rs'}:1"], "missing.rs does not exist"),
+        (["--infill", f"{tmp_path}:1"], "is not a file"),
+        (["--infill", f"{tmp_path / 'latin1.rs'}:1"], "latin1.rs is not UTF-8 text (byte 6"),
+        (["--infill", f"{tmp_path / 'empty.rs'}:1"], "empty.rs is empty"),
+    ):
+        assert main(["generate", str(run_dir), "--device", "cpu", *args]) == 2, args
+        captured = capsys.readouterr()
+        assert "codetune generate: error: " in captured.err and expected in captured.err, (args, captured.err)
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err and not captured.out
+
+
+def test_a_base_without_fim_tokens_is_refused_before_it_loads(run_dir, tmp_path, capsys, monkeypatch):
+    import codetune.use as use
+    from codetune.data.fim import fim_families_text
+
+    refuse_to_load_the_model(monkeypatch)
+    monkeypatch.setattr(use, "find_fim_tokens", lambda tokenizer: None)  # as for a hub base without sentinels
+    code = tmp_path / "code.rs"
+    code.write_text("fn a() {\n    1\n}\n")
+    for args, flag in ((["--prefix", "fn a() {", "--suffix", "}"], "--prefix/--suffix"),
+                       (["--infill", f"{code}:2"], "--infill")):
+        assert main(["generate", str(run_dir), "--device", "cpu", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"codetune generate: error: {flag}: the base 'tiny' has no fill-in-the-middle tokens "
+                              f"(looked for {fim_families_text()})"), err
+        assert err.count("\n") == 1 and "Traceback" not in err
