@@ -43,9 +43,13 @@ EVAL_METRICS = (
     ("next_line_exact_match", "next-line exact match", HIGHER),
     ("chrf", "completion chrF", HIGHER),
     ("syntax_valid", "syntax-valid completions", HIGHER),
+    ("fim_exact_match", "FIM line exact match", HIGHER),
+    ("fim_chrf", "FIM block chrF", HIGHER),
+    ("fim_syntax_valid", "FIM syntax-valid files", HIGHER),
 )
 # The eval metrics that are rates on 0..1: shown with three decimals in every column (0.063 -> 0.013, -0.050).
-RATE_METRICS = frozenset({"next_line_exact_match", "chrf", "syntax_valid"})
+RATE_METRICS = frozenset({"next_line_exact_match", "chrf", "syntax_valid", "fim_exact_match", "fim_chrf",
+                          "fim_syntax_valid"})
 # phase_5_evaluation keys and how the table names them; tuned - base is better in the metric's direction.
 EVAL_STAGES = (("base", "base"), ("final", "tuned"), ("delta", "tuned-base"))
 

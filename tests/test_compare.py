@@ -262,3 +262,22 @@ def test_eval_rates_are_shown_with_three_decimals_in_every_column(tmp_path, caps
     cells = [c.strip() for c in lines["completion chrF, tuned"].split("│")[2:4]]
     assert cells == ["0.063", "0.057 (-0.006)"]
     assert [c.strip() for c in lines["held-out perplexity, base"].split("│")[2:4]] == ["40", "40 (0)"]
+
+
+def test_fim_metrics_are_compared_as_rates(tmp_path, capsys):
+    runs = []
+    for name, exact in (("a", 0.25), ("b", 0.375)):
+        data = manifest(name, 2.0, chrf=0.3)
+        evaluation = data["phase_results"]["phase_5_evaluation"]
+        evaluation["base"].update(fim_exact_match=0.125, fim_chrf=0.2, fim_syntax_valid=0.5)
+        evaluation["final"].update(fim_exact_match=exact, fim_chrf=0.1, fim_syntax_valid=0.5)
+        runs.append(write_run(tmp_path / name, data))
+    rows = metrics_by_name(compare_runs(loaded(*(json.loads(r.read_text()) for r in runs))))
+    assert rows["eval_final_fim_exact_match"]["verdicts"] == [None, "better"]
+    assert rows["eval_final_fim_chrf"]["better"] == rows["eval_final_fim_syntax_valid"]["better"] == "higher"
+    assert main(["compare", str(runs[0].parent), str(runs[1].parent)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 4}
+    assert [c.strip() for c in lines["FIM line exact match, tuned"].split("│")[2:4]] == ["0.250", "0.375 (+0.125)"]
+    assert [c.strip() for c in lines["FIM block chrF, base"].split("│")[2:4]] == ["0.200", "0.200 (0.000)"]
+    assert "FIM syntax-valid files, tuned" in lines

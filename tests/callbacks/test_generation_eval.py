@@ -41,6 +41,9 @@ def test_tuning_improves_held_out_completion_and_perplexity(evaluated_run):
     assert final["chrf"] > base["chrf"] + 0.05, (base, final)
     assert phase["delta"]["chrf"] == pytest.approx(final["chrf"] - base["chrf"])
     assert phase["eval_seconds"] > 0
+    # The tiny tokenizer has FIM sentinels: the FIM eval ran on the same prompts at the base and every epoch.
+    assert phase["fim_prompts"] > 5 and phase["fim_prompts_scored"] == phase["fim_prompts"]
+    assert all(e["metrics"]["fim_chrf"] is not None for e in phase["epochs"]) and base["fim_chrf"] is not None
 
 
 @pytest.mark.slow
@@ -49,14 +52,17 @@ def test_samples_are_written_and_logged(evaluated_run):
 
     base = [json.loads(line) for line in (evaluated_run / "samples" / "base.jsonl").read_text().splitlines()]
     last = [json.loads(line) for line in (evaluated_run / "samples" / "epoch_7.jsonl").read_text().splitlines()]
-    assert {s["kind"] for s in base} == {"repo", "language"} and len(base) == len(last)
+    assert {s["kind"] for s in base} == {"repo", "fim", "language"} and len(base) == len(last)
     repo = [s for s in last if s["kind"] == "repo"]
     assert all(s["truth"] and s["path"] and s["new_tokens"] <= 32 for s in repo)
+    fim = [s for s in last if s["kind"] == "fim"]
+    assert {s["mask"] for s in fim} == {"line", "block"} and all(s["truth"].strip() for s in fim)
     events = EventAccumulator(str(evaluated_run / "tensorboard"))
     events.Reload()
     # One tag per prompt; the base is its step 0, then one step per epoch.
     repo_tags = [t for t in events.Tags()["tensors"] if t.startswith("samples/repo_")]
     assert len(repo_tags) == len(repo)
+    assert len([t for t in events.Tags()["tensors"] if t.startswith("samples/fim_")]) == len(fim)
     steps = [e.step for e in events.Tensors(repo_tags[0])]
     assert steps[0] == 0 and len(steps) == 9 and steps == sorted(steps)
 
@@ -159,8 +165,9 @@ def test_comparison_table_marks_improvements_and_reads_well():
 def test_bad_settings_name_the_flag():
     from codetune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--generation.repo_prompts=-1.*--generation.batch_size=0"):
-        GenerationEval(repo_prompts=-1, batch_size=0)
+    with pytest.raises(ConfigError, match="--generation.repo_prompts=-1.*--generation.fim_prompts=-2.*"
+                                          "--generation.batch_size=0"):
+        GenerationEval(repo_prompts=-1, fim_prompts=-2, batch_size=0)
 
 
 @pytest.mark.slow
@@ -230,7 +237,8 @@ def test_a_budget_hit_fixes_the_prompt_set_that_every_later_eval_scores(monkeypa
     with pytest.warns(UserWarning, match=r"'epoch_1' hit .*2 of 4 prompts.*not reported.*the 3 repo prompts"):
         cut = callback._evaluate(trainer, module, "epoch_1", 1.0)
     assert cut["metrics"] == {"perplexity": pytest.approx(2.718281828), "next_line_exact_match": None,
-                              "chrf": None, "syntax_valid": None}
+                              "chrf": None, "syntax_valid": None, "fim_exact_match": None, "fim_chrf": None,
+                              "fim_syntax_valid": None}
     callback.results["epochs"] = [{"epoch": 0, "step": 5, **tuned}, {"epoch": 1, "step": 10, **cut}]
     phase = callback.manifest_phases()["phase_5_evaluation"]
     assert phase["budget_hit"] == [{"eval": "base", "prompts_done": 3, "prompts": 5, "max_seconds": 25},
@@ -269,3 +277,263 @@ def test_a_stopped_completion_is_judged_as_cut_on_its_scored_part():
     # Ended before the scored part was complete: judged whole, and strictly when it ended with EOS.
     assert _judged_for_syntax(Completion("\n    pass", 3, True), truth) == ("\n    pass", False)
     assert _judged_for_syntax(Completion("\n    pass", 3, False), truth) == ("\n    pass", True)
+
+
+# -- fill-in-the-middle ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """The embedded tiny tokenizer (it has Qwen's FIM sentinels), trained on the fixture sources."""
+    from codetune.model.tiny import train_tokenizer
+    from conftest import PY_FILE, RUST_FILE
+
+    return train_tokenizer([RUST_FILE, PY_FILE], vocab_size=400)
+
+
+def _held_out() -> list[tuple[str, str, str]]:
+    from conftest import PY_FILE, RUST_FILE
+
+    return ([(f"src/c{i}.rs", "rust", RUST_FILE.replace("Counter", f"C{i}")) for i in range(2)]
+            + [(f"py/e{i}.py", "python", PY_FILE.replace("Energy", f"E{i}")) for i in range(2)])
+
+
+class _FimData:
+    """What the eval reads of CodeDataModule: held-out sources, the FIM sentinels and `file_headers`."""
+
+    def __init__(self, fim_tokens, file_headers: bool = False) -> None:
+        self.val_sources, self.fim_tokens = _held_out(), fim_tokens
+        self.hparams = type("H", (), {"file_headers": file_headers})()
+
+
+class _FimModule:
+    """A LightningModule stand-in for the base eval: tokenizer, device, an adapter to disable, a held-out loss."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer) -> None:
+        import contextlib
+
+        self.tokenizer = tokenizer
+        self.model = type("Model", (), {"disable_adapter": staticmethod(contextlib.nullcontext)})()
+
+    def held_out_loss(self) -> float:
+        return 1.0
+
+
+class _Infiller:
+    """A fake model: a FIM request gets `answer(prompt)` and then more text (the suffix's start: generation
+    runs on past the middle), a repo prompt a fixed body; every request is recorded."""
+
+    def __init__(self, callback: GenerationEval) -> None:
+        self.callback, self.answer, self.requests = callback, lambda p: p.middle, []
+
+    def generate_batch(self, pl_module, requests):
+        by_text = {self.callback._fim_request(p).text: p for p in self.callback._fim_prompts}
+        self.requests += requests
+        return [Completion(self.answer(by_text[r.text]) + "\n}\n" if r.text in by_text else "\n    x = 1\n", 9, False)
+                for r in requests]
+
+
+def _fim_trainer(tmp_path, datamodule):
+    return type("T", (), {"is_global_zero": True, "datamodule": datamodule, "current_epoch": 0, "global_step": 0,
+                          "default_root_dir": str(tmp_path), "loggers": [],
+                          "callback_metrics": {"val/loss": torch.tensor(0.5)}})()
+
+
+def _fim_run(tmp_path, tokenizer, file_headers=False, **settings):
+    """A GenerationEval whose train start (base eval included) ran against the fake infiller."""
+    from codetune.data.fim import find_fim_tokens
+
+    callback = GenerationEval(prompts=["def analyze_"], max_new_tokens=64, **settings)
+    infiller = _Infiller(callback)
+    callback._generate_batch = infiller.generate_batch
+    trainer = _fim_trainer(tmp_path, _FimData(find_fim_tokens(tokenizer), file_headers))
+    callback.on_train_start(trainer, _FimModule(tokenizer))
+    return callback, infiller, trainer
+
+
+def test_fim_prompts_are_generated_and_scored_at_the_base_and_every_epoch(tmp_path, tiny_tokenizer):
+    from codetune.data.fim import line_cut_style
+
+    callback, infiller, trainer = _fim_run(tmp_path, tiny_tokenizer, repo_prompts=2, fim_prompts=6)
+    fim = callback._fim_prompts
+    assert [p.kind for p in fim].count("block") == 3 and len(fim) == 6
+    assert [p.lines for p in fim] == sorted(p.lines for p in fim)  # shortest truth first, for batching
+    # The tiny tokenizer merges a newline with the next line's indentation: prompts are cut before line breaks.
+    assert line_cut_style(tiny_tokenizer) == "before" and all(p.middle.startswith("\n") for p in fim)
+    # One generate pass: repo prompts, then FIM prompts in the tokenizer's format, then the language prompt.
+    tokens = callback._fim_tokens
+    texts = [r.text for r in infiller.requests]
+    assert texts[2:8] == [tokens.psm_prompt(p.prefix, p.suffix) for p in fim] and texts[8] == "def analyze_"
+    assert texts[2].startswith("<|fim_prefix|>") and texts[2].endswith("<|fim_middle|>")
+    # A line stops at its first line and a tighter cap; a body at its lines, at max_new_tokens.
+    fim_requests = infiller.requests[2:8]
+    assert [r.cap for r in fim_requests] == [48 if p.kind == "line" else 64 for p in fim]
+    assert all(r.rule(p.middle + "\n") and not r.rule(p.middle) for r, p in zip(fim_requests, fim))
+
+    base = callback.results["base"]["metrics"]
+    assert (base["fim_exact_match"], base["fim_chrf"], base["fim_syntax_valid"]) == (1.0, 1.0, 1.0)
+    assert callback._scored_fim_prompts == 6 and callback._scored_repo_prompts == 2
+
+    # The tuned model loses the indentation of every line (none matches; Rust does not mind) and leaves a bracket
+    # open at the end of every body (those files no longer parse).
+    infiller.answer = lambda p: ("\n".join(line.strip() for line in p.middle.split("\n")) if p.kind == "line"
+                                 else p.middle + " (")
+    infiller.requests.clear()
+    trainer.global_step = 10
+    callback.on_train_epoch_end(trainer, _FimModule(tiny_tokenizer))
+    assert len(infiller.requests) == 9  # the same prompts again
+    tuned = callback.results["epochs"][0]["metrics"]
+    assert tuned["fim_exact_match"] == 0.0 and tuned["fim_syntax_valid"] == 0.5 and 0.9 < tuned["fim_chrf"] < 1.0
+    phase = callback.manifest_phases()["phase_5_evaluation"]
+    assert phase["fim_prompts"] == phase["fim_prompts_scored"] == 6
+    assert phase["final"]["fim_exact_match"] == 0.0 and phase["delta"]["fim_exact_match"] == -1.0
+    assert phase["delta"]["fim_syntax_valid"] == pytest.approx(tuned["fim_syntax_valid"] - 1.0)
+    # The table printed at the end of training shows them base -> tuned, as rates.
+    from rich.console import Console
+
+    console = Console(record=True, width=100)
+    console.print(comparison_table(phase))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in console.export_text().splitlines() if line.count("│") == 5}
+    assert rows["FIM line exact match"] == ["1.000", "0.000", "-1.000"]
+    assert rows["FIM syntax-valid files"] == ["1.000", "0.500", "-0.500"] and "FIM block chrF" in rows
+
+
+def test_fim_requests_start_with_the_file_header_when_training_files_do(tmp_path, tiny_tokenizer):
+    callback, infiller, _ = _fim_run(tmp_path, tiny_tokenizer, file_headers=True, repo_prompts=0, fim_prompts=2)
+    tokens, fim = callback._fim_tokens, callback._fim_prompts
+    assert [r.text for r in infiller.requests[:2]] == [
+        f"<|file_sep|>{p.path}\n" + tokens.psm_prompt(p.prefix, p.suffix) for p in fim]
+
+
+def test_no_fim_prompts_without_fim_sentinels_and_no_warning(tmp_path, tiny_tokenizer, recwarn):
+    callback = GenerationEval(prompts=["def analyze_"], repo_prompts=2, fim_prompts=6)
+    infiller = _Infiller(callback)
+    callback._generate_batch = infiller.generate_batch
+    callback.on_train_start(_fim_trainer(tmp_path, _FimData(None)), _FimModule(tiny_tokenizer))
+    assert callback._fim_prompts == [] and len(infiller.requests) == 3
+    metrics = callback.results["base"]["metrics"]
+    assert metrics["chrf"] is not None
+    assert (metrics["fim_exact_match"], metrics["fim_chrf"], metrics["fim_syntax_valid"]) == (None, None, None)
+    assert callback.manifest_phases()["phase_5_evaluation"]["fim_prompts"] == 0
+    assert not [w for w in recwarn if "codetune" in str(w.message)]
+    # fim_prompts=0 turns them off where the tokenizer has them.
+    off, _, _ = _fim_run(tmp_path, tiny_tokenizer, repo_prompts=2, fim_prompts=0)
+    assert off._fim_prompts == [] and off.results["base"]["metrics"]["fim_chrf"] is None
+
+
+def test_fim_samples_are_written_and_tagged(tmp_path, tiny_tokenizer):
+    from callbacks.generation_eval import _markdown, sample_tags
+
+    callback, _, _ = _fim_run(tmp_path, tiny_tokenizer, repo_prompts=2, fim_prompts=4)
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "base.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in samples] == ["repo"] * 2 + ["fim"] * 4 + ["language"]
+    fim = samples[2]
+    prompt = callback._fim_prompts[0]
+    assert {k: fim[k] for k in ("path", "line", "mask", "truth", "new_tokens", "eos")} == {
+        "path": prompt.path, "line": prompt.line, "mask": prompt.kind, "truth": prompt.middle, "new_tokens": 9,
+        "eos": False}
+    assert fim["completion"] == prompt.middle + "\n}\n" and prompt.prefix.endswith(fim["prefix_tail"])
+    assert prompt.suffix.startswith(fim["suffix_head"]) and len(fim["prefix_tail"]) <= 200
+    assert sample_tags(samples)[:7] == ["samples/repo_00", "samples/repo_01", "samples/fim_00", "samples/fim_01",
+                                        "samples/fim_02", "samples/fim_03", "samples/language_00"]
+    text = _markdown(fim)
+    assert f"`{prompt.path}:{prompt.line}` ({prompt.kind} infill)" in text and prompt.middle in text
+
+
+def _fim_prompt(i: int):
+    from codetune.eval.fim import FimPrompt
+
+    return FimPrompt(f"src/g{i}.py", "python", "line", 2, "def g():\n", f"    return {i}\n", "\n", 1)
+
+
+def test_a_budget_hit_in_the_fim_prompts_fixes_the_fim_set_too(monkeypatch, tmp_path):
+    from codetune.data.fim import FimTokens
+
+    callback = GenerationEval(prompts=["def analyze_"], batch_size=1, max_seconds=35)
+    callback._repo_prompts = [_prompt(i) for i in range(2)]
+    callback._fim_prompts = [_fim_prompt(i) for i in range(4)]
+    callback._fim_tokens = FimTokens("qwen", 5, 6, 7, "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+    clock = _Clock(batch_seconds=10)
+    monkeypatch.setattr("callbacks.generation_eval.perf_counter", clock)
+    monkeypatch.setattr(callback, "_generate_batch", clock.generate_batch)
+    module = type("M", (), {"device": torch.device("cpu")})()
+    trainer = type("T", (), {"default_root_dir": str(tmp_path), "loggers": [], "global_step": 0})()
+
+    # Batches at 0, 10, 20 and 30 s: both repo prompts and two of the four FIM prompts.
+    with pytest.warns(UserWarning, match=r"4 of 7 prompts.*scores the 2 repo prompts and 2 FIM prompts it finished"):
+        base = callback._evaluate(trainer, module, "base", 1.0)
+    assert (callback._scored_repo_prompts, callback._scored_fim_prompts) == (2, 2)
+    assert base["metrics"]["fim_exact_match"] is not None and base["metrics"]["chrf"] is not None
+
+    # Later evals generate those two FIM prompts only (then the language prompt), and score them alike.
+    clock.batches.clear()
+    callback.max_seconds = 100
+    tuned = callback._evaluate(trainer, module, "epoch_0", 1.0)
+    assert len(clock.batches) == 5 and clock.batches[2][0].startswith("<|fim_prefix|>def g():")
+    assert "budget_hit" not in tuned and tuned["metrics"] == base["metrics"]
+
+    # An eval cut inside the FIM set reports the repo metrics, not the FIM ones.
+    callback.max_seconds = 25
+    with pytest.warns(UserWarning, match=r"3 of 5 prompts.*its FIM metrics are not reported"):
+        cut = callback._evaluate(trainer, module, "epoch_1", 1.0)
+    assert cut["metrics"]["chrf"] == base["metrics"]["chrf"]
+    assert (cut["metrics"]["fim_exact_match"], cut["metrics"]["fim_chrf"], cut["metrics"]["fim_syntax_valid"]) == (
+        None, None, None)
+
+
+def test_the_fim_set_survives_a_checkpoint_and_an_old_checkpoint_still_loads(tmp_path):
+    import io
+
+    callback = GenerationEval()
+    callback._scored_repo_prompts, callback._scored_fim_prompts = 5, 3
+    callback.results["base"] = {"metrics": {"fim_chrf": 0.25}, "eval_seconds": 1.0}
+    buffer = io.BytesIO()
+    torch.save(callback.state_dict(), buffer)  # as the .ckpt holds it
+    buffer.seek(0)
+    resumed = GenerationEval()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert (resumed._scored_repo_prompts, resumed._scored_fim_prompts) == (5, 3)
+    assert resumed.results == callback.results
+    # A checkpoint from before the FIM eval: its repo set is kept, the FIM set is fixed by the next eval.
+    old = GenerationEval()
+    old.load_state_dict({"results": callback.results, "scored_repo_prompts": 5})
+    assert (old._scored_repo_prompts, old._scored_fim_prompts) == (5, None)
+
+
+class _Precision:
+    def forward_context(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_tiny_model_infills_stop_at_the_masked_lines_and_score_as_full_runs(tiny_tokenizer):
+    """Through the real generate path: sentinels are single tokens, every row stops once it holds its mask's
+    lines (a random model that never ends: EOS made unlikely, line breaks likelier), and the FIM scores equal
+    those of the same greedy run taken to its cap."""
+    from callbacks.generation_eval import _fim_metrics
+    from codetune.data.fim import find_fim_tokens
+    from codetune.eval.fim import fim_prompts, holds_middle
+    from codetune.model.tiny import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight[[i for i in range(len(tiny_tokenizer)) if "\n" in tiny_tokenizer.decode([i])]] *= 3
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] = 0
+    module = _FimModule(tiny_tokenizer)
+    module.model, module.trainer = model, type("T", (), {"precision_plugin": _Precision()})()
+    callback = GenerationEval(max_new_tokens=64, batch_size=8)
+    callback._fim_tokens = tokens = find_fim_tokens(tiny_tokenizer)
+    fim = sorted(fim_prompts(_held_out(), 8, style="before"), key=lambda p: (p.lines, p.kind == "block"))
+    requests = callback._requests([], fim)
+    for request in requests:
+        ids = tiny_tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        assert [ids.count(t) for t in (tokens.prefix, tokens.suffix, tokens.middle)] == [1, 1, 1]
+    early = callback._generate(module, requests)
+    full = callback._generate(module, [Request(r.text, lambda text: False, 32) for r in requests])
+    assert all(holds_middle(e.text, p.middle) and not e.eos for e, p in zip(early, fim))
+    assert all(f.text.startswith(e.text) and e.new_tokens < r.cap for e, f, r in zip(early, full, requests))
+    assert _fim_metrics(fim, early) == _fim_metrics(fim, full)

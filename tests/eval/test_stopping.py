@@ -85,6 +85,9 @@ def tiny():
     # scaled), so the completions have lines and the scored prefix is reached at different steps per row.
     with torch.no_grad():
         model.lm_head.weight[[i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]] *= 3
+        # Nor may it end at once: which random init writes EOS early is chance (it moved when the tokenizer gained
+        # the FIM sentinels), and a row ended by EOS says nothing about stopping early.
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
     return _TinyModule(tokenizer, model), repo_prompts(files, 6)
 
 
