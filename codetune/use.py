@@ -76,6 +76,7 @@ from codetune.cli import CONFIG_NAME
 from codetune.data.fim import CutStyle, FimTokens, fim_families_text, find_fim_tokens, line_cut_style
 from codetune.data.tokens import load_tokenizer, pad_token_id
 from codetune.errors import ConfigError, NonFiniteWeightsError
+from codetune.eval.fim import mask_lines
 from codetune.eval.stopping import CompletionStop
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.model.module import BASE_MODEL_DIR
@@ -353,12 +354,9 @@ def line_spans(text: str) -> list[tuple[int, int, int]]:
 def cut_around_line(text: str, line: int, style: CutStyle) -> LineCut:
     """Mask line `line` (1-based, within `line_spans`) of `text`, cut as the tokenizer breaks tokens: "after",
     both cuts at line starts; "before", both at line ends (the middle starts with the previous line's break)."""
-    spans = line_spans(text)
-    start, end, stop = spans[line - 1]
-    if style == "after":
-        return LineCut(text[:start], text[start:stop], text[stop:], "")
-    cut = spans[line - 2][1] if line > 1 else 0
-    return LineCut(text[:cut], text[cut:end], text[end:], text[cut:start])
+    prefix, middle, suffix = mask_lines(text, line - 1, line - 1, style)
+    lead = "" if style == "after" else middle[:len(middle) - len(middle.lstrip("\r\n"))][:2]
+    return LineCut(prefix, middle, suffix, lead)
 
 
 def masked_line(middle: str, lead: str) -> tuple[str, bool]:

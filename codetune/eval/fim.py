@@ -220,19 +220,29 @@ class _File:
         self.ends = [start + len(line.rstrip("\r\n")) for start, line in zip(self.starts, self.lines)]
         self.cuts = self.starts if style == "after" else sorted({0, *self.ends, len(text)})
 
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """(start, end) of the middle that masks lines `first`..`last` (0-based, inclusive)."""
+        if self.style == "after":
+            return self.starts[first], self.starts[last + 1]
+        return self.ends[first - 1] if first else 0, self.ends[last]
+
     def prompt(self, path: str, language: str, kind: MaskKind, first: int, last: int, max_prefix_chars: int,
                max_suffix_chars: int) -> FimPrompt:
         """The prompt masking lines `first`..`last` (0-based, inclusive; `first` > 0)."""
-        if self.style == "after":
-            start, end = self.starts[first], self.starts[last + 1]
-        else:
-            start, end = self.ends[first - 1], self.ends[last]
+        start, end = self.span(first, last)
         # The farthest cuts within the bounds; start and end are cuts themselves, so these never pass them.
         prefix_start = self.cuts[bisect_left(self.cuts, start - max_prefix_chars)]
         suffix_end = self.cuts[bisect_right(self.cuts, end + max_suffix_chars) - 1]
         text = self.text
         return FimPrompt(path, language, kind, first + 1, text[prefix_start:start], text[start:end],
                          text[end:suffix_end], last - first + 1, text[:prefix_start], text[suffix_end:])
+
+
+def mask_lines(text: str, first: int, last: int, style: CutStyle) -> tuple[str, str, str]:
+    """(prefix, middle, suffix) of `text` with its lines `first`..`last` (0-based, inclusive) as the middle, cut in
+    `style` as the prompts are: `prefix + middle + suffix` is `text` (what `codetune generate --infill` sends)."""
+    start, end = _File(text, style).span(first, last)
+    return text[:start], text[start:end], text[end:]
 
 
 def _line_masks(lines: Sequence[str]) -> list[tuple[int, int]]:
