@@ -2,7 +2,9 @@
 
 Training files are cut into samples by `codetune.data.fim` (a share of them fill-in-the-middle,
 with `--data.fim_rate`; each kept whole inside one window) and packed by
-`codetune.data.packing.pack_samples`; validation windows stay left-to-right.
+`codetune.data.packing.pack_samples`; validation windows stay left-to-right. Every epoch redraws the
+FIM samples' orders and cuts in place (`codetune.data.fim.FimEpochs`): the training batches come
+tagged with their epoch, so the collator builds that epoch's windows in whichever process it runs.
 
 Each training batch is one *optimizer* batch of `batch_size x gradient_accumulation_steps` windows;
 the LightningModule splits it into micro-batches of `batch_size`. Keeping the split in the module
@@ -27,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
                                  SkippedFile, scan_argument_problems, scan_repository)
-from codetune.data.fim import (DEFAULT_FIM_RATE, FimRecord, FimTokens, NewlineTable, TrainingSamples, fim_families_text,
-                               find_fim_tokens, training_samples)
-from codetune.data.packing import PackingMode, Windows, pack_samples, window_labels
-from codetune.data.sampler import WindowBatchSampler, steps_per_epoch
+from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens, NewlineTable, TrainingSamples,
+                               fim_families_text, find_fim_tokens, training_samples)
+from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements, window_labels
+from codetune.data.sampler import EpochTaggedBatchSampler, WindowBatchSampler, steps_per_epoch
 from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, split_paths
 from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached, tokenize_texts
 from codetune.errors import ConfigError
@@ -54,15 +56,19 @@ class WindowDataset(Dataset):
 
 
 class WindowCollator:
-    """Builds model inputs for a list of window indices (picklable, for worker processes)."""
+    """Builds model inputs for a list of window indices, or `(epoch, indices)` with that epoch's FIM cuts
+    (picklable, for worker processes)."""
 
-    def __init__(self, windows: Windows, packing: PackingMode) -> None:
+    def __init__(self, windows: Windows, packing: PackingMode, fim_epochs: FimEpochs | None = None) -> None:
         self.windows = windows
         self.packing = packing
+        self.fim_epochs = fim_epochs
 
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[int] | tuple[int, list[int]]) -> dict[str, torch.Tensor]:
+        epoch, indices = batch if isinstance(batch, tuple) else (0, batch)
         idx = np.asarray(indices, dtype=np.int64)  # an empty list too (a rank with no window in a step)
-        input_ids = self.windows.input_ids[idx]
+        rows = self.fim_epochs.input_ids(epoch) if self.fim_epochs is not None else self.windows.input_ids
+        input_ids = rows[idx]
         position_ids = self.windows.position_ids[idx]
         labels = window_labels(input_ids, position_ids, self.windows.n_real[idx], self.packing)
         return {
@@ -163,7 +169,9 @@ class CodeDataModule(L.LightningDataModule):
         self.fim_rate: float | None = None
         """--data.fim_rate as resolved for the tokenizer in `setup` (0 without FIM tokens)."""
         self.fim_records: list[FimRecord] = []
-        """Where each FIM training sample came from, in the order they are packed."""
+        """Where each FIM training sample came from, in the order they are packed (its cut: epoch 0's)."""
+        self.fim_epochs: FimEpochs | None = None
+        """The training windows of each epoch: every FIM sample's order and cut drawn anew per epoch."""
         self.train_windows: Windows | None = None
         self.val_windows: Windows | None = None
         self.report: dict[str, Any] = {}
@@ -206,6 +214,10 @@ class CodeDataModule(L.LightningDataModule):
         self.fim_records = train.records
         pad = pad_token_id(self.tokenizer)
         self.train_windows = pack_samples(train.stream, train.whole, self.seq_len, pad, self.packing)
+        self.fim_epochs = FimEpochs(self.train_windows.input_ids, whole_placements([len(w) for w in train.whole],
+                                                                                   self.seq_len),
+                                    train.fim_pieces, self.fim_tokens, self.tokenizer.eos_token_id,
+                                    self.hparams.seed, self.hparams.fim_spm_rate) if train.whole else None
         self.val_windows = pack_samples(val.stream, val.whole, self.seq_len, pad, self.packing)
         tokenize_s = time.perf_counter() - started
         self.report = self._report(scan, train_paths, val_paths, train, val, cache, scan_s, tokenize_s)
@@ -309,21 +321,24 @@ class CodeDataModule(L.LightningDataModule):
         if not len(self.train_windows):
             raise ConfigError(f"--data.repo {str(self.repo)!r}: no training windows (no training files).")
         epoch, start = self._start_position()
-        return self._loader(self.train_windows, shuffle=True, epoch=epoch, start_step=start)
+        return self._loader(self.train_windows, shuffle=True, epoch=epoch, start_step=start, fim_epochs=self.fim_epochs)
 
     def val_dataloader(self) -> DataLoader:
         """This rank's share of the validation windows (the held-out loss sums the shares of all ranks)."""
         # The module cuts every batch into micro-batches (which an OOM back-off may shrink).
         return self._loader(self.val_windows, shuffle=False)
 
-    def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0) -> DataLoader:
+    def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0,
+                fim_epochs: FimEpochs | None = None) -> DataLoader:
         replicas, rank = self._replicas()
-        sampler = WindowBatchSampler(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
-                                     num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
+        sampler_class = EpochTaggedBatchSampler if fim_epochs is not None else WindowBatchSampler
+        sampler = sampler_class(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
+                                num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
         # Its own generator: creating an iterator must not draw from the global RNG, which dropout uses
         # (a resumed run restores that RNG and must see the same draws).
         return DataLoader(WindowDataset(windows), sampler=sampler, batch_size=None,
-                          collate_fn=WindowCollator(windows, self.packing), num_workers=self.hparams.num_workers,
+                          collate_fn=WindowCollator(windows, self.packing, fim_epochs),
+                          num_workers=self.hparams.num_workers,
                           generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def _replicas(self) -> tuple[int, int]:

@@ -29,18 +29,23 @@ re-tokenizing every part.
 
 **Pieces.** A FIM sample must fit in one window with its sentinels and EOS (and its file header), so a
 file longer than that is cut first into pieces at line-break boundaries (`pieces`), each piece a sample of
-its own. Every piece is FIM with probability ``fim_rate``, and a FIM piece is SPM with probability
-``spm_rate``; its two cuts are two different boundaries drawn uniformly (the piece's start and end
-count, so prefix or suffix may be empty; the middle never is). All draws come from a generator seeded
-by ``(seed, path, piece)``: the same files give the same samples on every rank and at every resume,
-and adding a file changes no other file's samples.
+its own. Every piece is FIM with probability ``fim_rate``, drawn once per run: that fixes the
+windows' layout. Every epoch, each FIM piece is drawn anew SPM with probability ``spm_rate`` (else
+PSM) and its two cuts anew, two different boundaries drawn uniformly (the piece's start and end
+count, so prefix or suffix may be empty; the middle never is): over a run the model sees a piece
+infilled at as many places as there are epochs, as on-the-fly FIM gives it, while every epoch keeps
+the same windows and steps (a sample's length does not depend on its cut; `FimEpochs`). The draws
+are hashes of ``(seed, path, piece)`` and, for the cut, the epoch: the epoch is part of the data
+position a checkpoint holds, so every rank and every resume sees the same samples, and adding a
+file changes no other file's samples. Reports count epoch 0's PSM and SPM samples.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -117,6 +122,10 @@ class NewlineTable:
     starts: np.ndarray
     ends: np.ndarray
 
+    def __post_init__(self) -> None:
+        # One lookup per file instead of two: bit 0 "starts with a line break", bit 1 "ends with one".
+        object.__setattr__(self, "_code", (self.starts | (self.ends.astype(np.uint8) << 1)).astype(np.uint8))
+
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> NewlineTable:
         vocab = tokenizer.get_vocab()
@@ -134,8 +143,8 @@ class NewlineTable:
         """Indices k (0 < k < len(ids)) where the cut between ids[k-1] and ids[k] touches a line break."""
         if len(ids) < 2:
             return np.zeros(0, dtype=np.int64)
-        touches = self.ends[ids[:-1]] | self.starts[ids[1:]]
-        return np.flatnonzero(touches) + 1
+        code = self._code[ids]
+        return np.flatnonzero((code[:-1] >> 1) | (code[1:] & 1)) + 1
 
 
 def line_cut_style(tokenizer: PreTrainedTokenizerBase) -> CutStyle:
@@ -180,46 +189,64 @@ class FimCut:
     middle_end: int
 
 
+def is_fim(seed: int, path: str, piece: int, fim_rate: float) -> bool:
+    """Whether piece `piece` of `path` is a FIM sample: drawn once per run (it decides the windows' layout)."""
+    return _draws(seed, path, piece)[0] < fim_rate
+
+
 def draw_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, fim_rate: float,
-             spm_rate: float) -> FimCut | None:
-    """The FIM cut of piece `piece` of `path` (`boundaries` relative to the piece), or None: left-to-right."""
-    draws = _draws(seed, path, piece)
-    if n_tokens == 0 or not draws[0] < fim_rate:
+             spm_rate: float, epoch: int = 0) -> FimCut | None:
+    """The FIM cut of piece `piece` of `path` in `epoch` (`boundaries` relative to the piece), or None: the piece is
+    left-to-right. Whether a piece is FIM holds for the whole run; its order and cut are drawn anew every epoch."""
+    if n_tokens == 0 or not is_fim(seed, path, piece, fim_rate):
         return None
-    return _cut(draws, n_tokens, boundaries, spm_rate)
+    return epoch_cut(seed, path, piece, n_tokens, boundaries, spm_rate, epoch)
 
 
-def _cut(draws: tuple[float, ...], n_tokens: int, boundaries: np.ndarray, spm_rate: float) -> FimCut:
-    order: FimOrder = "spm" if draws[1] < spm_rate else "psm"
-    candidates = np.concatenate(([0], boundaries, [n_tokens]))
-    # Two different candidates, uniformly: the second is drawn among the others.
-    a = int(draws[2] * len(candidates))
-    b = int(draws[3] * (len(candidates) - 1))
-    b += b >= a
+def epoch_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, spm_rate: float,
+              epoch: int) -> FimCut:
+    """The order and cut of a FIM piece in `epoch`: two different candidates among the piece's start, its
+    line-break `boundaries` and its end, uniformly."""
+    _, spm, first, second = _draws(seed, path, piece, epoch)
+    order: FimOrder = "spm" if spm < spm_rate else "psm"
+    count = len(boundaries) + 2
+    a = int(first * count)
+    b = int(second * (count - 1))
+    b += b >= a  # drawn among the others
     a, b = sorted((a, b))
-    return FimCut(order, int(candidates[a]), int(candidates[b]))
+    return FimCut(order, _candidate(a, n_tokens, boundaries), _candidate(b, n_tokens, boundaries))
+
+
+def _candidate(k: int, n_tokens: int, boundaries: np.ndarray) -> int:
+    return 0 if k == 0 else n_tokens if k == len(boundaries) + 1 else int(boundaries[k - 1])
 
 
 def fim_sample(ids: np.ndarray, cut: FimCut, tokens: FimTokens, eos_id: int,
                header: Sequence[int] = ()) -> np.ndarray:
     """The sample's ids: `header`, then the piece `ids` in `cut.order` with the sentinels, then EOS."""
     p, m, s = ids[:cut.middle_start], ids[cut.middle_start:cut.middle_end], ids[cut.middle_end:]
+    out = np.empty(len(header) + len(ids) + SENTINELS_PER_SAMPLE, dtype=np.int32)
+    out[:len(header)] = header
     if cut.order == "psm":
-        parts = [header, [tokens.prefix], p, [tokens.suffix], s, [tokens.middle], m, [eos_id]]
+        parts = ([tokens.prefix], p, [tokens.suffix], s, [tokens.middle], m, [eos_id])
     else:
-        parts = [header, [tokens.prefix, tokens.suffix], s, [tokens.middle], p, m, [eos_id]]
-    return np.concatenate([np.asarray(x, dtype=np.int32) for x in parts])
+        parts = ([tokens.prefix, tokens.suffix], s, [tokens.middle], p, m, [eos_id])
+    at = len(header)
+    for part in parts:
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
 
 
 SENTINELS_PER_SAMPLE = 4  # three sentinels and the EOS
 DEFAULT_FIM_RATE = 0.5  # StarCoder's, SantaCoder's and Refact's rate
 
 
-def _draws(seed: int, path: str, piece: int) -> tuple[float, float, float, float]:
-    """Four uniforms in [0, 1) from a hash of (seed, path, piece): FIM or not, SPM or not, the two cuts. A hash is
-    a tenth of the cost of seeding a generator per piece, and as reproducible."""
-    digest = hashlib.blake2b(f"fim:{seed}:{path}:{piece}".encode(), digest_size=32).digest()
-    return tuple(int.from_bytes(digest[k:k + 8], "big") / 2**64 for k in range(0, 32, 8))
+def _draws(*key: object) -> tuple[float, float, float, float]:
+    """Four uniforms in [0, 1) from a hash of `key` ((seed, path, piece), and the epoch for a cut). A hash is a
+    tenth of the cost of seeding a generator per piece, and as reproducible."""
+    digest = hashlib.blake2b(("fim:" + ":".join(map(str, key))).encode(), digest_size=32).digest()
+    return tuple(x / 2**64 for x in struct.unpack("<4Q", digest))
 
 
 @dataclass(frozen=True)
@@ -233,6 +260,17 @@ class FimRecord:
     cut: FimCut
 
 
+@dataclass(frozen=True)
+class FimPiece:
+    """What a FIM sample is redrawn from every epoch: its piece's ids, header and line-break boundaries."""
+
+    path: str
+    piece: int
+    ids: np.ndarray
+    header: np.ndarray
+    boundaries: np.ndarray
+
+
 @dataclass
 class TrainingSamples:
     """A split's samples, ready to pack: `stream` segments (left-to-right, cut anywhere) and `whole` FIM samples
@@ -242,6 +280,8 @@ class TrainingSamples:
     whole: list[np.ndarray]
     records: list[FimRecord]
     pieces: int
+    fim_pieces: list[FimPiece] = field(default_factory=list)
+    """Parallel to `whole` and `records`."""
 
     def counts(self) -> dict[str, int]:
         psm = sum(r.cut.order == "psm" for r in self.records)
@@ -264,7 +304,7 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
         raise ValueError("FIM samples need the tokenizer's FIM tokens and its NewlineTable")
     no_header = np.zeros(0, dtype=np.int32)
     eos = np.array([eos_id], dtype=np.int32)
-    out = TrainingSamples([], [], [], 0)
+    out = TrainingSamples([], [], [], 0, [])
     for i, (path, ids) in enumerate(zip(paths, files)):
         header = headers[i] if headers is not None else no_header
         budget = seq_len - len(header) - SENTINELS_PER_SAMPLE
@@ -279,7 +319,7 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
 
 def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, header: np.ndarray, eos: np.ndarray, budget: int,
               seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens, table: NewlineTable) -> None:
-    if len(ids) <= budget and not _draws(seed, path, 0)[0] < fim_rate:  # one left-to-right piece: no cut to find
+    if len(ids) <= budget and not is_fim(seed, path, 0, fim_rate):  # one left-to-right piece: no cut to find
         out.stream.append(np.concatenate((header, ids, eos)).astype(np.int32))
         out.pieces += 1
         return
@@ -301,4 +341,42 @@ def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, header: np.ndarr
         close_run(at_end=False)
         out.whole.append(fim_sample(ids[start:end], cut, tokens, int(eos[0]), header))
         out.records.append(FimRecord(path, j, start, end, cut))
+        out.fim_pieces.append(FimPiece(path, j, ids[start:end], header, inner))
     close_run(at_end=True)
+
+
+class FimEpochs:
+    """The training windows of every epoch: the same layout, each FIM sample redrawn (order and cut) per epoch.
+
+    A FIM sample's length does not depend on its cut, so every epoch packs the same samples into the same places;
+    only what lies between a FIM sample's sentinels changes. Epoch 0 is the windows as packed. The arrays of the
+    last epoch asked for are kept (one epoch's windows at a time), so a collator calls `input_ids` per batch.
+
+    Args:
+        input_ids: The packed windows of epoch 0, `[windows, seq_len]`.
+        placements: (window, column) of each FIM sample, as `codetune.data.packing.whole_placements` gives them.
+        pieces: The FIM samples' pieces, in the same order.
+    """
+
+    def __init__(self, input_ids: np.ndarray, placements: Sequence[tuple[int, int]], pieces: Sequence[FimPiece],
+                 tokens: FimTokens, eos_id: int, seed: int, spm_rate: float) -> None:
+        if len(placements) != len(pieces):
+            raise ValueError(f"{len(placements)} placements for {len(pieces)} FIM pieces")
+        self.base = input_ids
+        self.placements = list(placements)
+        self.pieces = list(pieces)
+        self.tokens, self.eos_id, self.seed, self.spm_rate = tokens, eos_id, seed, spm_rate
+        self._cached: tuple[int, np.ndarray] = (0, input_ids)
+
+    def input_ids(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self._build(epoch))
+        return self._cached[1]
+
+    def _build(self, epoch: int) -> np.ndarray:
+        out = self.base.copy()
+        for (window, column), p in zip(self.placements, self.pieces):
+            cut = epoch_cut(self.seed, p.path, p.piece, len(p.ids), p.boundaries, self.spm_rate, epoch)
+            sample = fim_sample(p.ids, cut, self.tokens, self.eos_id, p.header)
+            out[window, column:column + len(sample)] = sample
+        return out

@@ -94,7 +94,7 @@ def pack_samples(stream: Sequence[np.ndarray], whole: Sequence[np.ndarray], seq_
     lengths = np.array([len(s) for s in stream], dtype=np.int64)
     flat = np.concatenate(stream).astype(np.int32) if len(stream) else np.zeros(0, dtype=np.int32)
     segment_start_of = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    layout = _layout(whole, seq_len)
+    layout = [([whole[i] for i in indices], seq_len - used) for indices, used in _layout([len(w) for w in whole], seq_len)]
     n_windows = len(layout) + max(0, -(-(len(flat) - sum(gap for _, gap in layout)) // seq_len))
     if n_windows == 0:
         empty = np.zeros((0, seq_len), dtype=np.int32)
@@ -125,16 +125,22 @@ def pack_samples(stream: Sequence[np.ndarray], whole: Sequence[np.ndarray], seq_
     return Windows(input_ids, position_ids, n_real)
 
 
-def _layout(whole: Sequence[np.ndarray], seq_len: int) -> list[tuple[list[np.ndarray], int]]:
-    """(whole samples, space left after them) of each window that holds whole samples, filled next-fit."""
+def whole_placements(lengths: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+    """(window, column) where `pack_samples` puts each whole sample of these lengths."""
+    return [(w, column) for w, (indices, _) in enumerate(_layout(lengths, seq_len))
+            for column in np.cumsum([0] + [lengths[i] for i in indices[:-1]]).tolist()]
+
+
+def _layout(lengths: Sequence[int], seq_len: int) -> list[tuple[list[int], int]]:
+    """(whole samples' indices, tokens they use) of each window that holds whole samples, filled next-fit."""
     layout, i = [], 0
-    while i < len(whole):
-        samples, used = [], 0
-        while i < len(whole) and used + len(whole[i]) <= seq_len:
-            samples.append(whole[i])
-            used += len(whole[i])
+    while i < len(lengths):
+        indices, used = [], 0
+        while i < len(lengths) and used + lengths[i] <= seq_len:
+            indices.append(i)
+            used += lengths[i]
             i += 1
-        layout.append((samples, seq_len - used))
+        layout.append((indices, used))
     return layout
 
 

@@ -73,3 +73,12 @@ class WindowBatchSampler(DistributedSampler):
         order = epoch_order(self.n_windows, self.seed, self.epoch, self.shuffle)
         start, self.start_step = self.start_step, 0  # a skip applies to the resumed epoch only
         return rank_batches(order, self.batch_size, self.num_replicas, self.rank, start)
+
+
+class EpochTaggedBatchSampler(WindowBatchSampler):
+    """A `WindowBatchSampler` whose batches come as `(epoch, indices)`: the collator of the training windows builds
+    that epoch's fill-in-the-middle cuts (`codetune.data.fim.FimEpochs`), in whichever process it runs."""
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        epoch = self.epoch
+        return ((epoch, batch) for batch in super().__iter__())

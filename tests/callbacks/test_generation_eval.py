@@ -46,6 +46,37 @@ def test_tuning_improves_held_out_completion_and_perplexity(evaluated_run):
     assert all(e["metrics"]["fim_chrf"] is not None for e in phase["epochs"]) and base["fim_chrf"] is not None
 
 
+@pytest.fixture(scope="module")
+def infilling_run(tmp_path_factory) -> Path:
+    """A run that learns to infill its fixture: many FIM samples in PSM order, long enough for the tiny model."""
+    from conftest import write_fixture_repo
+
+    tmp = tmp_path_factory.mktemp("fim")
+    repo = write_fixture_repo(tmp / "repo", n_copies=24)
+    build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
+               "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(repo),
+               "--data.cache_dir", str(tmp / "cache"), "--runs_dir", str(tmp / "runs"), "--run_name", "fim",
+               "--data.seq_len", "256", "--data.batch_size", "4", "--data.fim_rate", "0.9",
+               "--data.fim_spm_rate", "0", "--trainer.max_epochs", "40", "--trainer.val_check_interval", "1.0",
+               "--trainer.enable_progress_bar", "false", "--generation.repo_prompts", "2",
+               "--generation.fim_prompts", "16", "--generation.max_new_tokens", "32"])
+    return tmp / "runs" / "fim"
+
+
+@pytest.mark.slow
+def test_tuning_with_fim_infills_held_out_lines_the_base_cannot(infilling_run):
+    manifest = json.loads((infilling_run / "MANIFEST.json").read_text())["phase_results"]
+    fim, phase = manifest["phase_2_tokenize"]["fim"], manifest["phase_5_evaluation"]
+    assert fim["rate"] == 0.9 and fim["fim"] > 30 and fim["spm"] == 0
+    base, final = phase["base"], phase["final"]
+    assert phase["fim_prompts_scored"] == 16
+    # A random base fills no masked line; the tuned model fills held-out lines it only saw in other files, and
+    # its masked function bodies come close to the files' own.
+    assert base["fim_exact_match"] == 0 and final["fim_exact_match"] > 0, (base, final)
+    assert final["fim_chrf"] > base["fim_chrf"] + 0.3, (base, final)
+    assert phase["delta"]["fim_exact_match"] == final["fim_exact_match"]
+
+
 @pytest.mark.slow
 def test_samples_are_written_and_logged(evaluated_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -244,3 +244,51 @@ def test_file_headers_start_every_sample_with_the_repository_header(fixture_repo
         assert header.endswith("\n") and header[:-1] in paths
     val = module.tokenizer.decode(module.val_windows.input_ids[0][:module.val_windows.n_real[0]])
     assert val.startswith("<|file_sep|>" + module.split_files["val"][0] + "\n")
+
+
+def test_every_epoch_redraws_the_cuts_in_place_and_keeps_the_layout(fixture_repo):
+    from codetune.data.packing import whole_placements
+
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, fim_rate=0.5, cache_dir=None)
+    module.setup("fit")
+    epochs, tokens, eos = module.fim_epochs, module.fim_tokens, module.tokenizer.eos_token_id
+    assert epochs.input_ids(0) is module.train_windows.input_ids, "epoch 0 is the windows as packed"
+    inside = np.zeros(module.train_windows.input_ids.shape, dtype=bool)
+    cuts = {}
+    for epoch in range(4):
+        rows = epochs.input_ids(epoch)
+        for (window, column), piece in zip(epochs.placements, epochs.pieces):
+            span = rows[window, column:column + len(piece.ids) + 4].tolist()
+            inside[window, column:column + len(span)] = True
+            pre, suf, mid = span.index(tokens.prefix), span.index(tokens.suffix), span.index(tokens.middle)
+            assert span[-1] == eos and pre < suf < mid
+            rebuilt = span[pre + 1:suf] + span[mid + 1:-1] + span[suf + 1:mid]  # P + M + S (SPM: "" + PM + S)
+            assert rebuilt == piece.ids.tolist(), "every epoch's sample holds its piece, cut at its boundaries"
+            cuts.setdefault((piece.path, piece.piece), set()).add(tuple(span))
+        assert (rows[~inside] == module.train_windows.input_ids[~inside]).all(), "only FIM samples change"
+    redrawn = sum(len(samples) > 1 for samples in cuts.values())
+    assert redrawn >= 0.6 * len(cuts), f"only {redrawn} of {len(cuts)} FIM samples were cut anew"
+    assert whole_placements([3, 4, 2, 5], 8) == [(0, 0), (0, 3), (1, 0), (1, 2)]
+
+
+def test_the_training_loader_serves_each_epochs_cuts_and_resumes_them(fixture_repo):
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, batch_size=2, gradient_accumulation_steps=1,
+                            fim_rate=0.5, cache_dir=None)
+    module.setup("fit")
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(2)
+    batches = [(b["sample_ids"].tolist(), b["input_ids"]) for b in loader]
+    rows = module.fim_epochs.input_ids(2)
+    assert all((ids == torch_rows(rows, sample_ids)).all() for sample_ids, ids in batches)
+    assert any((ids != torch_rows(module.train_windows.input_ids, s)).any() for s, ids in batches), \
+        "epoch 2 is not epoch 0"
+    module.load_state_dict({"epoch": 2, "steps_done": 3, "train_windows": len(module.train_windows),
+                            "optimizer_batch_size": 2, "world_size": 1, "fim_samples": len(module.fim_records)})
+    resumed = [b["input_ids"] for b in module.train_dataloader()]
+    assert len(resumed) == len(batches) - 3 and all((a == b).all() for a, (_, b) in zip(resumed, batches[3:]))
+
+
+def torch_rows(rows, sample_ids):
+    import torch
+
+    return torch.from_numpy(rows[np.asarray(sample_ids)].astype(np.int64))
