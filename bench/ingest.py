@@ -60,8 +60,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from codetune.data.files import DEFAULT_EXTENSIONS, LANGUAGE_BY_EXTENSION, ScanResult, scan_repository
-from codetune.data.fim import DEFAULT_FIM_RATE, NewlineTable, find_fim_tokens, training_samples
-from codetune.data.packing import Windows, pack_samples, pack_windows
+from codetune.data.fim import DEFAULT_FIM_RATE, FimEpochs, NewlineTable, find_fim_tokens, training_samples
+from codetune.data.packing import Windows, pack_samples, pack_windows, whole_placements
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_cached
 from codetune.model.tiny import train_tokenizer
@@ -317,6 +317,13 @@ def run_fim(corpus: Corpus, ids: list[np.ndarray], tokenizer: Any, rounds: int, 
                 f"{len(plain):,} windows, efficiency {plain.efficiency:.4%}")
     report.step(f"samples + pack, fim_rate {DEFAULT_FIM_RATE} (best of {rounds})", fim_s,
                 f"{len(windows):,} windows, {n_fim:,} FIM samples, efficiency {windows.efficiency:.4%}")
+    samples = training_samples(paths, train_ids, tokenizer.eos_token_id, FIM_SEQ_LEN, 0, DEFAULT_FIM_RATE, 0.5,
+                               find_fim_tokens(tokenizer), NewlineTable.of(tokenizer))
+    epochs = FimEpochs(windows.input_ids, whole_placements([len(w) for w in samples.whole], FIM_SEQ_LEN),
+                       samples.fim_pieces, find_fim_tokens(tokenizer), tokenizer.eos_token_id, 0, 0.5)
+    redraw_s, _ = best_of(rounds, lambda: epochs._build(1))
+    report.step("FIM redraw of one epoch (per epoch, not ingest)", redraw_s,
+                f"{len(samples.fim_pieces):,} samples cut anew in {len(windows):,} windows")
     for name, base in (("cold", scan_s + cold_s + plain_s), ("warm", warm_s + plain_s)):
         extra = (fim_s - plain_s) / base
         report.goal(f"FIM's extra time, {name} ingest", f"{extra:+.2%}", f"< {GOAL_FIM_EXTRA:.0%}",

@@ -161,23 +161,24 @@ def line_cut_style(tokenizer: PreTrainedTokenizerBase) -> CutStyle:
 
 
 def pieces(n_tokens: int, boundaries: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Cut `n_tokens` ids into (start, end) pieces of at most `budget` ids, at line-break `boundaries` where one
-    lies in reach (else a hard cut at the budget: a line longer than a window), of near-equal length."""
+    """Cut `n_tokens` ids into (start, end) pieces of at most `budget` ids, at line-break `boundaries` (sorted) where
+    one lies in reach (else a hard cut at the budget: a line longer than a window), of near-equal length."""
     if budget < 1:
         raise ValueError(f"a piece needs a budget of at least 1 token, got {budget}")
-    if n_tokens <= budget:
-        return [(0, n_tokens)]
     out, start = [], 0
     while n_tokens - start > budget:
         left = n_tokens - start
         target = start + -(-left // -(-left // budget))  # equal shares of what is left
-        reach = boundaries[np.searchsorted(boundaries, start, side="right"):
-                           np.searchsorted(boundaries, start + budget, side="right")]
+        reach = _between(boundaries, start + 1, start + budget + 1)
         end = int(reach[np.argmin(np.abs(reach - target))]) if len(reach) else start + budget
         out.append((start, end))
         start = end
     out.append((start, n_tokens))
     return out
+
+
+def _between(boundaries: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return boundaries[boundaries.searchsorted(lo):boundaries.searchsorted(hi)]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ class FimCut:
 
 def is_fim(seed: int, path: str, piece: int, fim_rate: float) -> bool:
     """Whether piece `piece` of `path` is a FIM sample: drawn once per run (it decides the windows' layout)."""
-    return _draws(seed, path, piece)[0] < fim_rate
+    digest = hashlib.blake2b(f"fim:{seed}:{path}:{piece}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fim_rate
 
 
 def draw_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, fim_rate: float,
@@ -207,7 +209,7 @@ def epoch_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.nd
               epoch: int) -> FimCut:
     """The order and cut of a FIM piece in `epoch`: two different candidates among the piece's start, its
     line-break `boundaries` and its end, uniformly."""
-    _, spm, first, second = _draws(seed, path, piece, epoch)
+    spm, first, second = _draws(seed, path, piece, epoch)
     order: FimOrder = "spm" if spm < spm_rate else "psm"
     count = len(boundaries) + 2
     a = int(first * count)
@@ -242,11 +244,11 @@ SENTINELS_PER_SAMPLE = 4  # three sentinels and the EOS
 DEFAULT_FIM_RATE = 0.5  # StarCoder's, SantaCoder's and Refact's rate
 
 
-def _draws(*key: object) -> tuple[float, float, float, float]:
-    """Four uniforms in [0, 1) from a hash of `key` ((seed, path, piece), and the epoch for a cut). A hash is a
-    tenth of the cost of seeding a generator per piece, and as reproducible."""
-    digest = hashlib.blake2b(("fim:" + ":".join(map(str, key))).encode(), digest_size=32).digest()
-    return tuple(x / 2**64 for x in struct.unpack("<4Q", digest))
+def _draws(seed: int, path: str, piece: int, epoch: int) -> tuple[float, float, float]:
+    """Three uniforms in [0, 1) from a hash of (seed, path, piece, epoch): SPM or not, and the two cuts. A hash
+    is a tenth of the cost of seeding a generator per piece, and as reproducible (as `is_fim`'s, without epoch)."""
+    digest = hashlib.blake2b(f"fim:{seed}:{path}:{piece}:{epoch}".encode(), digest_size=24).digest()
+    return tuple(x / 2**64 for x in struct.unpack("<3Q", digest))
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,10 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
     no_header = np.zeros(0, dtype=np.int32)
     eos = np.array([eos_id], dtype=np.int32)
     out = TrainingSamples([], [], [], 0, [])
+    # Every file's boundaries from one pass over all ids (one call per file would cost more in overhead than in
+    # work); a file's are the slice of them inside it.
+    starts = np.cumsum([0] + [len(ids) for ids in files])
+    everywhere = table.boundaries(np.concatenate(files)) if fim_rate > 0 and len(files) else None
     for i, (path, ids) in enumerate(zip(paths, files)):
         header = headers[i] if headers is not None else no_header
         budget = seq_len - len(header) - SENTINELS_PER_SAMPLE
@@ -312,18 +318,18 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
             out.stream.append(np.concatenate((header, ids, eos)).astype(np.int32))
             out.pieces += 1
             continue
-        _add_file(out, path, np.asarray(ids, dtype=np.int32), header, eos, budget, seed, fim_rate, spm_rate, tokens,
-                  table)
+        boundaries = _between(everywhere, starts[i] + 1, starts[i + 1]) - starts[i]
+        _add_file(out, path, np.asarray(ids, dtype=np.int32), boundaries, header, eos, budget, seed, fim_rate,
+                  spm_rate, tokens)
     return out
 
 
-def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, header: np.ndarray, eos: np.ndarray, budget: int,
-              seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens, table: NewlineTable) -> None:
+def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, boundaries: np.ndarray, header: np.ndarray,
+              eos: np.ndarray, budget: int, seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens) -> None:
     if len(ids) <= budget and not is_fim(seed, path, 0, fim_rate):  # one left-to-right piece: no cut to find
         out.stream.append(np.concatenate((header, ids, eos)).astype(np.int32))
         out.pieces += 1
         return
-    boundaries = table.boundaries(ids)
     run: list[np.ndarray] = []  # the left-to-right pieces since the last FIM one
 
     def close_run(at_end: bool) -> None:
@@ -333,11 +339,11 @@ def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, header: np.ndarr
 
     for j, (start, end) in enumerate(pieces(len(ids), boundaries, budget)):
         out.pieces += 1
-        inner = boundaries[np.searchsorted(boundaries, start, "right"):np.searchsorted(boundaries, end, "left")] - start
-        cut = draw_cut(seed, path, j, end - start, inner, fim_rate, spm_rate)
-        if cut is None:
+        if not is_fim(seed, path, j, fim_rate) or end == start:
             run.append(ids[start:end])
             continue
+        inner = _between(boundaries, start + 1, end) - start
+        cut = epoch_cut(seed, path, j, end - start, inner, spm_rate, epoch=0)
         close_run(at_end=False)
         out.whole.append(fim_sample(ids[start:end], cut, tokens, int(eos[0]), header))
         out.records.append(FimRecord(path, j, start, end, cut))
