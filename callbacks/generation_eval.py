@@ -103,7 +103,9 @@ class GenerationEval(Callback):
       whitespace), chrF the body masks, and syntax validity every mask of a Rust or Python file that
       parses: the share of those files that still parse, judged whole, with the generated middle in
       the mask. The generated middle is cut to the masked lines (or is all the model wrote before
-      EOS). None when the tokenizer has no FIM sentinels (the data module says so once), with
+      EOS). The prefix and suffix are bounded so that a request fits a training window, as every FIM
+      training sample did (half the window's characters of prefix, a quarter of suffix, at most 1500
+      and 800). None when the tokenizer has no FIM sentinels (the data module says so once), with
       ``fim_prompts`` 0, or when no prompt of the kind was generated.
 
     The config's language prompts (``fn process``, ``def analyze_``...) are generated too and shown,
