@@ -6,7 +6,7 @@ Run from the repository root::
     python bench/fim_samples.py REPO --extensions .py --seq-len 1024 --fim-rate 0.5 --spm-rate 0.5
 
 It runs `codetune prepare` (the 'tiny' tokenizer, which has Qwen's FIM sentinels, trained on the
-repository; `--data.fim_rate`, `--data.fim_spm_rate`, `--data.seq_len` as given) into a temporary
+repository, or `--model DIR`'s; `--data.fim_rate`, `--data.fim_spm_rate`, `--data.seq_len` as given) into a temporary
 directory, then reads `train.npy` back, without the data module, and checks every FIM sample:
 
 * **well formed**: from each ``<|fim_prefix|>`` on, in the same row, one ``<|fim_suffix|>`` (right
@@ -135,10 +135,10 @@ def _check_sample(check: FimCheck, tokenizer, row: np.ndarray, span: tuple[int, 
 
 
 def prepare(repo: Path, out: Path, extensions: list[str], seq_len: int, fim_rate: float, spm_rate: float,
-            cache_dir: Path) -> None:
+            cache_dir: Path, model: str = "tiny") -> None:
     from codetune.prepare import main as prepare_main
 
-    prepare_main(["--data.repo", str(repo), "--data.extensions", json.dumps(extensions), "--data.seq_len",
+    prepare_main(["--model.name_or_path", model, "--data.repo", str(repo), "--data.extensions", json.dumps(extensions), "--data.seq_len",
                   str(seq_len), "--data.fim_rate", str(fim_rate), "--data.fim_spm_rate", str(spm_rate),
                   "--data.cache_dir", str(cache_dir), "--out", str(out)])
 
@@ -150,11 +150,13 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--fim-rate", type=float, default=0.5)
     parser.add_argument("--spm-rate", type=float, default=0.5)
+    parser.add_argument("--model", default="tiny", help="--model.name_or_path: whose tokenizer (a local model dir)")
     args = parser.parse_args()
     repo = Path(args.repo) if args.repo else _serde_json()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "prepared"
-        prepare(repo, out, args.extensions, args.seq_len, args.fim_rate, args.spm_rate, Path(tmp) / "cache")
+        prepare(repo, out, args.extensions, args.seq_len, args.fim_rate, args.spm_rate, Path(tmp) / "cache",
+                args.model)
         check = check_prepared(out, repo, args.extensions)
     problems = check.problems + check.rate_problems(args.fim_rate, args.spm_rate)
     print(f"repo: {repo} ({', '.join(args.extensions)}), seq_len {args.seq_len}, {check.windows} training windows")
