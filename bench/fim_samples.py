@@ -138,8 +138,8 @@ def prepare(repo: Path, out: Path, extensions: list[str], seq_len: int, fim_rate
             cache_dir: Path, model: str = "tiny") -> None:
     from codetune.prepare import main as prepare_main
 
-    prepare_main(["--model.name_or_path", model, "--data.repo", str(repo), "--data.extensions", json.dumps(extensions), "--data.seq_len",
-                  str(seq_len), "--data.fim_rate", str(fim_rate), "--data.fim_spm_rate", str(spm_rate),
+    prepare_main(["--model.name_or_path", model, "--data.repo", str(repo), "--data.extensions", json.dumps(extensions),
+                  "--data.seq_len", str(seq_len), "--data.fim_rate", str(fim_rate), "--data.fim_spm_rate", str(spm_rate),
                   "--data.cache_dir", str(cache_dir), "--out", str(out)])
 
 

@@ -23,9 +23,9 @@ parts are not tokenized again, which keeps FIM free in ingest time: the token ca
 every file's ids. Byte-level BPE pre-tokenizers cut their input at line breaks (GPT-2's before a
 ``\\n``-plus-indentation run, Qwen's after a newline), so such a slice is, with few exceptions at
 whitespace runs, the ids the part would get if tokenized alone, as an editor's prefix and suffix are
-(`bench/ingest.py` measures the share). Character-level cuts (StarCoder) would put cursors inside
-tokens and words, which an editor's FIM request rarely does between keystrokes, at the price of
-re-tokenizing every part.
+(`bench/fim_samples.py` measures the share). Character-level cuts (StarCoder) would put cursors
+inside tokens and words, which an editor's FIM request rarely does between keystrokes, at the price
+of re-tokenizing every part.
 
 **Pieces.** A FIM sample must fit in one window with its sentinels and EOS (and its file header), so a
 file longer than that is cut first into pieces at line-break boundaries (`pieces`), each piece a sample of

@@ -94,7 +94,8 @@ def pack_samples(stream: Sequence[np.ndarray], whole: Sequence[np.ndarray], seq_
     lengths = np.array([len(s) for s in stream], dtype=np.int64)
     flat = np.concatenate(stream).astype(np.int32) if len(stream) else np.zeros(0, dtype=np.int32)
     segment_start_of = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    layout = [([whole[i] for i in indices], seq_len - used) for indices, used in _layout([len(w) for w in whole], seq_len)]
+    layout = [([whole[i] for i in indices], seq_len - used)
+              for indices, used in _layout([len(w) for w in whole], seq_len)]
     n_windows = len(layout) + max(0, -(-(len(flat) - sum(gap for _, gap in layout)) // seq_len))
     if n_windows == 0:
         empty = np.zeros((0, seq_len), dtype=np.int32)
