@@ -196,15 +196,6 @@ def is_fim(seed: int, path: str, piece: int, fim_rate: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fim_rate
 
 
-def draw_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, fim_rate: float,
-             spm_rate: float, epoch: int = 0) -> FimCut | None:
-    """The FIM cut of piece `piece` of `path` in `epoch` (`boundaries` relative to the piece), or None: the piece is
-    left-to-right. Whether a piece is FIM holds for the whole run; its order and cut are drawn anew every epoch."""
-    if n_tokens == 0 or not is_fim(seed, path, piece, fim_rate):
-        return None
-    return epoch_cut(seed, path, piece, n_tokens, boundaries, spm_rate, epoch)
-
-
 def epoch_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, spm_rate: float,
               epoch: int) -> FimCut:
     """The order and cut of a FIM piece in `epoch`: two different candidates among the piece's start, its
@@ -299,7 +290,7 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
 
     Without FIM (`fim_rate` 0) every file is one stream segment, `header + ids + EOS`, as plain packing makes it.
     With FIM, a file is cut into `pieces` that fit a window with the sentinels, EOS and header; each piece is
-    drawn FIM or not (`draw_cut`); the consecutive left-to-right pieces of a file stay one segment (EOS only at
+    drawn FIM or not (`is_fim`) and a FIM piece cut (`epoch_cut`, epoch 0); the consecutive left-to-right pieces of a file stay one segment (EOS only at
     the file's end), so left-to-right text keeps its context across pieces as before.
     """
     if fim_rate > 0 and (tokens is None or table is None):

@@ -13,8 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from codetune.data.datamodule import CodeDataModule
-from codetune.data.fim import (FimCut, NewlineTable, draw_cut, fim_sample, find_fim_tokens, line_cut_style, pieces,
-                               training_samples)
+from codetune.data.fim import (FimCut, NewlineTable, epoch_cut, fim_sample, find_fim_tokens, is_fim, line_cut_style,
+                               pieces, training_samples)
 from codetune.data.packing import IGNORE_INDEX, pack_samples, window_labels
 from codetune.errors import ConfigError
 from codetune.model.tiny import train_tokenizer
@@ -99,8 +99,11 @@ def test_a_sample_holds_its_sentinels_in_order_and_its_parts_rejoin(tiny, order)
 
 def test_draws_are_seeded_per_piece_and_hit_the_asked_rates():
     boundaries = np.arange(1, 40)
-    cuts = [draw_cut(0, f"src/f{i}.rs", 0, 40, boundaries, 0.3, 0.25) for i in range(4000)]
-    again = [draw_cut(0, f"src/f{i}.rs", 0, 40, boundaries, 0.3, 0.25) for i in range(4000)]
+    def draw(seed: int, path: str, fim_rate: float, spm_rate: float, epoch: int = 0) -> FimCut | None:
+        return epoch_cut(seed, path, 0, 40, boundaries, spm_rate, epoch) if is_fim(seed, path, 0, fim_rate) else None
+
+    cuts = [draw(0, f"src/f{i}.rs", 0.3, 0.25) for i in range(4000)]
+    again = [draw(0, f"src/f{i}.rs", 0.3, 0.25) for i in range(4000)]
     assert cuts == again
     fim = [c for c in cuts if c is not None]
     # Binomial: 4000 x 0.3 = 1200 +- 29 (one standard error); 1200 x 0.25 = 300 +- 15.
@@ -108,8 +111,8 @@ def test_draws_are_seeded_per_piece_and_hit_the_asked_rates():
     assert abs(sum(c.order == "spm" for c in fim) - 0.25 * len(fim)) < 4 * 15
     assert all(0 <= c.middle_start < c.middle_end <= 40 for c in fim), "the middle is never empty"
     assert {c.middle_start for c in fim} >= {0, 20}, "cuts spread over the boundaries, the piece's start included"
-    assert draw_cut(1, "src/f0.rs", 0, 40, boundaries, 1.0, 0.5) != draw_cut(2, "src/f0.rs", 0, 40, boundaries,
-                                                                            1.0, 0.5)
+    assert draw(1, "src/f0.rs", 1.0, 0.5) != draw(2, "src/f0.rs", 1.0, 0.5)
+    assert draw(0, "src/f0.rs", 1.0, 0.5, epoch=1) != draw(0, "src/f0.rs", 1.0, 0.5), "each epoch cuts anew"
 
 
 def test_samples_fit_their_window_and_left_to_right_pieces_stay_one_segment(tiny):
