@@ -151,12 +151,15 @@ def main() -> int:
     parser.add_argument("--fim-rate", type=float, default=0.5)
     parser.add_argument("--spm-rate", type=float, default=0.5)
     parser.add_argument("--model", default="tiny", help="--model.name_or_path: whose tokenizer (a local model dir)")
+    parser.add_argument("--split", choices=("gpt2", "qwen2"), default="gpt2",
+                        help="with the tiny model: pre-split as GPT-2's byte-level BPE (its default) or as Qwen2's "
+                             "tokenizer does (codetune.model.tiny.QWEN2_SPLIT: tokens break after a newline)")
     args = parser.parse_args()
     repo = Path(args.repo) if args.repo else _serde_json()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "prepared"
-        prepare(repo, out, args.extensions, args.seq_len, args.fim_rate, args.spm_rate, Path(tmp) / "cache",
-                args.model)
+        model = qwen2_split_model(repo, args.extensions, Path(tmp) / "model") if args.split == "qwen2" else args.model
+        prepare(repo, out, args.extensions, args.seq_len, args.fim_rate, args.spm_rate, Path(tmp) / "cache", model)
         check = check_prepared(out, repo, args.extensions)
     problems = check.problems + check.rate_problems(args.fim_rate, args.spm_rate)
     print(f"repo: {repo} ({', '.join(args.extensions)}), seq_len {args.seq_len}, {check.windows} training windows")
@@ -170,6 +173,18 @@ def main() -> int:
         print("PROBLEM:", problem)
     print("verdict:", "PASS" if not problems else f"FAIL ({len(problems)} problems)")
     return 0 if not problems else 1
+
+
+def qwen2_split_model(repo: Path, extensions: list[str], directory: Path) -> str:
+    """A model directory (a tiny config, no weights: prepare reads only the config) whose tokenizer is the tiny BPE
+    trained on `repo` with Qwen2's pre-split, for how a Qwen tokenizer's tokens break around line breaks."""
+    from codetune.model.tiny import QWEN2_SPLIT, padded_vocab_size, tiny_config, train_tokenizer
+
+    tokenizer = train_tokenizer([f.text for f in scan_repository(repo, extensions).files], split_pattern=QWEN2_SPLIT)
+    tokenizer.save_pretrained(directory)
+    tiny_config(padded_vocab_size(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id).save_pretrained(directory)
+    return str(directory)
 
 
 def _serde_json() -> Path:

@@ -153,8 +153,8 @@ def line_cut_style(tokenizer: PreTrainedTokenizerBase) -> CutStyle:
     line's indentation, so a cut lies at the previous line's end). Infill prompts are cut there, like training."""
     probe = "x = f(y);\n    z = 1\n"
     ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    ends = np.cumsum([len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))])
-    return "after" if probe.index("\n") + 1 in set(ends.tolist()) else "before"
+    ends = {len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))}  # where each token ends in the probe
+    return "after" if probe.index("\n") + 1 in ends else "before"
 
 
 # -- pieces and samples ------------------------------------------------------------------------------------

@@ -25,13 +25,26 @@ FIM_SPECIAL_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|f
                       "<|file_sep|>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over `texts`; every byte is in the alphabet, so no input is ever unknown."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# Qwen2's pre-tokenizer pattern (its tokenizer.json): a line break after punctuation joins it, a run of line
+# breaks stands alone, so tokens break after a newline rather than merging it with the next indentation.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048,
+                    split_pattern: str | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over `texts`; every byte is in the alphabet, so no input is ever unknown.
+
+    `split_pattern` (e.g. `QWEN2_SPLIT`) pre-splits the text as that model family's tokenizer does, so tests and
+    benchmarks can see how a real code model's tokens break around line breaks offline; None: GPT-2's split.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split_pattern is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -17,7 +17,7 @@ from codetune.data.fim import (FimCut, NewlineTable, epoch_cut, fim_sample, find
                                pieces, training_samples)
 from codetune.data.packing import IGNORE_INDEX, pack_samples, window_labels
 from codetune.errors import ConfigError
-from codetune.model.tiny import train_tokenizer
+from codetune.model.tiny import QWEN2_SPLIT, train_tokenizer
 from conftest import PY_FILE, RUST_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,6 +163,24 @@ def test_when_the_stream_runs_out_a_window_of_whole_samples_ends_in_padding():
 
 def test_line_cut_style_follows_the_tokenizer(tiny):
     assert line_cut_style(tiny) == "before", "GPT-2's byte-level BPE merges a newline with the indentation after it"
+    qwen = train_tokenizer([RUST_FILE, PY_FILE] * 4, vocab_size=512, split_pattern=QWEN2_SPLIT)
+    pieces_ = qwen.convert_ids_to_tokens(qwen("f(y);\n    z", add_special_tokens=False)["input_ids"])
+    assert any(a.endswith("Ċ") and b.startswith("Ġ") for a, b in zip(pieces_, pieces_[1:])), \
+        f"Qwen's split keeps the newline apart from the next line's indentation: {pieces_}"
+    assert line_cut_style(qwen) == "after"
+
+
+def test_fim_samples_with_qwens_split_are_well_formed(fixture_repo, tmp_path):
+    from codetune.prepare import write_prepared
+
+    bench = fim_check_module()
+    directory = tmp_path / "qwen"
+    train_tokenizer([RUST_FILE, PY_FILE] * 4, vocab_size=512, split_pattern=QWEN2_SPLIT).save_pretrained(directory)
+    module = CodeDataModule(repo=str(fixture_repo), tokenizer=str(directory), seq_len=64, fim_rate=0.5, cache_dir=None)
+    module.setup("fit")
+    write_prepared(tmp_path / "prepared", module)
+    check = bench.check_prepared(tmp_path / "prepared", fixture_repo, [".py", ".rs"])
+    assert check.problems == [] and check.fim == len(module.fim_records) > 5
 
 
 def test_prepared_windows_of_a_repository_decode_to_well_formed_samples(fixture_repo, tmp_path):
