@@ -46,7 +46,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
@@ -143,8 +143,9 @@ class NewlineTable:
         """Indices k (0 < k < len(ids)) where the cut between ids[k-1] and ids[k] touches a line break."""
         if len(ids) < 2:
             return np.zeros(0, dtype=np.int64)
-        code = self._code[ids]
-        return np.flatnonzero((code[:-1] >> 1) | (code[1:] & 1)) + 1
+        code = self._code.take(ids)
+        # The 0/1 bytes viewed as bools: nonzero on a bool array is several times faster than on uint8.
+        return np.nonzero(((code[:-1] >> 1) | (code[1:] & 1)).view(np.bool_))[0] + 1
 
 
 def line_cut_style(tokenizer: PreTrainedTokenizerBase) -> CutStyle:
@@ -181,8 +182,7 @@ def _between(boundaries: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return boundaries[boundaries.searchsorted(lo):boundaries.searchsorted(hi)]
 
 
-@dataclass(frozen=True)
-class FimCut:
+class FimCut(NamedTuple):
     """How one piece becomes a FIM sample: its order and its two cuts (ids offsets within the piece)."""
 
     order: FimOrder
@@ -242,8 +242,7 @@ def _draws(seed: int, path: str, piece: int, epoch: int) -> tuple[float, float, 
     return tuple(x / 2**64 for x in struct.unpack("<3Q", digest))
 
 
-@dataclass(frozen=True)
-class FimRecord:
+class FimRecord(NamedTuple):
     """Where one FIM sample came from: its file, its piece (ids `start:end` of the file) and its cut."""
 
     path: str
@@ -253,8 +252,7 @@ class FimRecord:
     cut: FimCut
 
 
-@dataclass(frozen=True)
-class FimPiece:
+class FimPiece(NamedTuple):
     """What a FIM sample is redrawn from every epoch: its piece's ids, header and line-break boundaries."""
 
     path: str
@@ -306,7 +304,7 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
         header = headers[i] if headers is not None else no_header
         budget = seq_len - len(header) - SENTINELS_PER_SAMPLE
         if fim_rate == 0 or budget < 1:
-            out.stream.append(np.concatenate((header, ids, eos)).astype(np.int32))
+            out.stream.append(np.concatenate((header, ids, eos), dtype=np.int32))
             out.pieces += 1
             continue
         boundaries = _between(everywhere, starts[i] + 1, starts[i + 1]) - starts[i]
@@ -318,14 +316,14 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
 def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, boundaries: np.ndarray, header: np.ndarray,
               eos: np.ndarray, budget: int, seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens) -> None:
     if len(ids) <= budget and not is_fim(seed, path, 0, fim_rate):  # one left-to-right piece: no cut to find
-        out.stream.append(np.concatenate((header, ids, eos)).astype(np.int32))
+        out.stream.append(np.concatenate((header, ids, eos), dtype=np.int32))
         out.pieces += 1
         return
     run: list[np.ndarray] = []  # the left-to-right pieces since the last FIM one
 
     def close_run(at_end: bool) -> None:
         if run:
-            out.stream.append(np.concatenate([header, *run, eos if at_end else eos[:0]]).astype(np.int32))
+            out.stream.append(np.concatenate([header, *run, eos if at_end else eos[:0]], dtype=np.int32))
             run.clear()
 
     for j, (start, end) in enumerate(pieces(len(ids), boundaries, budget)):

@@ -92,7 +92,7 @@ def pack_samples(stream: Sequence[np.ndarray], whole: Sequence[np.ndarray], seq_
     if too_long:
         raise ValueError(f"{len(too_long)} whole samples are longer than seq_len {seq_len} (e.g. {too_long[0]})")
     lengths = np.array([len(s) for s in stream], dtype=np.int64)
-    flat = np.concatenate(stream).astype(np.int32) if len(stream) else np.zeros(0, dtype=np.int32)
+    flat = np.concatenate(stream, dtype=np.int32) if len(stream) else np.zeros(0, dtype=np.int32)
     segment_start_of = np.repeat(np.cumsum(lengths) - lengths, lengths)
     layout = [([whole[i] for i in indices], seq_len - used)
               for indices, used in _layout([len(w) for w in whole], seq_len)]
