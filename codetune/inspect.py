@@ -176,7 +176,8 @@ def _fim_plan(scan: ScanResult, counted: Counted, seq_len: int, fim_rate: float 
     train_paths, _ = split_paths([f.rel_path for f in scan.files], DEFAULT_VAL_FRACTION)
     by_path = {f.rel_path: ids for f, ids in zip(scan.files, counted.ids)}
     samples = training_samples(train_paths, [by_path[p] for p in train_paths], counted.tokenizer.eos_token_id,
-                               seq_len, 0, rate, 0.5, tokens, NewlineTable.of(counted.tokenizer) if rate else None)
+                               seq_len, 0, rate, 0.5, tokens,
+                               NewlineTable.of(counted.tokenizer, counted.cache["dir"]) if rate else None)
     return {"tokens": tokens.names() if tokens else None, "rate": rate, "spm_rate": 0.5, "seq_len": seq_len,
             **samples.counts()}
 

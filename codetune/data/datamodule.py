@@ -210,7 +210,8 @@ class CodeDataModule(L.LightningDataModule):
         # One batch for both splits: the tokenizer's thread pool gets all the work at once.
         ids, cache = tokenize_cached(self.tokenizer, train_texts + val_texts, self.hparams.cache_dir)
         train_ids, val_ids = ids[:len(train_texts)], ids[len(train_texts):]
-        train, val = self._samples(train_paths, train_ids), self._samples(val_paths, val_ids, fim=False)
+        train = self._samples(train_paths, train_ids, cache.directory)
+        val = self._samples(val_paths, val_ids, cache.directory, fim=False)
         self.fim_records = train.records
         pad = pad_token_id(self.tokenizer)
         self.train_windows = pack_samples(train.stream, train.whole, self.seq_len, pad, self.packing)
@@ -246,12 +247,14 @@ class CodeDataModule(L.LightningDataModule):
                            f"--data.fim_rate 0 to say that is what you want.")
         return 0.0
 
-    def _samples(self, paths: list[str], ids: list[np.ndarray], fim: bool = True) -> TrainingSamples:
-        """A split's samples: FIM pieces at --data.fim_rate when `fim` (training), headers with --data.file_headers."""
+    def _samples(self, paths: list[str], ids: list[np.ndarray], cache_dir: str | None,
+                 fim: bool = True) -> TrainingSamples:
+        """A split's samples: FIM pieces at --data.fim_rate when `fim` (training), headers with --data.file_headers;
+        the tokenizer's line-break table is kept in its token cache directory `cache_dir` (None: no cache)."""
         rate = self.fim_rate if fim else 0.0
         return training_samples(paths, ids, self.tokenizer.eos_token_id, self.seq_len, self.hparams.seed, rate,
                                 self.hparams.fim_spm_rate, self.fim_tokens,
-                                NewlineTable.of(self.tokenizer) if rate else None, self._headers(paths))
+                                NewlineTable.of(self.tokenizer, cache_dir) if rate else None, self._headers(paths))
 
     def _headers(self, paths: list[str]) -> list[np.ndarray] | None:
         """`<|file_sep|>path` and a newline per file, as token ids (None without --data.file_headers)."""

@@ -14,7 +14,9 @@
 A stale entry cannot be read: a key names its content. Files are written atomically (temporary file
 then ``os.replace``), so an interrupted run leaves whole entries or none; an entry whose size is not a
 multiple of 4 bytes is treated as a miss and rewritten. Nothing is ever evicted: delete the directory
-to reclaim the space (the manifest's ``phase_2_tokenize.cache_dir`` gives its path).
+to reclaim the space (the manifest's ``phase_2_tokenize.cache_dir`` gives its path). The same
+directory holds the tokenizer's line-break table for fill-in-the-middle cuts, ``newlines.npy``
+(`codetune.data.fim.NewlineTable`), which depends on the tokenizer alone.
 """
 
 from __future__ import annotations

@@ -313,3 +313,19 @@ def torch_rows(rows, sample_ids):
     import torch
 
     return torch.from_numpy(rows[np.asarray(sample_ids)].astype(np.int64))
+
+
+def test_the_newline_table_is_kept_in_the_tokenizers_cache_directory(tiny, tmp_path):
+    from codetune.data.fim import NEWLINE_TABLE
+
+    fresh = NewlineTable.of(tiny)
+    written = NewlineTable.of(tiny, tmp_path)
+    assert (tmp_path / NEWLINE_TABLE).is_file()
+    read = NewlineTable.of(tiny, tmp_path)
+    assert (read.starts == fresh.starts).all() and (read.ends == fresh.ends).all() and (written.ends == fresh.ends).all()
+    # A table of another size (another tokenizer's, or a cut file) is a miss, recomputed and rewritten.
+    np.save(tmp_path / NEWLINE_TABLE, np.zeros((2, 7), dtype=bool))
+    assert (NewlineTable.of(tiny, tmp_path).ends == fresh.ends).all()
+    (tmp_path / NEWLINE_TABLE).write_bytes(b"\x93NUMPY")
+    assert (NewlineTable.of(tiny, tmp_path).starts == fresh.starts).all()
+    assert np.load(tmp_path / NEWLINE_TABLE).shape == (2, len(tiny))
