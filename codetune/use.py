@@ -77,6 +77,7 @@ from codetune.data.fim import CutStyle, FimTokens, fim_families_text, find_fim_t
 from codetune.data.tokens import load_tokenizer, pad_token_id
 from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.eval.fim import mask_lines
+from codetune.eval.prompts import split_lines
 from codetune.eval.stopping import CompletionStop
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.model.module import BASE_MODEL_DIR
@@ -336,23 +337,8 @@ class LineCut:
     lead: str
 
 
-def line_spans(text: str) -> list[tuple[int, int, int]]:
-    """(start, end of content, end with its line break) of each line of `text`; lines end at "\\n" (the "\\r" of
-    "\\r\\n" belongs to the line break), and a final line break ends the last line rather than opening an empty one."""
-    spans, start = [], 0
-    while start < len(text):
-        newline = text.find("\n", start)
-        if newline < 0:
-            spans.append((start, len(text), len(text)))
-            break
-        crlf = newline > start and text[newline - 1] == "\r"
-        spans.append((start, newline - crlf, newline + 1))
-        start = newline + 1
-    return spans
-
-
 def cut_around_line(text: str, line: int, style: CutStyle) -> LineCut:
-    """Mask line `line` (1-based, within `line_spans`) of `text`, cut as the tokenizer breaks tokens: "after",
+    """Mask line `line` (1-based, within `split_lines`) of `text`, cut as the tokenizer breaks tokens: "after",
     both cuts at line starts; "before", both at line ends (the middle starts with the previous line's break)."""
     prefix, middle, suffix = mask_lines(text, line - 1, line - 1, style)
     lead = "" if style == "after" else middle[:len(middle) - len(middle.lstrip("\r\n"))][:2]
@@ -401,7 +387,7 @@ def read_infill_target(value: str) -> InfillTarget:
     except UnicodeDecodeError as err:
         raise ConfigError(f"--infill {value!r}: {file} is not UTF-8 text (byte {err.start} is not valid UTF-8); "
                           f"infill reads source files as UTF-8.") from None
-    lines = len(line_spans(text))
+    lines = len(split_lines(text))
     if int(line) > lines:
         has = "is empty" if not lines else f"has {lines} line{'s' * (lines > 1)}"
         raise ConfigError(f"--infill {value!r}: {file} {has}; give a LINE from 1 to {lines} ({example}).")

@@ -326,7 +326,8 @@ def prompt_ids_of(ids: list[int]) -> torch.Tensor:
 
 
 def test_cut_around_line_rebuilds_the_file_and_cuts_where_tokens_break():
-    from codetune.use import LineCut, cut_around_line, line_spans
+    from codetune.eval.prompts import split_lines
+    from codetune.use import LineCut, cut_around_line
 
     text = "a\n    b\n  c\n"
     assert cut_around_line(text, 2, "after") == LineCut("a\n", "    b\n", "  c\n", "")
@@ -336,7 +337,7 @@ def test_cut_around_line_rebuilds_the_file_and_cuts_where_tokens_break():
     assert cut_around_line("x\r\n  y\r\n", 2, "before") == LineCut("x", "\r\n  y", "\r\n", "\r\n")
     for text, lines in (("a\n    b\n  c\n", 3), ("a\n    b\n  c", 3), ("x", 1), ("x\r\n  y\r\n", 2),
                         ("\n\nq\n", 3), ("", 0)):
-        assert len(line_spans(text)) == lines, text
+        assert len(split_lines(text)) == lines, text
         for line in range(1, lines + 1):
             for style in ("after", "before"):
                 cut = cut_around_line(text, line, style)

@@ -60,7 +60,7 @@ from typing import Literal
 
 from codetune.data.fim import CutStyle
 from codetune.eval.metrics import chrf, syntax_valid
-from codetune.eval.prompts import boundary_lines
+from codetune.eval.prompts import boundary_lines, split_lines
 
 MaskKind = Literal["line", "block"]
 MIN_LINE_CHARS = 8
@@ -214,7 +214,7 @@ class _File:
     def __init__(self, text: str, style: CutStyle) -> None:
         self.text = text
         self.style = style
-        self.lines = _split_lines(text)
+        self.lines = split_lines(text)
         self.starts = list(accumulate(map(len, self.lines), initial=0))
         # "before": a cut lies before each line's terminator ("\n" or "\r\n"), and at the text's ends.
         self.ends = [start + len(line.rstrip("\r\n")) for start, line in zip(self.starts, self.lines)]
@@ -267,12 +267,6 @@ def _block_masks(text: str, lines: Sequence[str], language: str, max_block_lines
 
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
-
-
-def _split_lines(text: str) -> list[str]:
-    """Lines with their newlines; only "\\n" ends one, as in `codetune.eval.prompts` (its line numbers)."""
-    parts = text.split("\n")
-    return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 def _round_robin(ranked: list[tuple[bytes, list[FimPrompt]]], limit: int, max_per_file: int) -> list[FimPrompt]:

@@ -101,7 +101,7 @@ def repo_prompts(
                      max_continuation_chars, max_per_file)
     ranked: list[tuple[str, list[RepoPrompt]]] = []
     for path, language, text in files:
-        lines = _split_lines(text)
+        lines = split_lines(text)
         offsets = list(accumulate(map(len, lines), initial=0))
         prompts = [
             p for i in _boundary_indices(lines, language)
@@ -123,10 +123,10 @@ def repo_prompts(
 
 def boundary_lines(text: str, language: str) -> list[int]:
     """0-based indices of the lines of `text` that start a function or item (a paragraph elsewhere)."""
-    return _boundary_indices(_split_lines(text), language)
+    return _boundary_indices(split_lines(text), language)
 
 
-def _split_lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """Lines of `text` with their newlines; only "\\n" ends a line (`str.splitlines` also splits at
     form feeds and U+2028, which would shift line numbers against every editor)."""
     return _LINE.findall(text)
