@@ -18,9 +18,8 @@ from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
 from callbacks.interrupt import TrainingInterrupted
-from codetune.run import Manifest, git_commit, package_versions, utc_now
+from codetune.run import ADAPTER_DIR, Manifest, git_commit, package_versions, utc_now
 
-ADAPTER_DIR = "adapter"
 SHOWN_BEFORE_TRAINING = ("phase_1_scan", "phase_2_tokenize", "phase_3_model")
 
 

@@ -46,9 +46,7 @@ from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
-from codetune.run import atomic_write_text, default_run_name
-
-CONFIG_NAME = "config.yaml"
+from codetune.run import CONFIG_NAME, atomic_write_text, default_run_name
 
 
 class RunConfigSaver(SaveConfigCallback):

@@ -5,19 +5,20 @@ adapter/ and, for the tiny model, base_model/. Every file here is written atomic
 file or directory in the same folder, then `os.replace`), so a crash never leaves half a manifest
 or half an adapter behind.
 
-The manifest is a plain JSON document: `phase_results.<phase>` holds status, start time, wall
-seconds and its results (as keys of the phase itself) for each phase (`phase_1_scan` ... `phase_6_export`); top-level keys hold the
-run's identity, versions and `training_time_minutes`. `segments` lists each process that trained
-the run: the first, then one per resume (`resumed_from`, `start_step`, `end_step`, `status`,
-`training_minutes`: time in training steps and validation, not in the generation eval, which
-`phase_5_evaluation` times); `training_time_minutes` is their sum. A segment stopped by Ctrl-C or
-SIGTERM is `interrupted` (with `interrupted`: the signal, the step, the checkpoint written or not), and
-so is the run's `status`; a segment still `running` when the next one starts was killed: it becomes
-`interrupted` too, its figures those of its last checkpoint.
+The manifest is a plain JSON document: `phase_results.<phase>` holds status, start time, wall seconds and its
+results (as keys of the phase itself) for each phase (`phase_1_scan` ... `phase_6_export`, the adapter; then
+`phase_7_export`, the `codetune export`s); top-level keys hold the run's identity, versions and
+`training_time_minutes`. `segments` lists each process that trained the run: the first, then one per resume
+(`resumed_from`, `start_step`, `end_step`, `status`, `training_minutes`: time in training steps and
+validation, not in the generation eval, which `phase_5_evaluation` times); `training_time_minutes` is their
+sum. A segment stopped by Ctrl-C or SIGTERM is `interrupted` (with `interrupted`: the signal, the step, the
+checkpoint written or not), and so is the run's `status`; a segment still `running` when the next one starts
+was killed: it becomes `interrupted` too, its figures those of its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,12 +35,18 @@ from typing import Any
 from codetune.errors import ConfigError
 
 MANIFEST_NAME = "MANIFEST.json"
+# The other files and folders of a run directory, named here so that commands reading a finished run (`generate`,
+# `merge`, `export`) need not import the training code that writes them.
+CONFIG_NAME = "config.yaml"
+ADAPTER_DIR = "adapter"
+BASE_MODEL_DIR = "base_model"
 # The marker files of `codetune prepare --out` and `codetune merge --out` (their report, their source run): named
 # here, with the manifest, so that the scan can tell codetune's outputs without importing those commands.
 PREPARE_MARKER = "data_report.json"
 MERGE_MARKER = "codetune_merge.json"
+EXPORT_MARKER = "codetune_export.json"
 PHASES = ("phase_1_scan", "phase_2_tokenize", "phase_3_model", "phase_4_training", "phase_5_evaluation",
-          "phase_6_export")
+          "phase_6_export", "phase_7_export")
 _VERSIONED = ("codetune", "torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics", "tokenizers")
 
 
@@ -78,6 +85,7 @@ def _readable_by_umask(directory: Path) -> None:
 def atomic_save_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` (an old one is removed)."""
     target = Path(target)
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 mode would stay on the renamed directory; mkdir honours the umask.
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -93,6 +101,12 @@ def atomic_save_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # nothing half-made is left behind, not even the folders made for the target
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                parent.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

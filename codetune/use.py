@@ -65,138 +65,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
-from callbacks.manifest import ADAPTER_DIR
-from codetune.cli import CONFIG_NAME
 from codetune.data.fim import CutStyle, FimTokens, fim_families_text, find_fim_tokens, line_cut_style
-from codetune.data.tokens import load_tokenizer, pad_token_id
+from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.eval.fim import mask_lines
 from codetune.eval.prompts import split_lines
 from codetune.eval.stopping import CompletionStop
 from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
-from codetune.model.module import BASE_MODEL_DIR
-from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
+from codetune.finished_run import (RunConfig, check_adapter_finite, check_base, load_run_config, load_tuned_tokenizer,
+                                   pinned, trained_on_4bit)
 from codetune.model.tiny import TINY_NAME
-from codetune.run import MANIFEST_NAME, MERGE_MARKER, atomic_save_dir, replaceable_output_dir, utc_now
+from codetune.run import MERGE_MARKER, atomic_save_dir, replaceable_output_dir, utc_now
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What `generate` and `merge` take from a finished run directory."""
-
-    run_dir: Path
-    name_or_path: str
-    """model.name_or_path: hub id, local directory or 'tiny'."""
-    quantization: str
-    """model.quantization: 'auto', 'nf4' or 'none'."""
-    dtype: str
-    """model.dtype: 'auto', 'bfloat16', 'float16' or 'float32'."""
-    trust_remote_code: bool
-    attn_implementation: str
-    max_new_tokens: int | None = None
-    """generation.max_new_tokens: the default of `generate --max_new_tokens`; likewise the three below."""
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    base_revision: dict[str, Any] | None = None
-    """MANIFEST.json's phase_3_model.base_revision: what the base was when the run trained (None: not recorded)."""
-    repo: str | None = None
-    """data.repo: the repository the run trained on, as given to `codetune fit`."""
-    file_headers: bool = False
-    """data.file_headers: training files began with `<|file_sep|>path` (False in runs that predate the flag)."""
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.run_dir / ADAPTER_DIR
-
-    @property
-    def base_source(self) -> str:
-        """Where the base loads from: the run's base_model/ for 'tiny', the hub id or directory otherwise."""
-        return str(self.run_dir / BASE_MODEL_DIR) if self.name_or_path == TINY_NAME else self.name_or_path
-
-
-def load_run_config(run: str | Path) -> RunConfig:
-    """The model settings of run directory `run`; a missing or unfinished run is a ConfigError saying what to do."""
-    run_dir = Path(run).expanduser()
-    if not run_dir.is_dir():
-        what = "is not a directory" if run_dir.exists() else "does not exist"
-        raise ConfigError(f"RUN {str(run)!r} {what}. Give a run directory, e.g. runs/<name> (the last line "
-                          f"`codetune fit` prints).")
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise ConfigError(f"RUN {str(run)!r} has no {CONFIG_NAME}: it is not a codetune run directory. Give the "
-                          f"directory that `codetune fit` printed, e.g. runs/<name>.")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    model = config.get("model") or {}
-    missing = [f"model.{k}" for k in ("name_or_path", "quantization", "dtype", "trust_remote_code",
-                                      "attn_implementation") if k not in model]
-    if missing:
-        raise ConfigError(f"RUN {str(run)!r}: {config_path} lacks {missing}; it was not written by `codetune fit`.")
-    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        raise ConfigError(f"RUN {str(run)!r} has no {ADAPTER_DIR}/: the run did not finish. Resume it with "
-                          f"`make resume RUN={run_dir}` or `codetune fit --config {config_path} --ckpt_path last` "
-                          f"(if it never saved a checkpoint: `codetune fit --config {config_path}`).")
-    if model["name_or_path"] == TINY_NAME and not (run_dir / BASE_MODEL_DIR / "config.json").is_file():
-        raise ConfigError(f"RUN {str(run)!r} trained the 'tiny' model but its {BASE_MODEL_DIR}/ is missing, and "
-                          f"the adapter only fits that base. Train the run again.")
-    generation = config.get("generation") or {}
-    data = config.get("data") or {}
-    return RunConfig(run_dir=run_dir, name_or_path=str(model["name_or_path"]), quantization=model["quantization"],
-                     dtype=model["dtype"], trust_remote_code=bool(model["trust_remote_code"]),
-                     attn_implementation=model["attn_implementation"],
-                     **{k: generation.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
-                     base_revision=_phase_3_model(run_dir).get("base_revision"),
-                     repo=data.get("repo"), file_headers=bool(data.get("file_headers", False)))
-
-
-def check_base(config: RunConfig) -> None:
-    """Refuse a local base that changed since the run trained: the adapter fits only the recorded one. (A hub base
-    needs no check: it loads at its recorded commit.) A run without a record is loaded as is, with a warning."""
-    recorded = config.base_revision
-    if recorded is None:
-        rank_zero_warn(f"codetune: {config.run_dir / MANIFEST_NAME} records no base revision (the run predates it), "
-                       f"so the base {config.name_or_path!r} is loaded as it is now, unchecked; if it changed since "
-                       f"training, the adapter does not fit it.")
-        return
-    if recorded.get("kind") != LOCAL:
-        return
-    base = Path(config.base_source)
-    restore = (f"restore {base} as it was when the run trained (or train a new run on the changed base)"
-               if config.name_or_path != TINY_NAME else
-               f"restore the run's {BASE_MODEL_DIR}/ as `codetune fit` saved it (or train the run again)")
-    if not base.is_dir():
-        raise ConfigError(f"the run trained on the local base {base}, which is no longer a directory: {restore}.")
-    check_same_base(recorded, local_fingerprint(base), flag_hint=restore)
-
-
-def check_adapter_finite(adapter_dir: Path) -> None:
-    """Refuse an adapter with a NaN or inf weight (a diverged run): its outputs would be garbage."""
-    path = adapter_dir / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: the adapter was not saved in full. Resume or retrain the run.")
-    bad = []
-    with safe_open(str(path), framework="pt") as weights:
-        for key in weights.keys():
-            if not torch.isfinite(weights.get_tensor(key)).all():
-                bad.append(key)
-    if bad:
-        raise NonFiniteWeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}): the training "
-                            f"diverged, so nothing was loaded or written. Retrain with a lower --model.learning_rate.")
-
-
-def load_tuned_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase:
-    return load_tokenizer(config.base_source, (), config.trust_remote_code,
-                          flag=f"{config.run_dir / CONFIG_NAME}: model.name_or_path", **_pinned(config))
 
 
 def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool) -> PeftModel:
@@ -204,7 +89,7 @@ def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype
     check_adapter_finite(config.adapter_dir)
     check_base(config)
     base = load_causal_lm(config.base_source, quantize, dtype, config.trust_remote_code,
-                          config.attn_implementation, device, **_pinned(config))
+                          config.attn_implementation, device, **pinned(config))
     if not quantize:
         base = base.to(device)  # a 4-bit base is placed while loading
     model = PeftModel.from_pretrained(base, str(config.adapter_dir), is_trainable=False)
@@ -243,12 +128,6 @@ def generate_ids(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokeni
     return out[0, ids.shape[1]:].tolist()
 
 
-def _pinned(config: RunConfig) -> dict[str, str]:
-    """`revision=<commit>` for a hub base recorded by the run; nothing for a directory (it has no revisions)."""
-    commit = pinned_revision(config.base_revision)
-    return {"revision": commit} if commit else {}
-
-
 def merge_run(config: RunConfig, out: Path, dtype: str = "bfloat16") -> Path:
     """Merge the run's adapter into its unquantized base in `dtype` and save model + tokenizer to `out`."""
     torch_dtype = getattr(torch, dtype)
@@ -272,19 +151,6 @@ def _check_finite(model: torch.nn.Module, dtype: str) -> None:
     if bad:
         raise NonFiniteWeightsError(f"the merged weights hold NaN or inf in {dtype} (e.g. {bad[0]}): nothing was "
                             f"written. Use --dtype bfloat16 or float32 (float16 overflows above 65504).")
-
-
-def trained_on_4bit(run_dir: Path) -> bool:
-    """Whether the run's manifest says the base it trained against was 4-bit (False when unknown)."""
-    return bool(_phase_3_model(run_dir).get("quantized_4bit"))
-
-
-def _phase_3_model(run_dir: Path) -> dict[str, Any]:
-    """The model phase of the run's manifest ({} without a manifest)."""
-    path = run_dir / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8")).get("phase_results", {}).get("phase_3_model", {})
 
 
 # -- fill in the middle ------------------------------------------------------------------------------

@@ -61,6 +61,15 @@ def test_atomic_writes_leave_the_old_file_or_directory_whole_on_failure(tmp_path
     assert (adapter / "weights").read_text() == "v2" and target.read_text() == "old"
 
 
+def test_a_failed_save_removes_the_folders_it_made_for_the_target_and_no_others(tmp_path):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with atomic_save_dir(tmp_path / "runs" / "r" / "export" / "gguf" / "out") as tmp:
+            (tmp / "adapter.gguf").write_text("half")
+            raise RuntimeError("refused")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["runs", "runs/r"]
+
+
 def test_run_files_get_the_umask_mode_not_a_private_one(tmp_path):
     old = os.umask(0o022)
     try:

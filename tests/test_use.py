@@ -278,8 +278,8 @@ def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monk
         raise Loaded
 
     monkeypatch.setattr(use, "load_causal_lm", fake_load_causal_lm)
-    monkeypatch.setattr(use, "load_tokenizer", lambda source, *a, **kwargs: asked.setdefault("tokenizer",
-                                                                                             (source, kwargs)))
+    monkeypatch.setattr("codetune.data.tokens.load_tokenizer",
+                        lambda source, *a, **kwargs: asked.setdefault("tokenizer", (source, kwargs)))
     config = use.load_run_config(run)
     with pytest.raises(Loaded):
         use.load_tuned_model(config, torch.device("cpu"), torch.float32, quantize=False)

@@ -48,9 +48,7 @@ from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.model.tiny import TINY_NAME, build_tiny_model
-from codetune.run import atomic_save_dir
-
-BASE_MODEL_DIR = "base_model"
+from codetune.run import BASE_MODEL_DIR, atomic_save_dir
 
 
 class CodeLoRAModule(L.LightningModule):
