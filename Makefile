@@ -13,15 +13,16 @@ RUNS ?=
 PROMPT ?=
 RUN_NAME ?=
 OUT ?=
+TO ?=
 CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge tensorboard test bench gpu-check clean clean-runs
+.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge export tensorboard test bench gpu-check clean clean-runs
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUNS='runs/a runs/b' RUN_NAME=name OUT=dir CONFIG=file PROMPT='fn process'"
+	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUNS='runs/a runs/b' RUN_NAME=name OUT=dir TO=ollama CONFIG=file PROMPT='fn process'"
 
 install: $(VENV)/.installed ## Create .venv and install codetune with pinned versions (torch first)
 
@@ -70,6 +71,10 @@ generate: install ## Complete code with a finished run: make generate RUN=runs/<
 merge: install ## Merge a run's adapter into its base (16-bit): make merge RUN=runs/<name> OUT=dir [ARGS=--dtype float32]
 	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "make merge: set RUN=runs/<name> and OUT=dir"; exit 2; }
 	@$(PY) -m codetune merge "$(RUN)" --out "$(OUT)" $(ARGS)
+
+export: install ## Export a run for llama.cpp, Ollama or vLLM: make export RUN=runs/<name> TO=gguf|ollama|vllm [ARGS=...]
+	@test -n "$(RUN)" -a -n "$(TO)" || { echo "make export: set RUN=runs/<name> and TO=gguf, ollama or vllm"; exit 2; }
+	@$(PY) -m codetune export "$(RUN)" --to "$(TO)" $(if $(OUT),--out "$(OUT)",) $(ARGS)
 
 tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

@@ -3,7 +3,7 @@
 `codetune --help` and an unknown command are answered here, from the standard library alone (no torch,
 no Lightning: they take seconds to import). Each command imports only what it uses: `inspect` and
 `compare` start without Lightning, peft or bitsandbytes; `fit`, `prepare` and `plan` need Lightning's
-parser and the real classes' signatures; `generate` and `merge` need torch and peft.
+parser and the real classes' signatures; `generate` and `merge` need torch and peft; `export` torch, safetensors and gguf.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ COMMANDS = {
     "compare": "Finished runs side by side: losses, perplexity, time, tokens, VRAM, config differences.",
     "generate": "Complete code with a finished run (its base model plus its LoRA adapter).",
     "merge": "Fold a run's adapter into its base and save a plain transformers model.",
+    "export": "A run's adapter for llama.cpp or Ollama (GGUF) or vLLM, and the commands that serve it.",
 }
 # Lightning's other subcommands, and why codetune has none of them.
 NOT_OFFERED = ("validate", "test", "predict")
@@ -80,6 +81,10 @@ def _command(name: str) -> Callable[[list[str]], int]:
         from codetune.prepare import main as prepare
 
         return lambda args: exit_status(lambda: prepare(args), "codetune prepare")
+    if name == "export":
+        from codetune.export import main as export
+
+        return lambda args: exit_status(lambda: export(args), "codetune export")
     if name in ("generate", "merge"):
         from codetune.use import main_generate, main_merge
 

@@ -6,7 +6,7 @@ import pytest
 
 from codetune.__main__ import COMMANDS, main
 
-LISTED = ["fit", "inspect", "plan", "prepare", "compare", "generate", "merge"]
+LISTED = ["fit", "inspect", "plan", "prepare", "compare", "generate", "merge", "export"]
 
 
 def test_help_lists_every_command_with_a_description(capsys):
@@ -24,7 +24,7 @@ def test_no_command_is_the_help_and_status_2(capsys):
     assert "commands:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prepare", "fit", "inspect", "compare", "merge"])
+@pytest.mark.parametrize("command", ["prepare", "fit", "inspect", "compare", "merge", "export"])
 def test_each_commands_help_names_it(capsys, command):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

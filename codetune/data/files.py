@@ -82,7 +82,7 @@ from pathlib import Path
 import pathspec
 
 from codetune.data.secrets import find_and_redact_secrets, is_secret_file
-from codetune.run import MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
+from codetune.run import EXPORT_MARKER, MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
 
 SKIP_IGNORED = "ignored"
 SKIP_EXTENSION = "extension"
@@ -102,6 +102,7 @@ CODETUNE_OUTPUT_MARKERS: dict[str, str] = {
     MANIFEST_NAME: "phase_results",  # a run directory (codetune.run.Manifest)
     PREPARE_MARKER: "phase_1_scan",  # codetune prepare --out
     MERGE_MARKER: "source_run",  # codetune merge --out
+    EXPORT_MARKER: "source_run",  # codetune export --out
 }
 # <cache_dir>/tokens/<CACHE_FORMAT>-<32 hex digits of the tokenizer fingerprint>/ (codetune.data.tokens).
 TOKEN_CACHE_DIR = "tokens"

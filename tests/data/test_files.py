@@ -334,6 +334,8 @@ def test_codetune_output_is_pruned_by_its_markers_wherever_it_is(tmp_path: Path)
     write(tmp_path, "prepared/notes.md", "# prepared\n")
     write(tmp_path, "merged/codetune_merge.json", '{"source_run": "/r/runs/a", "base_model": "tiny"}')
     write(tmp_path, "merged/README.md", "# merged\n")
+    write(tmp_path, "lora/codetune_export.json", '{"source_run": "/r/runs/a", "target": "ollama"}')
+    write(tmp_path, "lora/Modelfile.md", "FROM qwen2.5-coder:1.5b-base\n")
     write(tmp_path, "cache/tokens/v1-" + "0123456789abcdef" * 2 + "/ab/ab12.i32", b"\x01\x00\x00\x00")
     write(tmp_path, "cache/keep.md", "# next to the cache\n")
     # A user's files that share a marker's name are not codetune's.
@@ -347,14 +349,15 @@ def test_codetune_output_is_pruned_by_its_markers_wherever_it_is(tmp_path: Path)
     assert kept(result) == ["cache/keep.md", "docs/data_report.json", "docs/report.md", "src/lib.rs",
                             "tokens/README.md", "web/MANIFEST.json", "web/app.js"]
     outputs = sorted(s.rel_path for s in result.skipped if s.reason == SKIP_CODETUNE_OUTPUT)
-    assert outputs == ["cache/tokens/", "experiments/first/", "merged/", "prepared/", "src/nested-run/"]
-    assert result.skip_counts() == {SKIP_CODETUNE_OUTPUT: 5}
+    assert outputs == ["cache/tokens/", "experiments/first/", "lora/", "merged/", "prepared/", "src/nested-run/"]
+    assert result.skip_counts() == {SKIP_CODETUNE_OUTPUT: 6}
 
 
 def test_codetune_output_markers_are_the_names_codetune_writes() -> None:
     from codetune.data.files import CODETUNE_OUTPUT_MARKERS
     from codetune.prepare import REPORT_NAME
     from codetune.run import MANIFEST_NAME
+    from codetune.export import EXPORT_MARKER
     from codetune.use import MERGE_MARKER
 
-    assert set(CODETUNE_OUTPUT_MARKERS) == {MANIFEST_NAME, REPORT_NAME, MERGE_MARKER}
+    assert set(CODETUNE_OUTPUT_MARKERS) == {MANIFEST_NAME, REPORT_NAME, MERGE_MARKER, EXPORT_MARKER}
