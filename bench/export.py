@@ -39,7 +39,7 @@ def export_once(run: Path, target: str, out: Path, outtype: str) -> tuple[float,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--outtype", default="f16", choices=("f16", "f32", "q8_0"))
+    parser.add_argument("--outtype", default="f32", choices=("f32", "f16", "q8_0"))
     args = parser.parse_args()
     print(f"# codetune export, {datetime.date.today()}, {os.cpu_count()} CPU cores, --outtype {args.outtype}\n")
     print("| run | target | wall s | status | wrote / refusal |")

@@ -42,7 +42,7 @@ base's recorded commit as `--revision` for a hub base.
 
 Every export checks the adapter for NaN and inf first, writes `--out` (default `RUN/export/<target>`)
 atomically, marks it with `codetune_export.json` (a later export may replace it; any other non-empty
-directory is refused), and records itself in the run's MANIFEST.json under `phase_7_export.exports`: target,
+directory is refused), and records itself in the run's MANIFEST.json under `phase_7_export.exports`: format,
 directory, and each file's size and sha256 (an export to the same directory replaces its entry).
 """
 
@@ -463,10 +463,10 @@ def export_run(config: RunConfig, target: str, out: Path, outtype: str = "f32", 
     with atomic_save_dir(out) as tmp:
         exported = _write(config, adapter, target, tmp, out, outtype, base)
         files = file_records(tmp)
-        marker = {"source_run": str(config.run_dir.resolve()), "target": target, "base_model": config.name_or_path,
+        marker = {"source_run": str(config.run_dir.resolve()), "format": target, "base_model": config.name_or_path,
                   "exported_at": utc_now(), "files": files}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    record_export(config.run_dir, {"target": target, "out": str(out.resolve()), "started_at": started,
+    record_export(config.run_dir, {"format": target, "out": str(out.resolve()), "started_at": started,
                                    "wall_s": round(time.perf_counter() - start, 3), "files": files,
                                    **exported.details})
     return exported

@@ -105,6 +105,21 @@ def fit_command(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
             "--generation.max_new_tokens", "4", "--generation.repo_prompts", "2", *extra]
 
 
+def train_fixture_run(tmp: Path, name: str, *extra: str) -> Path:
+    """A tiny run trained in this process on the fixture repository (test_cli's fit_args); its directory."""
+    import contextlib
+    import io
+
+    from test_cli import fit_args
+
+    from codetune.cli import main
+
+    repo = write_fixture_repo(tmp / "repo")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(fit_args(repo, tmp / "runs", name, *extra)) == 0
+    return tmp / "runs" / name
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a training subprocess: offline, with tests/ importable (probe callbacks)."""
     import os

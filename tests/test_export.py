@@ -37,29 +37,23 @@ def run_main(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
-    from test_cli import fit_args
+    from conftest import train_fixture_run
 
-    tmp = tmp_path_factory.mktemp("export")
-    repo = write_fixture_repo(tmp / "repo")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", "6", "--model.modules_to_save", "[]",
-                             "--model.lora_target_modules", f"[{','.join(LLAMA_TARGETS)},lm_head]")) == 0
-    return tmp / "runs" / "t"
+    return train_fixture_run(tmp_path_factory.mktemp("export"), "t", "--trainer.max_steps", "6",
+                             "--model.modules_to_save", "[]",
+                             "--model.lora_target_modules", f"[{','.join(LLAMA_TARGETS)},lm_head]")
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """The demo preset as shipped: LoRA on the projections, embed_tokens and lm_head trained in full."""
-    from conftest import write_fixture_repo
-    from test_cli import fit_args
+    from conftest import train_fixture_run
 
     tmp = tmp_path_factory.mktemp("export-demo")
-    repo = write_fixture_repo(tmp / "repo")
+    run = train_fixture_run(tmp, "d", "--trainer.max_steps", "6")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(fit_args(repo, tmp / "runs", "d", "--trainer.max_steps", "6")) == 0
-        assert main(["merge", str(tmp / "runs" / "d"), "--out", str(tmp / "merged"), "--dtype", "float32"]) == 0
-    return tmp / "runs" / "d"
+        assert main(["merge", str(run), "--out", str(tmp / "merged"), "--dtype", "float32"]) == 0
+    return run
 
 
 def peft_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -259,9 +253,9 @@ def test_every_export_is_recorded_in_the_manifest_and_replaces_its_own_entry(run
         assert run_main("export", str(run), "--to", target)[0] == 0
     phase = json.loads((run / "MANIFEST.json").read_text())["phase_results"]["phase_7_export"]
     assert phase["status"] == "completed"
-    assert [e["target"] for e in phase["exports"]] == ["vllm", "gguf"]
+    assert [e["format"] for e in phase["exports"]] == ["vllm", "gguf"]
     for entry in phase["exports"]:
-        assert Path(entry["out"]) == (run / "export" / entry["target"]).resolve()
+        assert Path(entry["out"]) == (run / "export" / entry["format"]).resolve()
         files = {f["file"]: f for f in entry["files"]}
         on_disk = sorted(p.name for p in Path(entry["out"]).iterdir() if p.name != "codetune_export.json")
         assert sorted(files) == on_disk

@@ -33,14 +33,9 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
-    from test_cli import fit_args
+    from conftest import train_fixture_run
 
-    tmp = tmp_path_factory.mktemp("use")
-    repo = write_fixture_repo(tmp / "repo")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", "12")) == 0
-    return tmp / "runs" / "t"
+    return train_fixture_run(tmp_path_factory.mktemp("use"), "t", "--trainer.max_steps", "12")
 
 
 @pytest.fixture(scope="module")
