@@ -10,7 +10,8 @@ base, against what the run's MANIFEST.json recorded (`phase_3_model.base_revisio
 its branch points to now; a local directory (or `base_model/`) that changed since is refused.
 
 **generate** loads the base as training did: `model.quantization` and `model.dtype` are resolved
-for the device at hand (`auto`: 4-bit NF4 and bf16 on CUDA, unquantized fp32 on CPU). Each prompt
+for the device at hand (`auto`: 4-bit NF4 on CUDA, in bf16 from compute capability 8.0 and fp16 below; fp32
+on CPU). Each prompt
 is tokenized like the training files (no special tokens) and completed on its own, greedily unless
 `--do_sample`; sampling is reseeded per prompt, so a completion does not depend on the others.
 Settings not given here (repetition penalty, top-k...) come from the model's generation config, as
@@ -74,7 +75,7 @@ from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.eval.fim import mask_lines
 from codetune.eval.prompts import split_lines
 from codetune.eval.stopping import CompletionStop
-from codetune.model.loading import load_causal_lm, resolve_dtype, resolve_quantization
+from codetune.model.loading import cuda_capability, load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.finished_run import (RunConfig, check_adapter_finite, check_base, load_run_config, load_tuned_tokenizer,
                                    pinned, trained_on_4bit)
 from codetune.model.tiny import TINY_NAME
@@ -97,9 +98,10 @@ def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype
 
 
 def training_precision(config: RunConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(4-bit?, compute dtype) that training used on a device of this type."""
+    """(4-bit?, compute dtype) that training used on a device of this type (and, on CUDA, this card)."""
     cuda = device.type == "cuda"
-    return resolve_quantization(config.quantization, cuda), resolve_dtype(config.dtype, cuda)
+    return resolve_quantization(config.quantization, cuda), resolve_dtype(
+        config.dtype, device.type, cuda_capability(device) if cuda else None)
 
 
 def generate_completions(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
@@ -314,7 +316,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
                         help="Seed of the sampling, per prompt, with --do_sample (default: the run's generation.seed).")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu or cuda. The run's model.quantization and model.dtype "
-                             "resolve for it as in training (auto: 4-bit NF4 + bf16 on CUDA, fp32 on CPU).")
+                             "resolve for it as in training (auto: 4-bit NF4 on CUDA, bf16 from compute capability "
+                             "8.0, fp16 below; fp32 on CPU).")
     return parser
 
 

@@ -15,7 +15,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -56,7 +56,12 @@ PRECISION_OF_DTYPE = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", to
 
 def resolve_dtype(dtype: DType, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
     """`auto`: on CUDA bf16 from compute capability 8.0 on and fp16 below it (no emulated bf16 on Turing);
-    fp32 on CPU (CPU bf16 matmuls are slow)."""
+    fp32 on CPU (CPU bf16 matmuls are slow). Any other value than a `DType` is a ConfigError."""
+    if dtype not in get_args(DType):
+        # A run's config.yaml reaches here unparsed (`codetune generate`): `getattr(torch, ...)` would take
+        # "half" or "float64" silently and fail on "bf16" with an AttributeError.
+        raise ConfigError(f"--model.dtype {dtype!r} (model.dtype in a run's config.yaml): use one of "
+                          f"{', '.join(get_args(DType))}.")
     if dtype != "auto":
         return getattr(torch, dtype)
     if device_type != "cuda":

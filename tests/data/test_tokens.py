@@ -1,4 +1,5 @@
-"""The token cache: hits for unchanged texts, only changed texts encoded, never another tokenizer's ids."""
+"""The token cache: hits for unchanged texts, only changed texts encoded, never another tokenizer's ids; and the
+tokenizers `load_tokenizer` refuses (no fast tokenizer, no EOS) with one error naming the flag."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from codetune.data import tokens
-from codetune.data.tokens import TokenCache, tokenize_cached, tokenize_texts
+from codetune.data.tokens import TokenCache, load_tokenizer, tokenize_cached, tokenize_texts
+from codetune.errors import ConfigError
 from codetune.model.tiny import train_tokenizer
 
 TEXTS = ["fn main() {\n    println!(\"hi\");\n}\n", "def f(x):\n    return x * 2\n", "pub struct S { a: u32 }\n"]
@@ -79,3 +81,24 @@ def test_no_cache_dir_encodes_everything(tokenizer, tmp_path, encoded):
     ids, stats = tokenize_cached(tokenizer, TEXTS, None)
     assert stats.directory is None and stats.misses == 3 and encoded == TEXTS
     assert same_ids(ids, tokenize_texts(tokenizer, TEXTS))
+
+
+def test_a_tokenizer_without_a_fast_version_is_one_error_naming_the_flag(tmp_path):
+    # ByT5 has only a Python ("slow") tokenizer, and it needs no vocabulary file: a real slow-only directory.
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "ByT5Tokenizer"}')
+    with pytest.raises(ConfigError) as raised:
+        load_tokenizer(str(tmp_path), [], flag="--data.tokenizer")
+    assert str(raised.value).startswith(f"--data.tokenizer {str(tmp_path)!r} has no fast tokenizer")
+    assert "tokenizer.json" in str(raised.value)
+
+
+def test_a_tokenizer_without_eos_is_one_error_naming_the_flag(tokenizer, tmp_path):
+    saved = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<|pad|>")
+    saved.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.is_fast and loaded.eos_token_id is None  # only the EOS check can refuse it
+    with pytest.raises(ConfigError) as raised:
+        load_tokenizer(str(tmp_path), [])
+    assert str(raised.value).startswith(f"--model.name_or_path {str(tmp_path)!r}: its tokenizer has no EOS token")
