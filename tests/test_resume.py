@@ -1,5 +1,5 @@
 """Exact resume: a run SIGKILLed mid-epoch, or stopped by Ctrl-C or SIGTERM, and resumed ends with the adapter of
-an uninterrupted run."""
+an uninterrupted run; a 'tiny' run resumed after its repository changed keeps the tokenizer it was started with."""
 
 from __future__ import annotations
 
@@ -216,3 +216,125 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     assert samples(run_dir) == samples(runs / "full")
     assert_same_adapter(run_dir, runs / "full")
     assert [e["epoch"] for e in manifest["phase_results"]["phase_5_evaluation"]["epochs"]] == list(range(EPOCHS))
+
+
+# A fit as short as a fit gets: one window of 64 tokens per optimizer step, no validation, no generation eval.
+# A vocabulary the fixture repository fills (as a real repository fills 2048): a retrained tokenizer has the same
+# size, so the model's config and weights are the same too, and only the vocabulary can tell the two apart.
+TINY_VOCAB = 320
+QUICK = ("--data.tiny_vocab_size", str(TINY_VOCAB), "--data.batch_size", "1",
+         "--data.gradient_accumulation_steps", "1", "--trainer.limit_val_batches", "0",
+         "--generation.base_eval", "false", "--generation.repo_prompts", "0", "--generation.fim_prompts", "0",
+         "--generation.prompts", "[]", "--trainer.callbacks+=test_resume.VocabularyLog")
+
+
+class VocabularyLog(Callback):
+    """Writes the vocabulary the data was tokenized with (and the model trains on) into the run directory, as
+    `vocabulary_fresh.json` or `vocabulary_resumed.json`. Loaded by class path (tests/ is on sys.path)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        assert pl_module.tokenizer is trainer.datamodule.tokenizer
+        kind = "resumed" if trainer.ckpt_path else "fresh"
+        (Path(trainer.default_root_dir) / f"vocabulary_{kind}.json").write_text(
+            json.dumps(trainer.datamodule.tokenizer.get_vocab()))
+
+
+def change_repository(repo: Path) -> None:
+    """New files full of words the first tokenizer never saw, and an edited one: a tokenizer trained now differs."""
+    for i in range(4):
+        (repo / "py" / f"quokka_{i}.py").write_text(
+            "".join(f"def zebra_quokka_{i}_{j}(platypus_wombat):\n    return platypus_wombat * {j}\n\n"
+                    for j in range(8)))
+    lib = repo / "src" / "nested" / "lib.rs"
+    lib.write_text(lib.read_text().replace("answer", "narwhal_axolotl"))
+
+
+def saved_vocabulary(run_dir: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(run_dir / "base_model" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_resumed_after_its_repository_changed_keeps_the_tokenizer_it_saved(tmp_path, capsys):
+    from conftest import write_fixture_repo
+    from test_cli import fit_args
+
+    from codetune.cli import main
+    from codetune.data.datamodule import CodeDataModule
+
+    repo, runs = write_fixture_repo(tmp_path / "repo"), tmp_path / "runs"
+    assert main(fit_args(repo, runs, "run", *QUICK, "--trainer.max_steps", "1")) == 0
+    run_dir = runs / "run"
+    saved = saved_vocabulary(run_dir)
+    assert json.loads((run_dir / "vocabulary_fresh.json").read_text()) == saved and len(saved) == TINY_VOCAB
+
+    change_repository(repo)
+    # What the data module trains outside a run directory now: another vocabulary, so the two can be told apart.
+    retrained = CodeDataModule(str(repo), seq_len=64, cache_dir=None, fim_rate=0, tiny_vocab_size=TINY_VOCAB)
+    retrained.setup("fit")
+    assert retrained.tokenizer.get_vocab() != saved and len(retrained.tokenizer) == TINY_VOCAB
+
+    # Resumed in its own directory: the saved tokenizer, and the run goes on from step 1.
+    assert main(fit_args(repo, runs, "run", *QUICK, "--trainer.max_steps", "2", "--ckpt_path", "last")) == 0
+    assert json.loads((run_dir / "vocabulary_resumed.json").read_text()) == saved
+    assert saved_vocabulary(run_dir) == saved
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    assert [(s["start_step"], s["end_step"], s["status"]) for s in manifest["segments"]] == [
+        (0, 1, "completed"), (1, 2, "completed")]
+    assert manifest["phase_results"]["phase_1_scan"]["files_kept"] == 17, "the resumed run read the changed repository"
+
+    # Resumed into another run directory: that one trains a new tokenizer (and builds the same base model from it),
+    # which the checkpoint refuses.
+    elsewhere = fit_args(repo, runs, "elsewhere", *QUICK, "--trainer.max_steps", "3",
+                         "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
+    capsys.readouterr()
+    assert main(elsewhere) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path: the checkpoint was trained with another vocabulary than this run's tokenizer" in err, err
+    assert "resume in the run directory the checkpoint came from" in err and not (runs / "elsewhere").exists()
+
+
+class FakeTrainer:
+    """What `CodeDataModule.setup` reads of the trainer it is attached to: the run directory, the rank, and a
+    strategy whose broadcast hands every rank what rank zero sent (`from_rank_zero`)."""
+
+    def __init__(self, run_dir: Path, rank: int, from_rank_zero: str | None = None) -> None:
+        self.default_root_dir = str(run_dir)
+        self.is_global_zero = rank == 0
+        self.strategy = self
+        self.from_rank_zero = from_rank_zero
+
+    def broadcast(self, obj, src: int = 0):
+        return obj if self.is_global_zero else self.from_rank_zero
+
+
+def data_module_on(repo: Path, trainer: FakeTrainer):
+    from codetune.data.datamodule import CodeDataModule
+
+    data = CodeDataModule(str(repo), seq_len=64, cache_dir=None, fim_rate=0)
+    data.trainer = trainer
+    data.setup("fit")
+    return data
+
+
+def test_every_rank_of_a_fresh_tiny_run_tokenizes_with_rank_zeros_tokenizer(fixture_repo, tmp_path):
+    from codetune.model.tiny import train_tokenizer
+
+    rank_zeros = train_tokenizer(["fn rank_zero_only() {}\n" * 20], vocab_size=300)
+    data = data_module_on(fixture_repo, FakeTrainer(tmp_path / "run", 1, rank_zeros.backend_tokenizer.to_str()))
+    assert data.tokenizer.get_vocab() == rank_zeros.get_vocab()
+    assert data.tokenizer.eos_token_id == rank_zeros.eos_token_id and data.fim_tokens is not None
+
+
+def test_a_tiny_run_directory_with_a_broken_saved_tokenizer_is_refused(fixture_repo, tmp_path):
+    from codetune.errors import ConfigError
+
+    base = tmp_path / "run" / "base_model"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match=r"has no tokenizer.json\. A new tokenizer is not trained in its place"):
+        data_module_on(fixture_repo, FakeTrainer(tmp_path / "run", 0))
+    (base / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"its tokenizer.json cannot be parsed .*Restore .*base_model as the run"):
+        data_module_on(fixture_repo, FakeTrainer(tmp_path / "run", 0))

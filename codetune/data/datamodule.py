@@ -12,14 +12,16 @@ means an OOM back-off only changes how a batch is cut, never which samples it ho
 
 Under DDP each rank gets its own share of every optimizer batch (codetune/data/sampler.py): every
 window once per epoch across ranks. The data position (epoch, steps done in it) is part of every
-checkpoint (`state_dict`), so a run resumed mid-epoch continues with the very next batch.
+checkpoint (`state_dict`), so a run resumed mid-epoch continues with the very next batch. So is the
+tokenizer's vocabulary, which a resume must have: the 'tiny' tokenizer is trained once per run
+directory, on rank zero, and loaded back from the run's base_model/ whenever it is there.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -34,8 +36,14 @@ from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens
 from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements, window_labels
 from codetune.data.sampler import EpochTaggedBatchSampler, WindowBatchSampler, steps_per_epoch
 from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, split_paths
-from codetune.data.tokens import CacheStats, load_tokenizer, pad_token_id, tokenize_cached, tokenize_texts
+from codetune.data.tokens import (CacheStats, load_saved_tiny_tokenizer, load_tokenizer, pad_token_id, tokenize_cached,
+                                  tokenize_texts, vocabulary_fingerprint)
 from codetune.errors import ConfigError
+from codetune.model.tiny import TINY_NAME, saved_tiny_base, tiny_tokenizer_from_json, train_tokenizer
+from codetune.run import BASE_MODEL_DIR
+
+if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
+    from transformers import PreTrainedTokenizerBase
 
 # Places per secret kind that phase_1_scan names (`secrets_redacted` has the full count).
 SECRET_LOCATIONS_RECORDED = 20
@@ -87,7 +95,8 @@ class CodeDataModule(L.LightningDataModule):
             passes `--data.repo .`). codetune's own output inside it (run directories, `prepare` and
             `merge` outputs, a token cache) is never trained on (`codetune.data.files`).
         tokenizer: The model whose tokenizer is used (linked from --model.name_or_path; 'tiny'
-            trains a byte-level BPE tokenizer on the training files).
+            trains a byte-level BPE tokenizer on the training files, once per run directory: a resume loads
+            the one the run saved in base_model/, whatever the repository holds now).
         seq_len: Tokens per window.
         batch_size: Micro-batch: windows per forward/backward pass, or 'auto': the largest that the VRAM
             plan predicts to fit the card (codetune/memory_plan.py), with --data.effective_batch_size.
@@ -109,7 +118,7 @@ class CodeDataModule(L.LightningDataModule):
             a tokenizer with a file separator token (Qwen's `<|file_sep|>`, StarCoder's `<file_sep>`).
         max_file_bytes: Files larger than this are skipped.
         max_line_length: Files with a longer line are treated as minified/generated and skipped.
-        tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model.
+        tiny_vocab_size: Vocabulary of the tokenizer trained for the 'tiny' model (at a run's first fit).
         trust_remote_code: Passed to the tokenizer loader (linked from --model.trust_remote_code).
         revision: Hub revision of the tokenizer (linked from --model.revision).
         cache_dir: Where token ids are cached, keyed by tokenizer and file content, so an unchanged
@@ -164,6 +173,8 @@ class CodeDataModule(L.LightningDataModule):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.packing = packing
         self.tokenizer = None
+        self.vocabulary: str | None = None
+        """What the token ids mean (`vocabulary_fingerprint` of the tokenizer); set in `setup`, checkpointed."""
         self.fim_tokens: FimTokens | None = None
         """The tokenizer's fill-in-the-middle sentinels (None: it has none); set in `setup`."""
         self.fim_rate: float | None = None
@@ -203,8 +214,8 @@ class CodeDataModule(L.LightningDataModule):
         val_texts = [by_path[p].text for p in val_paths]
 
         started = time.perf_counter()
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer, train_texts, self.hparams.trust_remote_code,
-                                        self.hparams.tiny_vocab_size, revision=self.hparams.revision)
+        self.tokenizer = self._load_tokenizer(train_texts)
+        self.vocabulary = vocabulary_fingerprint(self.tokenizer)
         self.fim_tokens = find_fim_tokens(self.tokenizer)
         self.fim_rate = self._resolve_fim_rate()
         # One batch for both splits: the tokenizer's thread pool gets all the work at once.
@@ -229,6 +240,25 @@ class CodeDataModule(L.LightningDataModule):
             + (f"; fill-in-the-middle: {fim['fim']} of {fim['pieces']} training pieces ({fim['psm']} PSM, "
                f"{fim['spm']} SPM)" if self.fim_rate else "")
         )
+
+    def _load_tokenizer(self, train_texts: list[str]) -> PreTrainedTokenizerBase:
+        """--data.tokenizer's tokenizer. In a fit of the 'tiny' model: the one the run directory saved with its base
+        model (`codetune.model.tiny`) once there is one, else one trained on rank zero and sent to every rank."""
+        hp = self.hparams
+        trainer = self.trainer  # None outside a fit (`codetune prepare`): nothing saved to reuse, one process
+        if hp.tokenizer != TINY_NAME or trainer is None:
+            return load_tokenizer(hp.tokenizer, train_texts, hp.trust_remote_code, hp.tiny_vocab_size,
+                                  revision=hp.revision)
+        saved = saved_tiny_base(Path(trainer.default_root_dir))
+        if saved is not None:
+            tokenizer = load_saved_tiny_tokenizer(saved)
+            rank_zero_info(f"codetune data: the 'tiny' tokenizer is the one saved in {saved} ({len(tokenizer)} "
+                           f"tokens), not trained again: the model learned its token ids.")
+            return tokenizer
+        trained = train_tokenizer(train_texts, vocab_size=hp.tiny_vocab_size) if trainer.is_global_zero else None
+        # One tokenizer for all ranks: the windows of every rank and the base model rank zero saves share its ids.
+        shared = trainer.strategy.broadcast(trained.backend_tokenizer.to_str() if trained is not None else None)
+        return trained if trained is not None else tiny_tokenizer_from_json(shared)
 
     def _resolve_fim_rate(self) -> float:
         """--data.fim_rate for this tokenizer: the default is on with FIM tokens and off (said once) without."""
@@ -359,10 +389,28 @@ class CodeDataModule(L.LightningDataModule):
                 # Batches whose training step ran in this epoch (a checkpoint is saved after the step).
                 "steps_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 "train_windows": len(self.train_windows), "optimizer_batch_size": self.optimizer_batch_size,
-                "world_size": trainer.world_size, "fim_samples": len(self.fim_records)}
+                "world_size": trainer.world_size, "fim_samples": len(self.fim_records),
+                "vocabulary": self.vocabulary}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_same_vocabulary(state_dict.get("vocabulary"))
         self._resume_position = dict(state_dict) if state_dict else None
+
+    def _check_same_vocabulary(self, trained: str | None) -> None:
+        """The checkpoint's weights learned what the ids of its tokenizer mean: a resume must tokenize with the same
+        vocabulary (None: a checkpoint from before it was recorded). A 'tiny' tokenizer is trained once per run
+        directory, so a checkpoint resumed into another directory after its repository changed would not."""
+        if trained is None or trained == self.vocabulary:
+            return
+        if self.hparams.tokenizer == TINY_NAME:
+            fix = (f"A 'tiny' run keeps its tokenizer in its run directory's {BASE_MODEL_DIR}/: resume in the run "
+                   f"directory the checkpoint came from (--run_name <that run> --ckpt_path last, or make resume "
+                   f"RUN=<run dir>)")
+        else:
+            fix = "Resume with the --model.name_or_path and --model.revision the checkpoint was trained with"
+        raise ConfigError(f"--ckpt_path: the checkpoint was trained with another vocabulary than this run's tokenizer "
+                          f"has (fingerprint {trained}, now {self.vocabulary}), so its token ids would stand for other "
+                          f"tokens. {fix}, or start a new run without --ckpt_path.")
 
     def _start_position(self) -> tuple[int, int]:
         """(epoch, steps to skip) for the first training epoch of this fit: (0, 0) unless resuming."""

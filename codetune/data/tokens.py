@@ -22,6 +22,7 @@ directory holds the tokenizer's line-break table for fill-in-the-middle cuts, ``
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from codetune.errors import ConfigError
-from codetune.model.model_dir import bad_model_dir_message, local_model_dir, tokenizer_problem
-from codetune.model.tiny import TINY_NAME, train_tokenizer
+from codetune.model.model_dir import TOKENIZER_FILE, bad_model_dir_message, local_model_dir, tokenizer_problem
+from codetune.model.tiny import TINY_NAME, tiny_tokenizer, train_tokenizer
 from codetune.run import atomic_write_bytes
 
 if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
@@ -76,6 +77,22 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
     return tokenizer
 
 
+def load_saved_tiny_tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:
+    """The 'tiny' tokenizer a run saved with its model in `base_dir` (`codetune.model.tiny`), as it was trained.
+    One that is missing or does not parse is refused: training another would change what the ids mean."""
+    from tokenizers import Tokenizer
+
+    path = base_dir / TOKENIZER_FILE
+    problem = f"it has no {TOKENIZER_FILE}" if not path.is_file() else tokenizer_problem(base_dir)
+    if problem:
+        raise ConfigError(
+            f"--model.name_or_path tiny: {base_dir} holds the tiny model this run directory was started with, but "
+            f"{problem}. A new tokenizer is not trained in its place: the model and its checkpoints learned what "
+            f"the saved one's token ids mean. Restore {base_dir} as the run saved it, or start a new run (another "
+            f"--run_name).")
+    return tiny_tokenizer(Tokenizer.from_file(str(path)))
+
+
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Padding id; models without one pad with EOS (padding is never a target, see packing)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -92,6 +109,11 @@ def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of everything that decides the tokenizer's output."""
     return _digest(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+
+
+def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the token -> id map (added tokens included): what the rows of the embeddings mean."""
+    return _digest(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
 
 
 def text_key(text: str) -> str:

@@ -5,16 +5,26 @@ run's *training* files (never the validation ones, so held-out metrics stay hone
 a randomly initialised Llama built from a config with a fixed seed. Both are saved in Hugging Face
 format into the run directory (`base_model/`), so the adapter loads later with plain transformers +
 peft, exactly as for a hub model.
+
+The tokenizer is trained once per run directory, by rank zero (every rank gets that one), at the
+run's first fit. From then on `base_model/` holds it and every later fit of that directory (a resume)
+loads it instead of training a new one: the embeddings and the adapter learned what its ids mean,
+and a repository that changed since would train another vocabulary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from codetune.model.model_dir import CONFIG_FILE
+from codetune.run import BASE_MODEL_DIR
+
 if TYPE_CHECKING:  # imported where used: transformers' model classes take a second to import
+    from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_NAME = "tiny"
@@ -39,7 +49,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048,
     benchmarks can see how a real code model's tokens break around line breaks offline; None: GPT-2's split.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split_pattern is None else \
@@ -54,8 +63,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048,
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tiny_tokenizer(tokenizer)
+
+
+def tiny_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """A tokenizer that `train_tokenizer` trained (in `tokenizers`' form: read back from its JSON, say) as the
+    transformers tokenizer `train_tokenizer` returns, with the same special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=list(FIM_SPECIAL_TOKENS))
+
+
+def tiny_tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """The tokenizer `train_tokenizer` returned, from its serialisation (`backend_tokenizer.to_str()`)."""
+    from tokenizers import Tokenizer
+
+    return tiny_tokenizer(Tokenizer.from_str(text))
+
+
+def saved_tiny_base(run_dir: Path) -> Path | None:
+    """The run directory's `base_model/` once a fit of it saved the tiny model there (whole: it is written
+    atomically), else None."""
+    base = Path(run_dir) / BASE_MODEL_DIR
+    return base if (base / CONFIG_FILE).is_file() else None
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,

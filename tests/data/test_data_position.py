@@ -36,7 +36,7 @@ def test_state_round_trips_and_the_resumed_epoch_continues_after_the_steps_done(
     state = prepared.state_dict()
     assert prepared.fim_records, "the tiny tokenizer has FIM tokens, so the default trains FIM samples"
     assert state == {"epoch": 1, "steps_done": 2, "train_windows": 14, "optimizer_batch_size": 4, "world_size": 1,
-                     "fim_samples": len(prepared.fim_records)}
+                     "fim_samples": len(prepared.fim_records), "vocabulary": prepared.vocabulary}
     loader = prepared.train_dataloader()
     loader.sampler.set_epoch(1)
     whole = [b["sample_ids"].tolist() for b in loader]
