@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,34 +204,68 @@ def test_lightning_cli_entry_forwards_compare(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["baseline"] == str(a)
 
 
+# Where `fit` writes each compared figure in MANIFEST.json's phase_results (spelled out here, not read from
+# codetune.compare's rows, so a row reading the wrong place fails).
+TRAINED_FIGURES = {
+    "final_train_loss": ("phase_4_training", "training_stats", "final_train_loss"),
+    "final_val_loss": ("phase_4_training", "training_stats", "final_val_loss"),
+    "final_perplexity": ("phase_4_training", "training_stats", "final_perplexity"),
+    "optimizer_steps": ("phase_4_training", "training_stats", "optimizer_steps"),
+    "tokens_trained": ("phase_4_training", "training_stats", "tokens_trained"),
+    "trainable_parameters": ("phase_3_model", "trainable_parameters"),
+    "train_windows": ("phase_2_tokenize", "train_windows"),
+    "eval_base_perplexity": ("phase_5_evaluation", "base", "perplexity"),
+    "eval_final_perplexity": ("phase_5_evaluation", "final", "perplexity"),
+}
+
+
+def figure(manifest_data: dict, path: tuple[str, ...]):
+    value = manifest_data["phase_results"]
+    for key in path:
+        value = value[key]
+    return value
+
+
 @pytest.mark.slow
 def test_two_trained_runs_compare_end_to_end(tmp_path, capsys):
     from conftest import write_fixture_repo
     from test_cli import fit_args
 
+    from codetune.compare import format_change, format_value
+
     repo = write_fixture_repo(tmp_path / "repo")
     runs = tmp_path / "runs"
+    # No generated prompts: the held-out perplexity is the evaluation compared here, at a fraction of the time.
+    quick = ["--trainer.max_steps", "4", "--generation.repo_prompts", "0", "--generation.fim_prompts", "0",
+             "--generation.prompts", "[]"]
     for name, rank in (("rank4", "4"), ("rank8", "8")):
-        assert main(fit_args(repo, runs, name, "--model.lora_rank", rank, "--trainer.max_steps", "4")) == 0
+        assert main(fit_args(repo, runs, name, "--model.lora_rank", rank, *quick)) == 0
+    four, eight = (json.loads((runs / name / "MANIFEST.json").read_text()) for name in ("rank4", "rank8"))
     capsys.readouterr()
-    assert main(["compare", str(runs / "rank4"), str(runs / "rank8")]) == 0
-    out = capsys.readouterr().out
-    assert "rank4" in out and "rank8" in out
-    assert re.search(r"model\.lora_rank\s+│ 4\s+│ 8", out), out
-    assert re.search(r"final train loss .*│ +\d+\.\d+ \([+-]\d", out), out
-    assert re.search(r"trainable parameters .*│ +[\d,]+ \(\+[\d,]+\)", out), out
 
     assert main(["compare", str(runs / "rank4"), str(runs / "rank8"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    # Same data, seed and steps: the LoRA rank is the only setting that differs.
-    assert [d["key"] for d in report["config_diff"]] == ["model.lora_rank"]
+    assert report["baseline"] == "rank4" and [r["label"] for r in report["runs"]] == ["rank4", "rank8"]
     rows = metrics_by_name(report)
-    assert rows["optimizer_steps"]["values"] == [4, 4] and rows["optimizer_steps"]["deltas"] == [None, 0]
-    assert rows["train_windows"]["deltas"] == [None, 0]
-    four, eight = rows["trainable_parameters"]["values"]
-    assert eight > four
-    for name in ("final_train_loss", "final_val_loss", "final_perplexity", "eval_final_perplexity"):
-        assert isinstance(rows[name]["deltas"][1], float), name
+    for name, path in TRAINED_FIGURES.items():
+        a, b = figure(four, path), figure(eight, path)
+        assert rows[name]["values"] == [a, b] and rows[name]["deltas"] == [None, b - a], name
+    # Same data, seed, base and steps: the rank changes the adapter and what it learnt, not what it saw.
+    deltas = {name: rows[name]["deltas"][1] for name in TRAINED_FIGURES}
+    assert deltas["trainable_parameters"] > 0 and deltas["final_train_loss"] != 0
+    assert (deltas["optimizer_steps"], deltas["tokens_trained"], deltas["train_windows"]) == (0, 0, 0)
+    assert rows["optimizer_steps"]["values"] == [4, 4] and deltas["eval_base_perplexity"] == 0
+    # The one setting that differs, with both runs' values, as each manifest recorded it.
+    assert (four["config"]["model"]["lora_rank"], eight["config"]["model"]["lora_rank"]) == (4, 8)
+    assert report["config_diff"] == [{"key": "model.lora_rank", "values": [4, 8], "missing": []}]
+
+    assert main(["compare", str(runs / "rank4"), str(runs / "rank8")]) == 0
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.count("│") == 4}
+    for name, label in (("final_train_loss", "final train loss"), ("trainable_parameters", "trainable parameters")):
+        a, b = rows[name]["values"]
+        assert cells[label] == [format_value(a), f"{format_value(b)} ({format_change(b - a)})"], label
+    assert cells["model.lora_rank"] == ["4", "8"]
 
 
 @pytest.mark.parametrize(("value", "rate", "shown"), [
