@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
@@ -26,12 +29,30 @@ def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
             "--trainer.max_epochs", "100", *extra]
 
 
-def scalars(run_dir: Path, tag: str) -> list[float]:
+# The fixture repository packs into 14 training windows: 4 optimizer steps an epoch (3 batches of 4, then 2).
+# 11 steps stop the run 3 steps into its third epoch; with validation at epoch ends only, the last one due
+# before the stop (after step 8) is 3 steps stale, so only the validation that the stop itself asks for
+# measures the final weights.
+STEPS, STEPS_PER_EPOCH = 11, 4
+
+
+def tensorboard_events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+    return events
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    return [e.value for e in tensorboard_events(run_dir).Scalars(tag)]
+
+
+def scalar_steps(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar tag, checking that no step was logged twice."""
+    logged = [(e.step, e.value) for e in tensorboard_events(run_dir).Scalars(tag)]
+    assert len({step for step, _ in logged}) == len(logged), (tag, logged)
+    return dict(logged)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +66,13 @@ def trained_run(tmp_path_factory) -> tuple[Path, str]:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", "12")) == 0
+        assert main(fit_args(repo, tmp / "runs", "t", "--trainer.max_steps", str(STEPS),
+                             "--trainer.val_check_interval", "1.0")) == 0
     return tmp / "runs" / "t", out.getvalue()
+
+
+def training_stats(run_dir: Path) -> dict:
+    return json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]["training_stats"]
 
 
 def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
@@ -54,20 +80,39 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     assert stdout.strip().splitlines()[-1] == str(run_dir)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
     stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
-    for key in ("final_train_loss", "final_val_loss", "final_perplexity"):
-        assert isinstance(stats[key], float) and stats[key] > 0
-    assert stats["final_perplexity"] == pytest.approx(torch.tensor(stats["final_val_loss"]).exp().item(), rel=1e-5)
-    assert stats["optimizer_steps"] == 12
+    # The final losses are the last ones logged: the last step's training loss, the last validation's loss.
+    assert stats["final_train_loss"] == pytest.approx(scalars(run_dir, "train/loss")[-1], rel=1e-6)
+    assert stats["final_val_loss"] == pytest.approx(scalars(run_dir, "val/loss")[-1], rel=1e-6)
+    assert stats["final_perplexity"] == pytest.approx(math.exp(stats["final_val_loss"]), rel=1e-9)
+    assert stats["final_perplexity"] == pytest.approx(scalars(run_dir, "val/perplexity")[-1], rel=1e-6)
+    assert manifest["phase_results"]["phase_5_evaluation"]["final"]["perplexity"] == pytest.approx(
+        stats["final_perplexity"], rel=1e-9)
+    assert stats["optimizer_steps"] == STEPS and stats["epochs"] == round(STEPS / STEPS_PER_EPOCH, 3)
     windows = manifest["phase_results"]["phase_2_tokenize"]["train_windows"]
-    steps_per_epoch = -(-windows // 4)
-    assert 12 % steps_per_epoch == 0, "fixture sized so the run ends on an epoch boundary"
-    assert stats["tokens_trained"] == (12 // steps_per_epoch) * windows * 64
+    assert -(-windows // 4) == STEPS_PER_EPOCH
+    epochs, steps_into_the_last = divmod(STEPS, STEPS_PER_EPOCH)
+    assert steps_into_the_last, "fixture sized so the run stops mid-epoch"
+    # Each full epoch trains every window once; a step inside an epoch takes a full optimizer batch of 4.
+    assert stats["tokens_trained"] == (epochs * windows + steps_into_the_last * 4) * 64
     assert manifest["training_time_minutes"] > 0
     assert manifest["status"] == "completed"
     assert manifest["config"]["data"]["seq_len"] == 64
     assert manifest["phase_results"]["phase_1_scan"]["files_kept"] == 13
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "config.yaml").exists() and (run_dir / "samples" / "epoch_0.jsonl").exists()
+    # config.yaml is the resolved config, the flags of this run in it, and the manifest records that same config.
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config == manifest["config"] and config["trainer"]["max_steps"] == STEPS
+    assert config["run_name"] == "t" and config["data"]["batch_size"] == 2 and config["model"]["name_or_path"] == "tiny"
+    # One samples file per eval (the base, then each epoch end, the stopped third one included), each with the
+    # same prompts: the demo's 12 repo prompts, the default 16 FIM prompts and the config's language prompts.
+    samples = {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+               for p in (run_dir / "samples").glob("*.jsonl")}
+    assert sorted(samples) == ["base.jsonl", "epoch_0.jsonl", "epoch_1.jsonl", "epoch_2.jsonl"]
+    prompts = {name: [(r["kind"], r.get("path"), r.get("line"), r.get("prompt")) for r in rows]
+               for name, rows in samples.items()}
+    assert all(p == prompts["base.jsonl"] for p in prompts.values())
+    kinds = [kind for kind, *_ in prompts["base.jsonl"]]
+    language = len(config["generation"]["prompts"])
+    assert (kinds.count("repo"), kinds.count("fim"), kinds.count("language")) == (12, 16, language)
     # Each phase shows one line on the console as it ends, in pipeline order.
     shown = [line.split()[2] for line in stdout.splitlines() if line.startswith("codetune ✓ ")]
     assert shown == list(manifest["phase_results"]), shown
@@ -77,37 +122,88 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
                for p in manifest["phase_results"].values())
 
 
-def test_tensorboard_has_the_grouped_scalars_and_no_placeholder(trained_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+TRAIN_SCALARS = ("train/loss", "train/lr", "train/tokens_per_s", "train/micro_batch_size", "train/grad_accum",
+                 "train/grad_norm", "train/skipped_steps")
+EVAL_SCALARS = ("eval/perplexity", "eval/next_line_exact_match", "eval/chrf", "eval/fim_exact_match",
+                "eval/fim_chrf", "eval/fim_syntax_valid")
 
+
+def test_tensorboard_has_one_value_per_step_of_each_grouped_scalar(trained_run):
     run_dir, _ = trained_run
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
+    events = tensorboard_events(run_dir)
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/micro_batch_size", "val/loss",
-            "val/perplexity"} <= tags
-    assert "hp_metric" not in tags
-    assert {"eval/perplexity", "eval/chrf"} <= tags and not any(t.endswith("_base") for t in tags)
-    assert events.Scalars("eval/chrf")[0].step == 0, "the base eval is step 0 of the same curve"
+    assert "hp_metric" not in tags and not any(t.endswith("_base") for t in tags)
     assert all(t.startswith(("train/", "val/", "eval/")) for t in tags), tags  # no `epoch` staircase
-    assert events.Tags()["tensors"], "generation samples are logged as text"
+    for tag in TRAIN_SCALARS:
+        assert list(scalar_steps(run_dir, tag)) == list(range(STEPS)), tag
+    # Batches of 2 x 2 windows; each epoch's last step has the 2 windows left of 14.
+    assert set(scalars(run_dir, "train/micro_batch_size")) == {2.0}
+    assert scalars(run_dir, "train/grad_accum") == [2.0 if (s + 1) % STEPS_PER_EPOCH else 1.0 for s in range(STEPS)]
+    # A validation at each epoch end (after steps 4 and 8) and after the step where max_steps stops the run;
+    # Lightning logs each at the index of the training step it follows.
+    val_loss, val_perplexity = scalar_steps(run_dir, "val/loss"), scalar_steps(run_dir, "val/perplexity")
+    assert list(val_loss) == list(val_perplexity) == [3, 7, STEPS - 1]
+    assert all(val_perplexity[s] == pytest.approx(math.exp(val_loss[s]), rel=1e-5) for s in val_loss)
+    # The generation eval: the base at step 0 of the same curves, then at every epoch end, the stopped one too.
+    for tag in EVAL_SCALARS:
+        assert list(scalar_steps(run_dir, tag)) == [0, 4, 8, STEPS], tag
+    base = json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_5_evaluation"]["base"]
+    perplexity = scalars(run_dir, "eval/perplexity")
+    assert perplexity[0] == pytest.approx(base["perplexity"], rel=1e-6)
+    assert perplexity[1:] == pytest.approx(list(val_perplexity.values()), rel=1e-6)
+    # Every sample is a text tag with one entry per eval.
+    texts = events.Tags()["tensors"]
+    assert len(texts) == 12 + 16 + 4 and all(t.startswith("samples/") for t in texts), texts
+    assert all([e.step for e in events.Tensors(t)] == [0, 4, 8, STEPS] for t in texts)
 
 
-def test_final_val_loss_is_measured_after_the_last_step(trained_run):
+def held_out_loss(run_dir: Path) -> float:
+    """Mean token NLL of the exported adapter on the run's held-out windows, computed apart from the module and
+    its labels: peft loads the adapter onto the saved base, and each piece of a file in a window (positions
+    restart at 0 at each file and window start) is scored on its own, with full logits, every token after its
+    first a target; padding (past `n_real`) is no target."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codetune.data.datamodule import CodeDataModule
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = CodeDataModule(**{**config["data"], "tokenizer": str(run_dir / "base_model")})
+    data.setup("fit")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+                                      run_dir / "adapter").eval()
+    windows = data.val_windows
+    nll, targets = 0.0, 0
+    with torch.no_grad():
+        for ids, positions, n_real in zip(torch.as_tensor(windows.input_ids), windows.position_ids, windows.n_real):
+            starts = [int(i) for i in np.flatnonzero(positions[:n_real] == 0)] + [int(n_real)]
+            for start, end in zip(starts, starts[1:]):
+                logits = model(input_ids=ids[None, start:end].long()).logits[0, :-1]
+                nll += F.cross_entropy(logits, ids[start + 1:end].long(), reduction="sum").item()
+                targets += end - start - 1
+    return nll / targets
+
+
+def test_final_val_loss_is_the_held_out_loss_of_the_final_weights(trained_run):
     run_dir, _ = trained_run
-    stats = json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]["training_stats"]
-    assert scalars(run_dir, "val/loss")[-1] == pytest.approx(stats["final_val_loss"], rel=1e-6)
+    stats = training_stats(run_dir)
+    measured = held_out_loss(run_dir)
+    assert stats["final_val_loss"] == pytest.approx(measured, rel=1e-5)
+    # The validation before the stop (after step 8) is a different figure: the test tells a stale one apart.
+    assert abs(scalar_steps(run_dir, "val/loss")[7] - measured) > 0.05
 
 
 def test_loss_goes_down(trained_run):
     run_dir, _ = trained_run
     losses = scalars(run_dir, "train/loss")
-    assert len(losses) == 12
-    # 12 steps at the demo's settings (LoRA + trained embeddings) take the mean loss from ~6.2 to ~2.9;
+    assert len(losses) == STEPS
+    # 11 steps at the demo's settings (LoRA + trained embeddings) take the mean loss from ~6.2 to ~3.9;
     # step-to-step noise is ~0.2, so a drop of 2 nats cannot come from noise.
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 2.0, losses
-    val = scalars(run_dir, "val/loss")
-    assert val[-1] < val[0] - 2.0, val
+    # On the held-out files: from the base's ~6.3 (before the first step) to ~3.8.
+    base = math.log(scalars(run_dir, "eval/perplexity")[0])
+    assert scalars(run_dir, "val/loss")[-1] < base - 2.0, (base, scalars(run_dir, "val/loss"))
 
 
 def is_trained_weight(key: str) -> bool:
@@ -117,16 +213,27 @@ def is_trained_weight(key: str) -> bool:
 
 def test_adapter_loads_with_plain_transformers_and_peft(trained_run):
     from conftest import RUST_FILE
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, _ = trained_run
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "base_model")
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert adapter and all(is_trained_weight(k) for k in adapter)
+    # Trained, not as initialised: peft starts every LoRA B at zero and the full copies at the base's weights.
+    base_weights = AutoModelForCausalLM.from_pretrained(run_dir / "base_model").state_dict()
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert len(lora_b) == 2 * 7 and all(adapter[k].abs().amax() > 0 for k in lora_b)
+    copies = [k for k in adapter if "lora_" not in k]
+    assert len(copies) == 2, copies
+    for key in copies:
+        assert not torch.equal(adapter[key], base_weights[key.removeprefix("base_model.model.")]), key
     ids = tokenizer(RUST_FILE.replace("Counter", "Counter0"), return_tensors="pt")["input_ids"][:, :64]
     base_loss = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")(input_ids=ids, labels=ids).loss
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"), run_dir / "adapter")
+    # peft leaves a weight it cannot match to a saved key at its init, with a warning: every one was loaded.
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(adapter) and all(torch.equal(loaded[k], adapter[k]) for k in adapter)
     tuned_loss = model(input_ids=ids, labels=ids).loss
     # The exported adapter carries the training: on a training file it predicts far better than the base.
     assert torch.isfinite(tuned_loss) and tuned_loss < base_loss - 1.0, (base_loss, tuned_loss)
@@ -244,19 +351,81 @@ def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing)
     assert calls == 4 * (2 if checkpointing else 1)
 
 
-def test_batch_size_auto_keeps_the_effective_batch(tmp_path, fixture_repo, capsys):
+def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, fixture_repo, capsys, monkeypatch):
+    """On an emulated card with room for micro-batch 3 but not 6 (habit 12: the CPU trains, the plan is made for
+    CUDA with the free memory a card would report), `auto` trains at 3 x 2 accumulation, as
+    `codetune.memory_plan` decides it, and the manifest records the plan of that choice."""
+    from dataclasses import replace
+
+    from codetune.memory_plan import (DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, plan_memory,
+                                      training_shape_for)
+    from codetune.model.module import CodeLoRAModule
+
     args = ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(fixture_repo),
             "--runs_dir", str(tmp_path / "runs"), "--run_name", "auto", "--data.cache_dir", str(tmp_path / "cache"),
             "--data.seq_len", "64", "--data.batch_size", "auto", "--generation.max_new_tokens", "2",
             "--generation.repo_prompts", "0", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2"]
     assert main(args) == 2
     assert "--data.batch_size auto needs --data.effective_batch_size" in capsys.readouterr().err
+    card = {}
+    plan_memory_for = CodeLoRAModule._plan_memory
+
+    def on_a_card(module, config, quantize, dtype, device):
+        # The demo's settings as fit resolves them on the CPU: fp32, unquantized, AdamW, checkpointing off.
+        shape = ModelShape.from_config(config)
+        training = training_shape_for(
+            seq_len=64, micro_batch_size=1, quantized_4bit=False, compute_dtype_bytes=4, lora_rank=8,
+            lora_target_modules=DEFAULT_LORA_TARGETS, lora_dropout=0.0, modules_to_save=("embed_tokens", "lm_head"),
+            optimizer="adamw", gradient_checkpointing=False, loss_chunk_size=1024, attn_implementation="sdpa",
+            packing="isolated", device="cuda")
+        need = {m: plan_memory(shape, replace(training, micro_batch_size=m)).required_free_bytes(after_load=True)
+                for m in (3, 6)}
+        free = (need[3] + need[6]) // 2
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * GiB))
+        card.update(free=free, choice=largest_fitting(6, free, shape, training, True, after_load=True))
+        return plan_memory_for(module, config, quantize, dtype, torch.device("cuda"))
+
+    monkeypatch.setattr(CodeLoRAModule, "_plan_memory", on_a_card)
     assert main([*args, "--data.effective_batch_size", "6"]) == 0
-    manifest = json.loads((tmp_path / "runs" / "auto" / "MANIFEST.json").read_text())
-    # On CPU there is no card to fit: the whole optimizer batch is one micro-batch.
+    choice = card["choice"]
+    assert (choice.micro_batch_size, choice.gradient_accumulation_steps) == (3, 2)
+    run_dir = tmp_path / "runs" / "auto"
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
     assert manifest["config"]["data"]["batch_size"] == "auto"
-    assert scalars(tmp_path / "runs" / "auto", "train/micro_batch_size") == [6.0, 6.0]
-    assert manifest["phase_results"]["phase_3_model"]["vram_plan"]["predicted_peak_gib"] > 0
+    plan = manifest["phase_results"]["phase_3_model"]["vram_plan"]
+    assert (plan["memory"], plan["micro_batch_size"], plan["gradient_checkpointing"]) == ("VRAM", 3, False)
+    # The figures of that plan (at 3 decimals of a GiB micro-batches 1, 2, 3 and 6 all differ here).
+    assert plan["predicted_peak_gib"] == round(choice.plan.total / GiB, 3)
+    assert plan["required_free_gib"] == round(choice.plan.required_free_bytes(after_load=True) / GiB, 3)
+    assert plan["free_gib"] == round(card["free"] / GiB, 3)
+    assert plan["terms_gib"] == {k: round(v / GiB, 3) for k, v in choice.plan.terms().items()}
+    # Trained at that choice, with the effective batch kept.
+    assert scalars(run_dir, "train/micro_batch_size") == [3.0, 3.0]
+    assert scalars(run_dir, "train/grad_accum") == [2.0, 2.0]
+    assert training_stats(run_dir)["tokens_trained"] == 2 * 6 * 64
+
+
+def test_batch_size_auto_without_a_card_is_the_whole_batch(monkeypatch):
+    """On the CPU there is no card to fit: the optimizer batch is one micro-batch, and the plan is that one's."""
+    from types import SimpleNamespace
+
+    from codetune.memory_plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, plan_memory, training_shape_for
+    from codetune.model.module import CodeLoRAModule
+    from codetune.model.tiny import tiny_config
+
+    module = CodeLoRAModule(seq_len=64, micro_batch_size="auto", gradient_checkpointing="auto")
+    module.optimizer_name = "adamw"
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(optimizer_batch_size=6, packing="isolated"))
+    config = tiny_config(512, max_position_embeddings=4096)
+    record, checkpointing = module._plan_memory(config, False, torch.float32, torch.device("cpu"))
+    expected = plan_memory(ModelShape.from_config(config), training_shape_for(
+        seq_len=64, micro_batch_size=6, quantized_4bit=False, compute_dtype_bytes=4, lora_rank=8,
+        lora_target_modules=DEFAULT_LORA_TARGETS, lora_dropout=0.0, modules_to_save=(), optimizer="adamw",
+        gradient_checkpointing=False, loss_chunk_size=1024, attn_implementation="sdpa", packing="isolated",
+        device="cpu"))
+    assert module.micro_batch_size == 6 and checkpointing is False
+    assert (record["memory"], record["micro_batch_size"]) == ("RAM", 6)
+    assert record["predicted_peak_gib"] == round(expected.total / GiB, 3)
 
 
 def test_make_clean_keeps_the_runs_and_clean_runs_removes_them():

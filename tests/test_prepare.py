@@ -46,12 +46,25 @@ def test_writes_arrays_tokenizer_and_report(fixture_repo, in_tmp, capsys):
     assert {"path": "blob.py", "reason": "binary"} in report["skipped"]
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    text = tokenizer.decode(train.ravel())
-    # Left-to-right windows hold whole files joined by EOS: every training file's text is in the decoded windows.
-    assert all((fixture_repo / path).read_text() + tokenizer.eos_token in text for path in report["files"]["train"])
-    assert text.count(tokenizer.eos_token) == len(report["files"]["train"])
-    assert not any((fixture_repo / path).read_text() in text for path in report["files"]["val"])
+    # Without FIM each split's windows are its files in order, each followed by EOS, then padding to the end of
+    # the last window: decoded, the real tokens are exactly those texts, so no file is lost, cut or leaked.
+    for split, windows in (("train", train), ("val", val)):
+        files = report["files"][split]
+        assert decoded_split(windows, tokenizer) == "".join((fixture_repo / p).read_text() + tokenizer.eos_token
+                                                            for p in files), split
+    train_text = decoded_split(train, tokenizer)
+    assert not any((fixture_repo / path).read_text() in train_text for path in report["files"]["val"])
     assert not (in_tmp / "runs").exists()
+
+
+def decoded_split(windows: np.ndarray, tokenizer) -> str:
+    """The text of a split's windows, after checking that padding only fills the tail of the last window."""
+    ids = windows.ravel()
+    pad = tokenizer.pad_token_id
+    n_real = int((ids != pad).sum())
+    assert (ids[:n_real] != pad).all() and (ids[n_real:] == pad).all(), "padding inside the windows"
+    assert len(windows) == -(-n_real // windows.shape[1]), "a window of padding only"
+    return tokenizer.decode(ids[:n_real])
 
 
 def test_rerun_replaces_its_own_output_but_never_a_foreign_directory(fixture_repo, in_tmp, capsys):
