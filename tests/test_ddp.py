@@ -1,14 +1,19 @@
-"""Two CPU processes (gloo): windows sharded across ranks, one manifest, OOM back-off on every rank."""
+"""Two CPU processes (gloo): windows sharded across ranks, one manifest, the adapter of one process at the same
+global batch, OOM back-off on every rank, each rank's own random generators after a resume."""
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from conftest import fit_command, subprocess_env, write_fixture_repo
@@ -17,7 +22,8 @@ DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.lora_drop
 
 
 def run_ddp(tmp_path: Path, name: str, *extra: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
-    repo = write_fixture_repo(tmp_path / "repo")
+    """A 2-rank run on the fixture repository in `tmp_path/repo` (written once), into `tmp_path/runs/name`."""
+    repo = tmp_path / "repo" if (tmp_path / "repo").exists() else write_fixture_repo(tmp_path / "repo")
     runs = tmp_path / "runs"
     cmd = fit_command(repo, runs, name, *DDP, *extra)
     # A hang (a rank left waiting in a collective) fails here instead of blocking the suite.
@@ -57,32 +63,103 @@ def test_every_window_once_per_epoch_across_ranks_and_one_manifest(tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
+# Windows of 96 tokens, left-to-right only (FIM's sentinels would add a tenth): 9 training windows; 2 ranks x
+# micro-batch 2 x 2 accumulation: steps of 8 windows, then the epoch's tail of 1 (rank 0 holds it, rank 1 none),
+# 4 optimizer steps in 2 epochs. No clipping: the gradient norms here are about 1.3-2.4, and clipping to 1 would
+# hide a gradient scaled wrongly.
+GLOBAL_BATCH = ("--data.seq_len", "96", "--trainer.max_epochs", "2", "--data.gradient_accumulation_steps", "2",
+                "--data.fim_rate", "0", "--generation.base_eval", "false", "--model.max_grad_norm", "0")
+RESUME_AT = 3  # the checkpoint after epoch 1's first step: a mid-epoch resume, one step left
+KEEP = json.dumps({"class_path": "test_ddp.KeepCheckpoint", "init_args": {"step": RESUME_AT}})
+PROBES = ("--trainer.callbacks+=probes.RankReport", "--trainer.callbacks+=test_ddp.RankSeededDraws",
+          "--checkpoint_every_n_steps", str(RESUME_AT), f"--trainer.callbacks+={KEEP}")
+
+
+class RankSeededDraws(Callback):
+    """Seeds each rank's torch, numpy and Python generators differently at the start of a fresh run (Lightning seeds
+    every rank alike, so their streams would coincide and any rank's state would do for all), and after every
+    optimizer step appends `[step, draws]` to `draws_rank<r>.jsonl` in the run directory. Loaded by class path
+    (PYTHONPATH=tests)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is None:  # a resumed run's generators are the checkpoint's
+            seed = 1000 + trainer.global_rank
+            torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        draws = [*torch.rand(2).tolist(), float(np.random.rand()), random.random()]
+        with (Path(trainer.default_root_dir) / f"draws_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps([trainer.global_step, draws]) + "\n")
+
+
+class KeepCheckpoint(Callback):
+    """In a fresh run, copies checkpoints/last.ckpt to `step<step>.ckpt` in the run directory before optimizer step
+    `step` + 1, so that a test can resume from that point of a run that went on to its end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is None and trainer.is_global_zero and trainer.global_step == self.step:
+            run_dir = Path(trainer.default_root_dir)
+            shutil.copyfile(run_dir / "checkpoints" / "last.ckpt", run_dir / f"step{self.step}.ckpt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The reference 2-rank run at GLOBAL_BATCH, with the probes: `tmp/runs/two`; the fixture repo is `tmp/repo`."""
+    _, run_dir = run_ddp(tmp_path_factory.mktemp("ddp"), "two", *GLOBAL_BATCH, *PROBES)
+    return run_dir
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run_dir: Path, reference_dir: Path) -> None:
+    """Equal tensor by tensor up to float summation order (the bugs we fear differ by 1e-3 or more)."""
+    got, expected = adapter(run_dir), adapter(reference_dir)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def training_stats(run_dir: Path) -> dict:
+    return json.loads((run_dir / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]
+
+
+def rank_reports(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def rank_draws(run_dir: Path, rank: int) -> dict[int, list[float]]:
+    """RankSeededDraws' record: the draws after each optimizer step, by step."""
+    lines = (run_dir / f"draws_rank{rank}.jsonl").read_text().splitlines()
+    return {step: draws for step, draws in map(json.loads, lines)}
+
+
 @pytest.mark.slow
-def test_two_ranks_train_the_adapter_one_process_trains_at_the_same_global_batch(tmp_path):
+def test_two_ranks_train_the_adapter_one_process_trains_at_the_same_global_batch(two_ranks):
     """2 ranks x micro-batch 2 x 2 accumulation == 1 process x 4 x 2: every step is the same 8 windows, so the
     adapters must be equal, also through the uneven last step (1 window on rank 0, none on rank 1) and with
-    unequal target counts per rank (each rank's files start at other places). Averaging per-rank means, as
-    before, halved the tail step's gradient (norm 1.16 instead of 2.33) and weighted the ranks wrongly: the
-    adapters then differed by 0.010."""
-    # No clipping: the norms here are about 1.3-2.4, and clipping to 1 would hide a halved gradient.
-    window = ("--data.seq_len", "96", "--trainer.max_epochs", "2", "--data.gradient_accumulation_steps", "2",
-              "--generation.base_eval", "false", "--model.max_grad_norm", "0")
-    result, ddp_dir = run_ddp(tmp_path, "two", *window)
-    repo = tmp_path / "repo"
-    single = fit_command(repo, tmp_path / "runs", "one", *window, "--data.batch_size", "4",
+    unequal target counts per rank (each rank's files start at other places). Only dividing every rank's summed
+    loss by the global target count gives the one-process gradient: dividing by the rank's own count weights the
+    ranks wrongly and about doubles every step's gradient but the tail's (the adapters then differ by 3.6e-3), averaging
+    per-rank means halves the tail step's."""
+    tmp = two_ranks.parents[1]
+    single = fit_command(tmp / "repo", tmp / "runs", "one", *GLOBAL_BATCH, "--data.batch_size", "4",
                          "--model.lora_dropout", "0.0")
-    result = subprocess.run(single, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(single, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    two, one = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ddp_dir, tmp_path / "runs" / "one"))
-    assert two.keys() == one.keys()
-    worst = max((two[k] - one[k]).abs().max().item() for k in one)
-    assert worst < 1e-5, worst
-    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-2, "training moved the adapter"
-    manifests = [json.loads((d / "MANIFEST.json").read_text())["phase_results"]["phase_4_training"]
-                 ["training_stats"] for d in (ddp_dir, tmp_path / "runs" / "one")]
-    assert manifests[0]["optimizer_steps"] == manifests[1]["optimizer_steps"] == 4
+    one = tmp / "runs" / "one"
+    assert_same_adapter(two_ranks, one)
+    assert max(v.abs().max().item() for k, v in adapter(one).items() if "lora_B" in k) > 1e-2, "training moved it"
+    # Gradients are all-reduced every step, so rank 1 holds rank 0's (saved) weights.
+    assert rank_reports(two_ranks)[0] == pytest.approx(rank_reports(two_ranks)[1], rel=1e-9)
+    stats = [training_stats(d)["training_stats"] for d in (two_ranks, one)]
+    assert stats[0]["optimizer_steps"] == stats[1]["optimizer_steps"] == 4
     # The logged loss is the global batch's mean on every rank, as in one process.
-    assert manifests[0]["final_train_loss"] == pytest.approx(manifests[1]["final_train_loss"], rel=1e-5)
+    assert stats[0]["final_train_loss"] == pytest.approx(stats[1]["final_train_loss"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -97,21 +174,35 @@ def test_bf16_modules_to_save_and_fp32_lora_all_reduce_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_oom_on_one_rank_backs_off_every_rank(tmp_path):
-    probe = json.dumps({"class_path": "probes.RankReport"})
-    result, run_dir = run_ddp(tmp_path, "ddp", "--trainer.max_epochs", "1", f"--trainer.callbacks+={probe}",
-                              CODETUNE_INJECT_OOM="1@1")
-    assert "[rank: 1] codetune: out of device memory at step 1" in result.stderr
+def test_oom_on_one_rank_backs_off_every_rank_and_trains_the_adapter_of_a_run_without_it(two_ranks):
+    # Step 2 (epoch 1's first: 4 windows per rank) runs out of memory on rank 1's second micro-batch, after one
+    # backward; both ranks drop their partial gradients and redo it as 4 x 1 windows. The reference is the same
+    # run without the OOM: the back-off must change nothing that is learned.
+    result, run_dir = run_ddp(two_ranks.parents[1], "oom", *GLOBAL_BATCH, "--trainer.callbacks+=probes.RankReport",
+                              CODETUNE_INJECT_OOM="2@1")
+    assert "[rank: 1] codetune: out of device memory at step 2 with micro-batch 2" in result.stderr
     assert "[rank: 0] codetune: out of device memory" not in result.stderr  # rank 0 only followed the vote
+    assert [r["micro_batch_size"] for r in rank_reports(run_dir)] == [1, 1], "the back-off applied on both ranks"
+    assert [r["micro_batch_size"] for r in rank_reports(two_ranks)] == [2, 2]
+    assert_same_adapter(run_dir, two_ranks)
+    assert rank_reports(run_dir)[0] == pytest.approx(rank_reports(run_dir)[1], rel=1e-9)
 
-    ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["micro_batch_size"] for r in ranks] == [1, 1]
-    # Gradients were averaged over ranks every step, so both ranks hold the same weights.
-    assert ranks[0]["weight_sum"] == pytest.approx(ranks[1]["weight_sum"], rel=1e-9, abs=1e-9)
-    assert ranks[0]["weight_abs_sum"] == pytest.approx(ranks[1]["weight_abs_sum"], rel=1e-9)
+    training = training_stats(run_dir)  # written by rank 0 alone
+    assert [(e["step"], e["micro_batch_size"], e["reason"]) for e in training["oom_backoffs"]] == [(2, 1, "oom")]
+    assert training["training_stats"]["final_train_loss"] == pytest.approx(
+        training_stats(two_ranks)["training_stats"]["final_train_loss"], rel=1e-5)
 
-    manifest = json.loads((run_dir / "MANIFEST.json").read_text())  # written by rank 0 alone
-    training = manifest["phase_results"]["phase_4_training"]
-    assert manifest["status"] == "completed"
-    assert [e["step"] for e in training["oom_backoffs"]] == [1]
-    assert training["oom_backoffs"][0]["micro_batch_size"] == 1
+
+@pytest.mark.slow
+def test_a_resume_under_ddp_gives_every_rank_its_own_random_generators_back(two_ranks):
+    # The ranks' generators differ (RankSeededDraws), so restoring one rank's state everywhere would show.
+    saved = torch.load(two_ranks / f"step{RESUME_AT}.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == RESUME_AT
+    _, run_dir = run_ddp(two_ranks.parents[1], "resumed", *GLOBAL_BATCH, *PROBES,
+                         "--ckpt_path", str(two_ranks / f"step{RESUME_AT}.ckpt"))
+    full, resumed = ([rank_draws(d, rank) for rank in (0, 1)] for d in (two_ranks, run_dir))
+    assert full[0][4] != full[1][4], "the ranks' streams differ"
+    for rank in (0, 1):
+        assert sorted(resumed[rank]) == [4], resumed[rank]
+        assert resumed[rank][4] == full[rank][4], f"rank {rank} drew another stream after the resume"
+    assert_same_adapter(run_dir, two_ranks)

@@ -33,6 +33,22 @@ def test_round_trip_through_a_weights_only_checkpoint_restores_every_generator()
     assert draws() != expected
 
 
+def test_each_rank_gets_its_own_generators_back():
+    # Streams that differ per rank: restoring any one rank's state on every rank would show (the end-to-end run
+    # under DDP is tests/test_ddp.py::test_a_resume_under_ddp_gives_every_rank_its_own_random_generators_back).
+    ranks, expected = [], []
+    for seed in (10, 11):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        ranks.append(RandomState().state_dict()["ranks"][0])
+        expected.append(draws())
+    assert expected[0] != expected[1]
+    for rank in (1, 0):
+        resumed = RandomState()
+        resumed.load_state_dict({"ranks": ranks})
+        resumed.on_train_batch_start(SimpleNamespace(world_size=2, global_rank=rank), None, None, 0)
+        assert draws() == expected[rank], rank
+
+
 def test_another_world_size_leaves_the_generators_and_warns():
     state = RandomState().state_dict()
     resumed = RandomState()
