@@ -58,14 +58,30 @@ def base_plus_adapter(run_dir: Path, dtype: torch.dtype) -> PeftModel:
     return PeftModel.from_pretrained(base, run_dir / "adapter").eval()
 
 
+@pytest.fixture(scope="module")
+def reference(run_dir) -> PeftModel:
+    """The run's base + adapter in float32, as training used them on CPU (dtype auto): what the outputs must equal."""
+    return base_plus_adapter(run_dir, torch.float32)
+
+
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor) -> list[int]:
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+def greedy(model, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def sampled(model, ids: torch.Tensor, seed: int, temperature: float, top_p: float, new_tokens: int) -> list[int]:
+    """A sampled continuation as a user reproduces one in Python: seed the global RNG, then generate."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=True, temperature=temperature, top_p=top_p, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -74,8 +90,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits[0].float()
 
 
-def test_float32_merge_matches_base_plus_adapter(run_dir, merged, tokenizer):
-    reference = base_plus_adapter(run_dir, torch.float32)
+def test_float32_merge_matches_base_plus_adapter(reference, merged, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(merged["float32"]).eval()
     assert model.dtype == torch.float32 and not isinstance(model, PeftModel)
     for prompt in PROMPTS:
@@ -148,8 +163,7 @@ def test_merge_replaces_an_earlier_merge_but_refuses_a_foreign_directory(run_dir
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
-def test_generate_prints_the_greedy_completion_of_base_plus_adapter(run_dir, tokenizer, capsys):
-    reference = base_plus_adapter(run_dir, torch.float32)  # what training used on CPU (dtype auto)
+def test_generate_prints_the_greedy_completion_of_base_plus_adapter(run_dir, reference, tokenizer, capsys):
     prompts = PROMPTS[:2]
     expected = [p + tokenizer.decode(greedy(reference, prompt_ids(tokenizer, p)), skip_special_tokens=True)
                 for p in prompts]
@@ -160,14 +174,34 @@ def test_generate_prints_the_greedy_completion_of_base_plus_adapter(run_dir, tok
     assert len(out) > sum(map(len, prompts)) + 8, "something was generated"
 
 
-def test_generate_defaults_to_the_runs_max_new_tokens_and_sampling_is_seeded(run_dir, capsys):
-    outputs = []
-    for extra in ([], ["--max_new_tokens", "8"], ["--do_sample", "--temperature", "1.5", "--seed", "3"],
-                  ["--do_sample", "--temperature", "1.5", "--seed", "3"]):
-        assert main(["generate", str(run_dir), "--prompt", "fn", *extra]) == 0
-        outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1], "fit_args trains with --generation.max_new_tokens 8"
-    assert outputs[2] == outputs[3] and outputs[2].startswith("fn")
+def test_generate_defaults_to_the_runs_max_new_tokens(run_dir, reference, tokenizer, capsys):
+    ids = prompt_ids(tokenizer, "fn process")
+    assert main(["generate", str(run_dir), "--prompt", "fn process", "--device", "cpu"]) == 0
+    # fit_args trains with --generation.max_new_tokens 8.
+    expected = "fn process" + tokenizer.decode(greedy(reference, ids, new_tokens=8), skip_special_tokens=True)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_sampling_is_seeded_per_prompt_and_continues_the_prompt(run_dir, reference, tokenizer, capsys):
+    """Each prompt's completion is what base + adapter samples after that prompt's ids with the global RNG seeded
+    by --seed just before: the second of two prompts gets what it gets alone. Seeds 3 and 4 sample different
+    completions, and neither is the greedy one."""
+    from codetune.use import load_run_config
+
+    temperature, new_tokens = 1.5, 8
+    top_p = load_run_config(run_dir).top_p  # not given: the run's generation.top_p
+    assert top_p < 1, "a nucleus the run chose is applied"
+    completions = {}
+    for seed, prompts in ((3, ["def analyze_", "fn process"]), (4, ["fn process"])):
+        completions[seed] = [tokenizer.decode(sampled(reference, prompt_ids(tokenizer, p), seed, temperature, top_p,
+                                                      new_tokens), skip_special_tokens=True) for p in prompts]
+        asked = [arg for p in prompts for arg in ("--prompt", p)]
+        assert main(["generate", str(run_dir), *asked, "--do_sample", "--temperature", str(temperature), "--seed",
+                     str(seed), "--max_new_tokens", str(new_tokens), "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == "\n\n".join(p + c for p, c in zip(prompts, completions[seed])) + "\n"
+    greedy_completion = tokenizer.decode(greedy(reference, prompt_ids(tokenizer, "fn process"), new_tokens),
+                                         skip_special_tokens=True)
+    assert len({completions[3][1], completions[4][0], greedy_completion}) == 3
 
 
 def copy_run(run_dir: Path, target: Path, *, adapter: bool = True) -> Path:
@@ -176,6 +210,28 @@ def copy_run(run_dir: Path, target: Path, *, adapter: bool = True) -> Path:
         source = run_dir / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
     return target
+
+
+def test_a_float16_merge_that_overflows_is_refused_and_writes_nothing(run_dir, tmp_path, capsys):
+    """An adapter whose update is finite in fp32 but above float16's largest value (65504) in one weight: merged in
+    float16 that weight is inf, so the merge names it, says which dtypes to use, and writes nothing."""
+    run = copy_run(run_dir, tmp_path / "loud")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
+    b *= 1e5 / (b @ a * config["lora_alpha"] / config["r"]).abs().max()  # in place: the largest update entry is 1e5
+    save_file(tensors, weights)
+    out = tmp_path / "out"
+    assert main(["merge", str(run), "--out", str(out), "--dtype", "float16"]) == 2
+    captured = capsys.readouterr()
+    # The last line: transformers may draw a weight-loading progress bar on stderr before it.
+    assert captured.err.splitlines()[-1] == (
+        "codetune merge: error: the merged weights hold NaN or inf in float16 (e.g. model.layers.0.self_attn.q_proj."
+        "weight): nothing was written. Use --dtype bfloat16 or float32 (float16 overflows above 65504).")
+    assert "Traceback" not in captured.err and not captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loud"], "no output, not even a temporary sibling"
 
 
 @pytest.mark.parametrize("command", ["merge", "generate"])
@@ -299,10 +355,9 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_prefix_suffix_prints_the_greedy_middle_of_base_plus_adapter(run_dir, tokenizer, capsys):
+def test_prefix_suffix_prints_the_greedy_middle_of_base_plus_adapter(run_dir, reference, tokenizer, capsys):
     import codetune.use as use
 
-    reference = base_plus_adapter(run_dir, torch.float32)
     prefix_id, suffix_id, middle_id, _ = sentinel_ids(tokenizer)
     fim = use.find_fim_tokens(tokenizer)
     args = ["generate", str(run_dir), "--max_new_tokens", str(NEW_TOKENS), "--device", "cpu"]
@@ -377,7 +432,7 @@ def with_file_headers(run_dir: Path, target: Path) -> Path:
     return run
 
 
-def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, tokenizer, tmp_path, capsys):
+def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, reference, tokenizer, tmp_path, capsys):
     from codetune.use import LineCut, cut_around_line, line_cut_style
 
     run = with_file_headers(run_dir, tmp_path / "headers")
@@ -394,7 +449,7 @@ def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, tokeni
     prefix_id, suffix_id, middle_id, file_sep = sentinel_ids(tokenizer)
     ids = [file_sep, *text_ids(tokenizer, "src/counter_0.rs\n"), prefix_id, *text_ids(tokenizer, prefix), suffix_id,
            *text_ids(tokenizer, suffix), middle_id]
-    new = greedy(base_plus_adapter(run_dir, torch.float32), prompt_ids_of(ids))
+    new = greedy(reference, prompt_ids_of(ids))
     written = tokenizer.decode(new, skip_special_tokens=True)
     body = written[1:] if written.startswith("\n") else written
     ended = body.splitlines(keepends=True)[:1] != body.splitlines()[:1]
@@ -406,7 +461,7 @@ def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, tokeni
     captured = capsys.readouterr()
     assert captured.out == (body.splitlines()[0] if body else "") + "\n"
     # The last line: transformers may draw a weight-loading progress bar on stderr before it.
-    assert captured.err.endswith(f"\ncodetune generate: line 14 of {file}, filled in ({why}):\n"), captured.err
+    assert captured.err.splitlines()[-1] == f"codetune generate: line 14 of {file}, filled in ({why}):", captured.err
 
 
 def test_infill_header_path_is_relative_to_the_runs_repo_and_old_runs_have_none(run_dir, tmp_path, monkeypatch):

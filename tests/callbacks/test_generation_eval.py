@@ -206,21 +206,30 @@ def test_bad_settings_name_the_flag():
 
 @pytest.mark.slow
 def test_evaluating_does_not_change_what_is_learned(tmp_path, fixture_repo):
-    """The eval draws from the global RNG (data loaders); it must not shift training's dropout masks."""
+    """The eval draws from the global RNG (data loaders, and sampling: generation.do_sample true here); it must not
+    shift training's dropout masks. One run generates nothing, the other samples at the base and every epoch end
+    (the epoch ends are between training epochs, where only `_evaluate`'s own RNG fork protects training)."""
     losses = {}
-    for base_eval, repo_prompts in (("false", "0"), ("true", "16")):
-        name = f"e{base_eval}"
+    nothing = ["--generation.base_eval", "false", "--generation.repo_prompts", "0", "--generation.fim_prompts", "0",
+               "--generation.prompts", "[]"]
+    sampled = ["--generation.base_eval", "true", "--generation.repo_prompts", "16", "--generation.fim_prompts", "4"]
+    for name, evals in (("nothing", nothing), ("sampled", sampled)):
         build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
                    "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(fixture_repo),
                    "--data.cache_dir", str(tmp_path / "cache"), "--runs_dir", str(tmp_path / "runs"),
                    "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
                    "--data.gradient_accumulation_steps", "1", "--trainer.max_epochs", "2",
                    "--trainer.enable_progress_bar", "false", "--generation.max_new_tokens", "4",
-                   "--generation.base_eval", base_eval, "--generation.repo_prompts", repo_prompts,
+                   "--generation.do_sample", "true", *evals,
                    "--model.lora_dropout", "0.05"])  # dropout on: the masks come from the global RNG
         stats = json.loads((tmp_path / "runs" / name / "MANIFEST.json").read_text())
-        losses[base_eval] = stats["phase_results"]["phase_4_training"]["training_stats"]["final_train_loss"]
-    assert losses["true"] == losses["false"]
+        losses[name] = stats["phase_results"]["phase_4_training"]["training_stats"]["final_train_loss"]
+
+    def samples(name: str) -> list[str]:
+        return (tmp_path / "runs" / name / "samples" / "epoch_0.jsonl").read_text().splitlines()
+
+    assert samples("nothing") == [] and len(samples("sampled")) > 16, "one run generated nothing, the other a lot"
+    assert losses["sampled"] == losses["nothing"]
 
 
 def _prompt(i: int) -> RepoPrompt:
@@ -571,3 +580,52 @@ def test_tiny_model_infills_stop_at_the_masked_lines_and_score_as_full_runs(tiny
     assert all(holds_middle(e.text, p.middle) and not e.eos for e, p in zip(early, fim))
     assert all(f.text.startswith(e.text) and e.new_tokens < r.cap for e, f, r in zip(early, full, requests))
     assert _fim_metrics(fim, early) == _fim_metrics(fim, full)
+
+
+# -- batched generation ------------------------------------------------------------------------------------
+
+BATCH_PROMPTS = ["fn", "def analyze_energy(values):\n", "pub struct Counter {\n    counts", "    return"]
+
+
+def _ends_where_it_wrote(model, token: int, eos: int):
+    """`model` writing EOS wherever it wrote `token` (their output rows swapped), so a row ends mid-batch."""
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[[token, eos]] = head[[eos, token]]
+    return model
+
+
+@torch.no_grad()
+def _alone(model, tokenizer, text: str, cap: int) -> Completion:
+    """The reference: one prompt, unpadded, greedy; its new tokens up to EOS (included) or `cap`."""
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cap, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    eos = tokenizer.eos_token_id in new
+    return Completion(tokenizer.decode(new, skip_special_tokens=True), len(new), eos)
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_alone_does_when_pad_is_eos(tiny_tokenizer):
+    """Prompts of 1 to 12 tokens in one batch (left-padded, masked) against each generated alone: same text, same
+    new-token count. The tokenizer pads with EOS, as codetune does for a model without a pad token: the prompts'
+    padding is EOS, and so is what generate writes after a row is done. One row ends with EOS at its 7th token
+    while the others go on, and one stops at a smaller cap; the EOS is counted, the padding after it is not."""
+    import copy
+
+    from codetune.data.tokens import pad_token_id
+    from codetune.model.tiny import build_tiny_model
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None  # pad_token_id falls back to EOS
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id
+    # Token 250 is the 7th that this random model writes after "pub struct Counter {\n    counts", and one the
+    # other prompts never write: as EOS, it ends that row alone.
+    model = _ends_where_it_wrote(build_tiny_model(tiny_tokenizer, seed=0).eval(), 250, tokenizer.eos_token_id)
+    module = _FimModule(tokenizer)
+    module.model, module.trainer = model, type("T", (), {"precision_plugin": _Precision()})()
+    caps = [10, 10, 10, 5]
+    requests = [Request(text, lambda text: False, cap) for text, cap in zip(BATCH_PROMPTS, caps)]
+    batched = GenerationEval(max_new_tokens=10, batch_size=4)._generate(module, requests)
+    alone = [_alone(model, tokenizer, text, cap) for text, cap in zip(BATCH_PROMPTS, caps)]
+    assert [c.new_tokens for c in alone] == [10, 10, 7, 5] and [c.eos for c in alone] == [False, False, True, False]
+    assert batched == alone
