@@ -1,9 +1,10 @@
-"""Packed windows at micro-batch > 1: no token attends to another file, through the module's own decoder + LoRA
-path, for eager, sdpa and flash attention (emulated on the CPU with transformers' own packed-sequence rule)."""
+"""Packed windows at micro-batch > 1 keep every file to itself, through the module's own path (`CodeLoRAModule`'s
+decoder + LoRA forward and chunked loss, in training mode) for eager, sdpa and flash attention (emulated on the CPU
+with transformers' own packed-sequence rule): each file's logits, and the batch's loss and LoRA gradients, are those
+of the files run alone. The rows hold one, two and three files, a file continued from the previous window, and
+padding."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,10 +16,24 @@ from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
 from codetune.data.packing import pack_windows, window_labels
 from codetune.model.loading import apply_lora
+from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.module import CodeLoRAModule
 
 SEQ_LEN = 16
-FILE_LENGTHS = (6, 4, 9, 3, 5)  # + one EOS each: 32 tokens, two windows of 16, several files per row
+# With one EOS each and cut every 16 tokens: [A] [B C] [D E F] [G..] [..G H padding]: rows of one, two and three
+# files, a file continued into the next window, and a padded last window.
+FILE_LENGTHS = (15, 8, 6, 4, 5, 4, 19, 5)
+EOS, PAD = 95, 7  # the pad id is a real token id too: only n_real tells padding apart
+ATTENTIONS = ["eager", "sdpa", "flash_attention_2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: torch's thread pool costs more than it saves, and many times more on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def emulated_flash(query, key, value, attention_mask, query_length, is_causal, position_ids=None, **kwargs):
@@ -47,19 +62,48 @@ def lora_model():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
-    return model.eval()
+    return model.train()  # as training calls it (no dropout: LoRA's is 0, Llama's attention dropout too)
 
 
-def packed_batch() -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+def module_for(model) -> CodeLoRAModule:
+    """A CodeLoRAModule around `model`, as configure_model leaves it; a loss chunk of 7 tokens spans rows."""
+    module = CodeLoRAModule(loss_chunk_size=7)
+    module.model = model
+    return module
+
+
+def files() -> list[np.ndarray]:
+    """The files' tokens, each with its EOS."""
     rng = np.random.default_rng(0)
-    files = [rng.integers(1, 90, n).astype(np.int32) for n in FILE_LENGTHS]
-    windows = pack_windows(files, SEQ_LEN, eos_id=95, pad_id=0)
+    return [np.append(rng.integers(1, 90, n), EOS).astype(np.int64) for n in FILE_LENGTHS]
+
+
+def fragments() -> list[tuple[int, int, np.ndarray]]:
+    """(row, column, tokens) of every piece of a file in a window, from the file lengths alone: the files follow
+    each other in one stream cut every SEQ_LEN tokens (what packing must have done)."""
+    pieces, at = [], 0
+    for tokens in files():
+        offset = 0
+        while offset < len(tokens):
+            row, column = divmod(at, SEQ_LEN)
+            n = min(len(tokens) - offset, SEQ_LEN - column)
+            pieces.append((row, column, tokens[offset:offset + n]))
+            offset, at = offset + n, at + n
+    return pieces
+
+
+def packed_batch() -> dict[str, torch.Tensor]:
+    windows = pack_windows([f[:-1] for f in files()], SEQ_LEN, eos_id=EOS, pad_id=PAD)
     labels = window_labels(windows.input_ids, windows.position_ids, windows.n_real, "isolated")
-    batch = {"input_ids": torch.from_numpy(windows.input_ids.astype(np.int64)),
-             "position_ids": torch.from_numpy(windows.position_ids.astype(np.int64)),
-             "labels": torch.from_numpy(labels)}
-    assert batch["input_ids"].shape == (2, SEQ_LEN)
-    return batch, files
+    return {"input_ids": torch.from_numpy(windows.input_ids.astype(np.int64)),
+            "position_ids": torch.from_numpy(windows.position_ids.astype(np.int64)),
+            "labels": torch.from_numpy(labels)}
+
+
+def alone(tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    """One piece of a file as a batch of its own: one row, positions from 0, every token but the first a target."""
+    ids = torch.from_numpy(tokens)[None]
+    return {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "labels": ids.clone()}
 
 
 def use_attention(model, name: str, monkeypatch) -> None:
@@ -69,53 +113,72 @@ def use_attention(model, name: str, monkeypatch) -> None:
     model.get_base_model().config._attn_implementation = name
 
 
-def module_logits(model, batch) -> torch.Tensor:
-    """[B, S, V] logits through `CodeLoRAModule.hidden_states`, the path training takes."""
-    module = SimpleNamespace(causal_lm=model.get_base_model())
-    hidden, _ = CodeLoRAModule.hidden_states(module, batch)
-    logits = model.get_base_model().get_output_embeddings()(hidden)
-    return logits.reshape(*batch["input_ids"].shape, -1)
+def forward(module: CodeLoRAModule, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, S, V] logits, loss sum and target count of a batch through `CodeLoRAModule.hidden_states`, the path
+    training takes, with the module's own loss (`loss_sum` is these two calls) from the same hidden states."""
+    hidden, labels = module.hidden_states(batch)
+    head = module.causal_lm.get_output_embeddings()
+    loss, n = causal_lm_loss_sum(hidden, head, labels, module.hparams.loss_chunk_size)
+    return head(hidden).reshape(*batch["input_ids"].shape, -1), loss, n
 
 
-def files_in_windows(batch) -> list[tuple[int, int, int]]:
-    """(row, start, length) of every file that starts inside a window (its tokens up to the window's end)."""
-    spans = []
-    for row, positions in enumerate(batch["position_ids"].tolist()):
-        starts = [i for i, p in enumerate(positions) if p == 0] + [SEQ_LEN]
-        spans += [(row, a, b - a) for a, b in zip(starts, starts[1:])]
-    return spans
+def lora_grads(module: CodeLoRAModule, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa", "flash_attention_2"])
-@torch.no_grad()
+def test_the_rows_hold_one_two_and_three_files():
+    """The layout the tests below rely on, checked against the packing: 5 rows, the tokens where the stream puts
+    them, and the padding only in the last row."""
+    batch = packed_batch()
+    starts = [[c for r, c, _ in fragments() if r == row] for row in range(len(batch["input_ids"]))]
+    assert starts == [[0], [0, 9], [0, 5, 11], [0], [0, 4]]
+    for row, column, tokens in fragments():
+        assert batch["input_ids"][row, column:column + len(tokens)].tolist() == tokens.tolist()
+    assert batch["input_ids"][-1, 10:].tolist() == [PAD] * 6
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
 def test_every_file_in_a_packed_batch_sees_only_itself(lora_model, attention, monkeypatch):
-    batch, _ = packed_batch()
+    """Logits file by file; the loss, target count and LoRA gradients of the whole batch against the sums of the
+    files alone (one forward each way)."""
     use_attention(lora_model, attention, monkeypatch)
-    packed = module_logits(lora_model, batch)
-    spans = files_in_windows(batch)
-    assert len(spans) >= 6 and {row for row, _, _ in spans} == {0, 1}
-    for row, start, length in spans:
-        alone = {k: v[row:row + 1, start:start + length] for k, v in batch.items()}
-        torch.testing.assert_close(packed[row, start:start + length], module_logits(lora_model, alone)[0],
-                                   rtol=1e-5, atol=1e-5, msg=f"{attention}: file at row {row}, token {start}")
+    module = module_for(lora_model)
+    logits, loss, n = forward(module, packed_batch())
+    packed_grads = lora_grads(module, loss)
+    alone_loss, alone_n = torch.zeros(()), 0
+    for row, column, tokens in fragments():
+        alone_logits, piece_loss, piece_n = forward(module, alone(tokens))
+        torch.testing.assert_close(logits[row, column:column + len(tokens)], alone_logits[0], rtol=1e-5, atol=1e-5,
+                                   msg=f"{attention}: the file at row {row}, column {column}")
+        alone_loss, alone_n = alone_loss + piece_loss, alone_n + int(piece_n)
+    # Every token of every piece is a target except the piece's first: no file start, no padding.
+    assert n.item() == alone_n == sum(len(t) - 1 for _, _, t in fragments())
+    torch.testing.assert_close(loss.detach(), alone_loss.detach(), rtol=1e-5, atol=1e-4)
+    reference = lora_grads(module, alone_loss)
+    assert len(packed_grads) == 2 * 4 * 2  # A and B of q, k, v, o in 2 layers: the adapters are on the path
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=f"{attention}: {name}")
 
 
 @torch.no_grad()
-def test_flash_attention_at_batch_two_would_leak_without_one_row(lora_model, monkeypatch):
-    """The negative control: the emulation reproduces the defect when the batch is passed as two rows."""
-    batch, _ = packed_batch()
+def test_flash_attention_at_batch_five_would_leak_without_one_row(lora_model, monkeypatch):
+    """The negative control: the emulation reproduces the defect when the batch is passed as five rows."""
+    batch = packed_batch()
     use_attention(lora_model, "flash_attention_2", monkeypatch)
     rows = lora_model.get_base_model()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                        use_cache=False).logits
-    isolated = module_logits(lora_model, batch)
-    assert (rows - isolated).abs().max() > 1e-2, "two rows under flash attention attend across files"
+    isolated = forward(module_for(lora_model), batch)[0]
+    assert (rows - isolated).abs().max() > 1e-2, "rows under flash attention attend across files"
 
 
 def test_one_row_keeps_the_targets(lora_model, monkeypatch):
-    batch, _ = packed_batch()
+    batch = packed_batch()
     use_attention(lora_model, "flash_attention_2", monkeypatch)
-    hidden, labels = CodeLoRAModule.hidden_states(SimpleNamespace(causal_lm=lora_model.get_base_model()), batch)
-    assert hidden.shape[:2] == labels.shape == (1, 2 * SEQ_LEN)
-    # The same targets as the two rows (each row's first label was never one; it is masked, not shifted in).
+    hidden, labels = module_for(lora_model).hidden_states(batch)
+    n_rows = batch["input_ids"].shape[0]
+    assert hidden.shape[:2] == labels.shape == (1, n_rows * SEQ_LEN)
+    # The same targets as the rows (each row's first label was never one; it is masked, not shifted in).
     assert int((labels[:, 1:] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
-    assert labels[0, SEQ_LEN] == -100
+    assert (labels[0, SEQ_LEN::SEQ_LEN] == -100).all()
