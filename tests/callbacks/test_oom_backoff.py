@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import codetune.data.datamodule as datamodule_lib
 import codetune.model.module as module_lib
+from callbacks.oom_backoff import OOMBackoff
+from callbacks.vram_monitor import VRAMMonitor
 from codetune.backoff import InjectedOOM, accumulation_steps, halved
 from codetune.cli import build_cli, main
+from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
@@ -30,16 +38,19 @@ def fit_args(repo: Path, tmp: Path, name: str, *extra: str) -> list[str]:
 
 
 class MicroBatchRecorder:
-    """Records the micro-batches of every attempt; the last attempt of a step is the one applied."""
+    """Records the micro-batches (sample ids, target counts) of every attempt; the last attempt of a step is the
+    one applied."""
 
     def __init__(self, monkeypatch) -> None:
         self.attempts: list[list[torch.Tensor]] = []
+        self.targets: list[list[int]] = []
         original = module_lib.split_batch
 
         def recording(batch, micro_batch_size):
             micro = original(batch, micro_batch_size)
             if torch.is_grad_enabled():  # training, not validation
                 self.attempts.append([m["sample_ids"].clone() for m in micro])
+                self.targets.append([int((m["labels"][:, 1:] != -100).sum()) for m in micro])
             return micro
 
         monkeypatch.setattr(module_lib, "split_batch", recording)
@@ -57,6 +68,21 @@ def oom_in_every_training_forward(monkeypatch) -> None:
     monkeypatch.setattr(module_lib.CodeLoRAModule, "loss_sum", oom_in_training)
 
 
+def mostly_padding_windows(monkeypatch, every: int = 3, real: int = 6) -> None:
+    """Every `every`-th packed window keeps only its first `real` tokens, the rest padding (as a window of FIM
+    samples, or a split's last one, ends): micro-batches then hold very unequal target counts, so a loss
+    normalised per micro-batch rather than per optimizer batch would weigh the windows by how the batch is cut."""
+    original = datamodule_lib.pack_samples
+
+    def packed(*args, **kwargs):
+        windows = original(*args, **kwargs)
+        n_real = windows.n_real.copy()
+        n_real[::every] = np.minimum(n_real[::every], real)
+        return dataclasses.replace(windows, n_real=n_real)
+
+    monkeypatch.setattr(datamodule_lib, "pack_samples", packed)
+
+
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
@@ -69,9 +95,10 @@ def repo(tmp_path_factory) -> Path:
 
 
 def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkeypatch):
+    mostly_padding_windows(monkeypatch)
     clean = MicroBatchRecorder(monkeypatch)
     build_cli(fit_args(repo, tmp_path, "clean"))
-    clean_attempts = list(clean.attempts)  # the next recorder wraps this one, which keeps recording
+    clean_attempts, clean_targets = list(clean.attempts), list(clean.targets)  # the next recorder wraps this one
 
     monkeypatch.setenv("CODETUNE_INJECT_OOM", str(INJECT_AT))
     injected = MicroBatchRecorder(monkeypatch)
@@ -91,6 +118,10 @@ def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkey
     assert sorted(trained.tolist()) == list(range(cli.datamodule.train_windows.input_ids.shape[0]))
     for a, b in zip(injected.attempts, clean_attempts):
         assert torch.equal(torch.cat(a), torch.cat(b))
+    # The steps cut differently hold micro-batches of very unequal target counts (one window mostly padding), so
+    # equal weights below mean each token weighs 1 / (the optimizer batch's targets), not 1 / (its micro-batch's).
+    unequal = [t for t in clean_targets[INJECT_AT:] if max(t) > 1.5 * min(t)]
+    assert unequal, clean_targets
 
     clean_w, oom_w = adapter(tmp_path / "runs" / "clean"), adapter(tmp_path / "runs" / "oom")
     assert clean_w.keys() == oom_w.keys()
@@ -160,11 +191,6 @@ class FakeMonitor:
 
 
 def test_proactive_backoff_follows_the_card_fill(monkeypatch):
-    from types import SimpleNamespace
-
-    from callbacks.oom_backoff import OOMBackoff
-    from codetune.errors import ConfigError
-
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     votes = []
 
@@ -195,9 +221,6 @@ def test_proactive_backoff_follows_the_card_fill(monkeypatch):
 def test_a_rank_without_a_vram_reading_still_votes_every_step(monkeypatch):
     """Under DDP a rank whose monitor is off (no NVML there) must still enter the vote, or the ranks whose
     monitor is on wait in it forever; it votes "not full", and follows a full card elsewhere."""
-    from types import SimpleNamespace
-
-    from callbacks.oom_backoff import OOMBackoff
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     votes, others_full = [], [False, True]
@@ -225,11 +248,60 @@ def test_a_rank_without_a_vram_reading_still_votes_every_step(monkeypatch):
     assert len(votes) == 2
 
 
+class ReadingVRAMMonitor(VRAMMonitor):
+    """A VRAMMonitor as its setup leaves it on a card with NVML, reading `fraction` of the card used."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        self.enabled = True
+        self.fraction = fraction
+
+    def used_fraction(self) -> float:
+        return self.fraction
+
+
+def proactive_trainer(*callbacks) -> SimpleNamespace:
+    """A one-rank trainer whose vote returns this rank's decision."""
+    return SimpleNamespace(global_step=4, global_rank=0, loggers=[], callbacks=list(callbacks),
+                           strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision))
+
+
+def test_proactive_mode_reads_the_vram_monitor_it_finds_among_the_callbacks(monkeypatch):
+    """The monitor that is on is found wherever it sits, past one that is off (no NVML: its setup left it
+    disabled), and its reading decides the back-off; with it, nothing warns."""
+    from lightning.pytorch.callbacks import Callback
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    card = ReadingVRAMMonitor(0.5)
+    trainer = proactive_trainer(Callback(), VRAMMonitor(), card)
+    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    backoff = OOMBackoff(proactive_fraction=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backoff.on_train_start(trainer, module)
+    backoff.on_train_batch_start(trainer, module, batch, 0)
+    assert module.micro_batch_size == 4 and not backoff.events
+    card.fraction = 0.95  # the card filled up between two steps
+    backoff.on_train_batch_start(trainer, module, batch, 1)
+    assert module.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
+
+
+@pytest.mark.parametrize("callbacks", [[], [VRAMMonitor()]], ids=["no-monitor", "monitor-off"])
+def test_without_a_monitor_that_is_on_proactive_mode_warns_and_waits_for_an_oom(callbacks, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    trainer = proactive_trainer(*callbacks)
+    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no monitor is needed, so none is missed, without the pro-active mode
+        OOMBackoff().on_train_start(trainer, module)
+    backoff = OOMBackoff(proactive_fraction=0.9)
+    with pytest.warns(UserWarning, match="VRAM monitor is off here"):
+        backoff.on_train_start(trainer, module)
+    backoff.on_train_batch_start(trainer, module, batch, 0)
+    assert module.micro_batch_size == 4 and not backoff.events
+
+
 def test_a_resume_keeps_the_backed_off_micro_batch_and_nothing_else():
-    from types import SimpleNamespace
-
-    from callbacks.oom_backoff import OOMBackoff
-
     trainer = SimpleNamespace(callbacks=[])
     first = OOMBackoff()
     first.on_train_start(trainer, SimpleNamespace(micro_batch_size=8))  # a run at 8 that never backed off
