@@ -32,37 +32,6 @@ def run_ddp(tmp_path: Path, name: str, *extra: str, **env: str) -> tuple[subproc
     return result, runs / name
 
 
-@pytest.mark.slow
-def test_every_window_once_per_epoch_across_ranks_and_one_manifest(tmp_path):
-    # Windows of 96 tokens: 9 training windows, 2 ranks x 4 per step: steps of 8 then 1, so in each
-    # epoch's last step rank 1 has no window at all (the uneven tail every real dataset has). Left-to-right only:
-    # FIM samples' sentinels add a window; the other DDP tests train with FIM.
-    result, run_dir = run_ddp(tmp_path, "shard", "--data.seq_len", "96", "--trainer.max_epochs", "2",
-                              "--data.fim_rate", "0",
-                              "--trainer.callbacks+=probes.SampleLog", "--trainer.callbacks+=probes.RankReport")
-    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
-    windows = manifest["phase_results"]["phase_2_tokenize"]["train_windows"]
-    assert windows == 9
-    records = [json.loads(line) for rank in (0, 1)
-               for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
-    for epoch in (0, 1):
-        ids = Counter(i for e, _, batch in records if e == epoch for i in batch)
-        assert sorted(ids) == list(range(windows)) and set(ids.values()) == {1}, (epoch, ids)
-    steps = Counter((rank_step[1]) for rank_step in records)
-    assert set(steps.values()) == {2}, "both ranks ran every optimizer step"
-    # The shuffle differs between epochs.
-    rank0_first = [batch for e, step, batch in records[:4] if step in (1, 3)]  # rank 0's lines come first
-    assert len(rank0_first) == 2 and rank0_first[0] != rank0_first[1]
-
-    # Rank zero alone wrote the run's files: one manifest, one segment, one samples/ set, one adapter.
-    assert manifest["status"] == "completed" and len(manifest["segments"]) == 1
-    stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
-    assert stats["optimizer_steps"] == 4 and stats["tokens_trained"] == 2 * windows * 96, "all ranks' tokens"
-    assert sorted(p.name for p in run_dir.glob("*.json")) == ["MANIFEST.json", "rank0.json", "rank1.json"]
-    assert result.stdout.count("phase_6_export") == 1
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-
-
 # Windows of 96 tokens, left-to-right only (FIM's sentinels would add a tenth): 9 training windows; 2 ranks x
 # micro-batch 2 x 2 accumulation: steps of 8 windows, then the epoch's tail of 1 (rank 0 holds it, rank 1 none),
 # 4 optimizer steps in 2 epochs. No clipping: the gradient norms here are about 1.3-2.4, and clipping to 1 would
@@ -71,7 +40,8 @@ GLOBAL_BATCH = ("--data.seq_len", "96", "--trainer.max_epochs", "2", "--data.gra
                 "--data.fim_rate", "0", "--generation.base_eval", "false", "--model.max_grad_norm", "0")
 RESUME_AT = 3  # the checkpoint after epoch 1's first step: a mid-epoch resume, one step left
 KEEP = json.dumps({"class_path": "test_ddp.KeepCheckpoint", "init_args": {"step": RESUME_AT}})
-PROBES = ("--trainer.callbacks+=probes.RankReport", "--trainer.callbacks+=test_ddp.RankSeededDraws",
+PROBES = ("--trainer.callbacks+=probes.RankReport", "--trainer.callbacks+=probes.SampleLog",
+          "--trainer.callbacks+=test_ddp.RankSeededDraws",
           "--checkpoint_every_n_steps", str(RESUME_AT), f"--trainer.callbacks+={KEEP}")
 
 
@@ -108,8 +78,39 @@ class KeepCheckpoint(Callback):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """The reference 2-rank run at GLOBAL_BATCH, with the probes: `tmp/runs/two`; the fixture repo is `tmp/repo`."""
-    _, run_dir = run_ddp(tmp_path_factory.mktemp("ddp"), "two", *GLOBAL_BATCH, *PROBES)
+    result, run_dir = run_ddp(tmp_path_factory.mktemp("ddp"), "two", *GLOBAL_BATCH, *PROBES)
+    (run_dir.parent / "two.stdout").write_text(result.stdout)
     return run_dir
+
+
+@pytest.mark.slow
+def test_every_window_once_per_epoch_across_ranks_and_one_manifest(two_ranks):
+    # Windows of 96 tokens: 9 training windows, 2 ranks x 4 per step: steps of 8 then 1, so in each
+    # epoch's last step rank 1 has no window at all (the uneven tail every real dataset has). Left-to-right only:
+    # FIM samples' sentinels add a window. The ranks' global generators are seeded apart (RankSeededDraws): the
+    # shards must not depend on them.
+    run_dir = two_ranks
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    windows = manifest["phase_results"]["phase_2_tokenize"]["train_windows"]
+    assert windows == 9
+    records = [json.loads(line) for rank in (0, 1)
+               for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
+    for epoch in (0, 1):
+        ids = Counter(i for e, _, batch in records if e == epoch for i in batch)
+        assert sorted(ids) == list(range(windows)) and set(ids.values()) == {1}, (epoch, ids)
+    steps = Counter((rank_step[1]) for rank_step in records)
+    assert set(steps.values()) == {2}, "both ranks ran every optimizer step"
+    # The shuffle differs between epochs.
+    rank0_first = [batch for e, step, batch in records[:4] if step in (1, 3)]  # rank 0's lines come first
+    assert len(rank0_first) == 2 and rank0_first[0] != rank0_first[1]
+
+    # Rank zero alone wrote the run's files: one manifest, one segment, one samples/ set, one adapter.
+    assert manifest["status"] == "completed" and len(manifest["segments"]) == 1
+    stats = manifest["phase_results"]["phase_4_training"]["training_stats"]
+    assert stats["optimizer_steps"] == 4 and stats["tokens_trained"] == 2 * windows * 96, "all ranks' tokens"
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["MANIFEST.json", "rank0.json", "rank1.json"]
+    assert (run_dir.parent / "two.stdout").read_text().count("phase_6_export") == 1
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:

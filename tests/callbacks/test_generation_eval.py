@@ -57,9 +57,9 @@ def infilling_run(tmp_path_factory) -> Path:
                "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(repo),
                "--data.cache_dir", str(tmp / "cache"), "--runs_dir", str(tmp / "runs"), "--run_name", "fim",
                "--data.seq_len", "256", "--data.batch_size", "4", "--data.fim_rate", "0.9",
-               "--data.fim_spm_rate", "0", "--trainer.max_epochs", "40", "--trainer.val_check_interval", "1.0",
-               "--trainer.enable_progress_bar", "false", "--generation.repo_prompts", "2",
-               "--generation.fim_prompts", "16", "--generation.max_new_tokens", "32"])
+               "--data.fim_spm_rate", "0", "--trainer.max_epochs", "24", "--trainer.val_check_interval", "1.0",
+               "--trainer.enable_progress_bar", "false", "--generation.repo_prompts", "0",
+               "--generation.prompts", "[]", "--generation.fim_prompts", "16", "--generation.max_new_tokens", "32"])
     return tmp / "runs" / "fim"
 
 
@@ -71,9 +71,10 @@ def test_tuning_with_fim_infills_held_out_lines_the_base_cannot(infilling_run):
     base, final = phase["base"], phase["final"]
     assert phase["fim_prompts_scored"] == 16
     # A random base fills no masked line and writes nothing like a masked body; the tuned model's bodies come
-    # close to the files' own (block chrF 0.04 -> 0.57-0.68 over the seeds tried). Its exact match of the 8
-    # masked lines is 0.125-0.25 for some seeds and stays 0 for others (the 2-layer model often writes another
-    # line of the file), so the test asks that it is never below the base's, not that it is above.
+    # close to the files' own (block chrF 0.04 -> 0.54 after these 24 epochs; 0.57-0.68 over the seeds tried at
+    # 40 epochs). Its exact match of the 8 masked lines is 0.125-0.25 for some seeds and stays 0 for others (the
+    # 2-layer model often writes another line of the file), so the test asks that it is never below the base's,
+    # not that it is above.
     assert base["fim_exact_match"] == 0 and final["fim_exact_match"] >= base["fim_exact_match"], (base, final)
     assert final["fim_chrf"] > base["fim_chrf"] + 0.3, (base, final)
     assert final["fim_syntax_valid"] > base["fim_syntax_valid"], (base, final)
