@@ -11,29 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers.integrations.flash_attention as flash_integration
-from transformers import LlamaConfig, LlamaForCausalLM
+from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lora_llama
+from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
 from codetune.data.packing import pack_windows, window_labels
-from codetune.model.loading import apply_lora
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.module import CodeLoRAModule
-
-SEQ_LEN = 16
-# With one EOS each and cut every 16 tokens: [A] [B C] [D E F] [G..] [..G H padding]: rows of one, two and three
-# files, a file continued into the next window, and a padded last window.
-FILE_LENGTHS = (15, 8, 6, 4, 5, 4, 19, 5)
-EOS, PAD = 95, 7  # the pad id is a real token id too: only n_real tells padding apart
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: torch's thread pool costs more than it saves, and many times more on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def emulated_flash(query, key, value, attention_mask, query_length, is_causal, position_ids=None, **kwargs):
@@ -53,16 +38,7 @@ def emulated_flash(query, key, value, attention_mask, query_length, is_causal, p
 
 @pytest.fixture
 def lora_model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         attn_implementation="sdpa")
-    model = apply_lora(LlamaForCausalLM(config), 4, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    with torch.no_grad():  # LoRA B starts at zero; random B makes the adapters part of the path under test
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    return model.train()  # as training calls it (no dropout: LoRA's is 0, Llama's attention dropout too)
+    return tiny_lora_llama()
 
 
 def module_for(model) -> CodeLoRAModule:
@@ -73,23 +49,11 @@ def module_for(model) -> CodeLoRAModule:
 
 
 def files() -> list[np.ndarray]:
-    """The files' tokens, each with its EOS."""
-    rng = np.random.default_rng(0)
-    return [np.append(rng.integers(1, 90, n), EOS).astype(np.int64) for n in FILE_LENGTHS]
+    return random_files(0)
 
 
 def fragments() -> list[tuple[int, int, np.ndarray]]:
-    """(row, column, tokens) of every piece of a file in a window, from the file lengths alone: the files follow
-    each other in one stream cut every SEQ_LEN tokens (what packing must have done)."""
-    pieces, at = [], 0
-    for tokens in files():
-        offset = 0
-        while offset < len(tokens):
-            row, column = divmod(at, SEQ_LEN)
-            n = min(len(tokens) - offset, SEQ_LEN - column)
-            pieces.append((row, column, tokens[offset:offset + n]))
-            offset, at = offset + n, at + n
-    return pieces
+    return stream_pieces(files())
 
 
 def packed_batch() -> dict[str, torch.Tensor]:

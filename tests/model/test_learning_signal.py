@@ -20,29 +20,14 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from transformers import LlamaConfig, LlamaForCausalLM
+from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lora_llama
+from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
 from codetune.data.datamodule import CodeDataModule, WindowCollator
 from codetune.data.packing import pack_windows
 from codetune.data.tokens import pad_token_id
-from codetune.model.loading import apply_lora
 from codetune.model.loss import IGNORE_INDEX
 from codetune.model.module import CodeLoRAModule
-
-SEQ_LEN = 16
-# With one EOS each and cut every 16 tokens: [A] [B C] [D E F] [G..] [..G H padding]. The rows hold 15, 14, 13, 15
-# and 8 targets, so micro-batches of 1 or 2 windows weigh differently than their target counts.
-FILE_LENGTHS = (15, 8, 6, 4, 5, 4, 19, 5)
-EOS, PAD = 95, 7  # the pad id is a real token id too: only n_real tells padding apart
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: torch's thread pool costs more than it saves, and many times more on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _OneProcess:
@@ -57,16 +42,7 @@ class _OneProcess:
 
 @pytest.fixture(scope="module")
 def lora_model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         attn_implementation="sdpa")
-    model = apply_lora(LlamaForCausalLM(config), 4, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    with torch.no_grad():  # LoRA B starts at zero; random B puts the adapters on the path
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    return model.train()
+    return tiny_lora_llama()
 
 
 def stepping_module(model, micro_batch_size: int, loss_chunk_size: int | None = 7) -> CodeLoRAModule:
@@ -79,23 +55,11 @@ def stepping_module(model, micro_batch_size: int, loss_chunk_size: int | None = 
 
 
 def files() -> list[np.ndarray]:
-    """The files' tokens, each with its EOS."""
-    rng = np.random.default_rng(1)
-    return [np.append(rng.integers(1, 90, n), EOS).astype(np.int64) for n in FILE_LENGTHS]
+    return random_files(1)
 
 
 def pieces() -> list[tuple[int, int, np.ndarray]]:
-    """(row, column, tokens) of every piece of a file in a window, from the file lengths alone: the files follow
-    each other in one stream cut every SEQ_LEN tokens."""
-    out, at = [], 0
-    for tokens in files():
-        offset = 0
-        while offset < len(tokens):
-            row, column = divmod(at, SEQ_LEN)
-            n = min(len(tokens) - offset, SEQ_LEN - column)
-            out.append((row, column, tokens[offset:offset + n]))
-            offset, at = offset + n, at + n
-    return out
+    return stream_pieces(files())
 
 
 def collated_batch(packing: str = "isolated") -> dict[str, torch.Tensor]:
