@@ -107,8 +107,11 @@ def check_context(seq_len: int, config: PretrainedConfig) -> None:
 def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype, trust_remote_code: bool,
                    attn_implementation: str, device: torch.device, revision: str | None = None) -> PreTrainedModel:
     """A causal LM from a hub id (at `revision`: a commit pins it) or local directory, in NF4 (double-quantized)
-    when `quantize`. A local directory that is not a complete model is one ConfigError naming what it lacks."""
+    when `quantize`. 'sdpa' attention runs codetune's, whose kernel is chosen per card (codetune/model/attention.py).
+    A local directory that is not a complete model is one ConfigError naming what it lacks."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from codetune.model.attention import loaded_implementation
 
     directory = local_model_dir(name_or_path)
     problem = config_problem(directory) if directory is not None else None
@@ -122,7 +125,8 @@ def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype,
         with quiet_weight_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 str(name_or_path), dtype=dtype, quantization_config=quantization_config,
-                trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, revision=revision,
+                trust_remote_code=trust_remote_code, attn_implementation=loaded_implementation(attn_implementation),
+                revision=revision,
                 # bitsandbytes quantizes while placing weights, so 4-bit loads straight onto the device.
                 device_map={"": device} if quantize else None,
             )

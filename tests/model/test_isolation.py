@@ -6,6 +6,8 @@ padding."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,10 +17,12 @@ from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lo
 from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
+import codetune.model.attention as attention_lib
 from codetune.data.packing import pack_windows, window_labels
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.module import CodeLoRAModule
-ATTENTIONS = ["eager", "sdpa", "flash_attention_2"]
+# codetune's own sdpa on the CPU, and on an emulated Turing card (memory-efficient kernel: k/v repeated, no GQA).
+ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "codetune_sdpa", "codetune_sdpa@7.5"]
 
 
 def emulated_flash(query, key, value, attention_mask, query_length, is_causal, position_ids=None, **kwargs):
@@ -71,6 +75,13 @@ def alone(tokens: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def use_attention(model, name: str, monkeypatch) -> None:
+    if name.startswith(attention_lib.ATTENTION_IMPLEMENTATION):
+        attention_lib.register()
+        if name.endswith("@7.5"):
+            # The CPU has no memory-efficient kernel to restrict to: the request is dropped, the layout kept.
+            monkeypatch.setattr(attention_lib, "device_capability", lambda device: (7, 5))
+            monkeypatch.setattr(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext())
+        name = attention_lib.ATTENTION_IMPLEMENTATION
     if name == "flash_attention_2":
         # flash-attn is CUDA-only: its kernel is replaced, transformers' dispatch and packing rule are kept.
         monkeypatch.setattr(flash_integration, "_flash_attention_forward", emulated_flash)
