@@ -1,9 +1,10 @@
 """`codetune` / `python -m codetune`: the list of commands, and dispatch to one.
 
 `codetune --help` and an unknown command are answered here, from the standard library alone (no torch,
-no Lightning: they take seconds to import). Each command imports only what it uses: `inspect` and
-`compare` start without Lightning, peft or bitsandbytes; `fit`, `prepare` and `plan` need Lightning's
-parser and the real classes' signatures; `generate` and `merge` need torch and peft; `export` torch, safetensors and gguf.
+no Lightning: they take seconds to import). Every command first gets the CUDA allocator's configuration
+(`codetune.allocator`), which must be in the environment before torch is imported. Each command imports
+only what it uses: `inspect` and `compare` start without Lightning, peft or bitsandbytes; `fit`, `prepare`
+and `plan` need Lightning's parser and the real classes' signatures; `generate` and `merge` need torch and peft; `export` torch, safetensors and gguf.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Callable, Sequence
+
+from codetune.allocator import set_allocator_default
 
 COMMANDS = {
     "fit": "Fine-tune a model on a repository with QLoRA; the last line printed is the run directory.",
@@ -40,6 +43,8 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every command; returns the exit status (2 for a usage error, as argparse)."""
+    # Before any command imports torch, whose allocator reads it once (codetune/allocator.py).
+    set_allocator_default()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in (None, "-h", "--help"):
