@@ -24,6 +24,11 @@ class NonFiniteLossError(CodetuneError):
     so the weights and every checkpoint are the last finite ones."""
 
 
+class NonFiniteActivationsError(CodetuneError):
+    """The base model's held-out loss was nan or inf before any training step: its activations overflow the
+    compute dtype (or its weights are damaged)."""
+
+
 class NonFiniteWeightsError(CodetuneError):
     """Trainable weights hold nan or inf: they are not exported as an adapter."""
 
