@@ -1,15 +1,26 @@
-"""Optimizer choice: paged 8-bit AdamW for QLoRA on CUDA, AdamW elsewhere, each selectable."""
+"""Optimizer choice: bitsandbytes' 8-bit AdamW for QLoRA on CUDA, AdamW elsewhere, each selectable; and the
+bitsandbytes facts the choice and the memory plan rest on."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from codetune.memory_plan import (BNB_MIN_8BIT_SIZE, ModelShape, TrainingShape, optimizer_state_bytes,
+                                  plan_memory)
+from codetune.model.module import optimizer_oom_message
 from codetune.model.optim import build_optimizer, resolve_optimizer
+
+QWEN_CODER_1_5B = ModelShape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                             num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, head_dim=128,
+                             qkv_bias=True)
+# PagedAdamW8bit allocates a state in CUDA managed memory only for tensors of at least this many values.
+PAGED_MIN_VALUES = 100_000
 
 
 @pytest.mark.parametrize(("name", "quantized", "cuda", "expected"), [
-    ("auto", True, True, "paged_adamw_8bit"),
+    ("auto", True, True, "adamw_8bit"),   # QLoRA on CUDA: 8-bit state, not paged
+    ("paged_adamw_8bit", True, True, "paged_adamw_8bit"),
     ("auto", True, False, "adamw"),   # 4-bit on CPU: the tests' path, plain AdamW
     ("auto", False, True, "adamw"),   # 16-bit LoRA on CUDA
     ("adamw_8bit", False, False, "adamw_8bit"),
@@ -36,6 +47,74 @@ def test_each_optimizer_steps_and_8bit_keeps_one_byte_moments(name):
     moments = [v for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.shape == weight.shape]
     assert len(moments) == 2
     assert {m.dtype for m in moments} == ({torch.uint8} if name == "adamw_8bit" else {torch.float32})
+
+
+def lora_tensors(rank: int) -> list[tuple[int, int]]:
+    """``(values, bytes per value)`` of every fp32 LoRA A (r x in) and B (out x r) on the seven projections."""
+    layer = [(n, 4) for n_in, n_out, _ in QWEN_CODER_1_5B.projections().values() for n in (rank * n_in, n_out * rank)]
+    return layer * QWEN_CODER_1_5B.num_hidden_layers
+
+
+@pytest.mark.parametrize(("rank", "paged", "fp32_state", "adamw", "adamw_8bit"), [
+    (8, 0, 56, 73_859_072, 19_437_824),    # k/v B are 256 x 8 = 2048 values: fp32 state
+    (16, 84, 0, 147_718_144, 37_506_560),  # gate/up B and down A, 8960 x 16 = 143,360 values: paged
+])
+def test_what_the_8bit_state_and_paging_amount_to_for_the_1_5b_model(rank, paged, fp32_state, adamw, adamw_8bit):
+    tensors = lora_tensors(rank)
+    assert len(tensors) == 392
+    assert sum(n >= PAGED_MIN_VALUES for n, _ in tensors) == paged
+    assert sum(n < BNB_MIN_8BIT_SIZE for n, _ in tensors) == fp32_state
+    assert optimizer_state_bytes(tensors, "adamw") == adamw
+    assert optimizer_state_bytes(tensors, "adamw_8bit") == adamw_8bit
+    for name, expected in (("adamw", adamw), ("adamw_8bit", adamw_8bit)):
+        assert plan_memory(QWEN_CODER_1_5B, TrainingShape(lora_rank=rank, optimizer=name)).optimizer_state == expected
+
+
+def test_bitsandbytes_keeps_the_state_the_plan_counts():
+    """AdamW8bit on CPU: 8-bit moments from BNB_MIN_8BIT_SIZE values on, and the bytes of `optimizer_state_bytes`."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(1, BNB_MIN_8BIT_SIZE - 1), (1, BNB_MIN_8BIT_SIZE),
+                                                                   (256, 8), (8, 1536)]]
+    optimizer = build_optimizer("adamw_8bit", params, lr=1e-3, weight_decay=0.0)
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    states = [optimizer.state[p] for p in params]
+    assert [s["state1"].dtype for s in states] == [torch.float32, torch.uint8, torch.float32, torch.uint8]
+    # The 256-entry quantization maps (qmap1/qmap2) are shared by every tensor, so not per-tensor state.
+    held = sum(v.numel() * v.element_size() for s in states for k, v in s.items()
+               if torch.is_tensor(v) and not k.startswith("qmap"))
+    assert held == optimizer_state_bytes([(p.numel(), 4) for p in params], "adamw_8bit")
+
+
+@pytest.mark.parametrize(("values", "paged"), [(PAGED_MIN_VALUES - 1, False), (PAGED_MIN_VALUES, True)])
+def test_paged_adamw_8bit_pages_only_tensors_of_100000_values_or_more(monkeypatch, values, paged):
+    """bitsandbytes' own threshold (`get_state_buffer`), on a non-CPU tensor whose managed allocation is faked."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    managed = []
+
+    def get_paged(*shape, dtype=torch.float32, device=None):
+        managed.append(shape)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    monkeypatch.setattr(F, "get_paged", get_paged)
+    monkeypatch.setattr(F, "fill", lambda *args, **kwargs: None)
+    param = torch.nn.Parameter(torch.empty(values, device="meta"))  # not "cpu": bitsandbytes never pages CPU state
+    optimizer = bnb.optim.PagedAdamW8bit([param], lr=1e-3)
+    optimizer.get_state_buffer(param, dtype=torch.uint8)
+    assert managed == ([(values,)] if paged else [])
+
+
+def test_the_optimizer_oom_message_quotes_the_state_and_what_8bit_saves():
+    tensors = lora_tensors(16)
+    with_adamw = optimizer_oom_message(0, "CUDA out of memory", "adamw", tensors)
+    assert "140.9 MiB with adamw for 18,464,768 trainable values" in with_adamw
+    assert "--model.optimizer adamw_8bit (35.8 MiB of state, 105.1 MiB less)" in with_adamw
+    for name in ("adamw_8bit", "paged_adamw_8bit"):
+        message = optimizer_oom_message(0, None, name, tensors)
+        assert f"35.8 MiB with {name} for 18,464,768 trainable values" in message
+        assert "--model.optimizer" not in message and "host memory" not in message
 
 
 @pytest.mark.slow

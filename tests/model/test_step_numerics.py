@@ -139,6 +139,7 @@ def test_oom_in_the_optimizer_step_stops_with_one_message(repo, tmp_path, monkey
     assert main(fit_args(repo, tmp_path, "optim")) == 2
     err = capsys.readouterr().err
     assert "out of device memory in the optimizer step at step 0" in err and "--model.lora_rank" in err
+    assert "MiB with adamw for" in err and "--model.optimizer adamw_8bit (" in err
     assert "Traceback" not in err
 
 
