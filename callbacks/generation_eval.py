@@ -173,7 +173,9 @@ class GenerationEval(Callback):
         fim_prompts: Number of fill-in-the-middle prompts masked in held-out files, half single lines and
             half function bodies (0 disables them; none are made when the tokenizer has no FIM sentinels).
         batch_size: Prompts per generate call.
-        base_eval: Measure the base model (adapter disabled) before training.
+        base_eval: Measure the base model (adapter disabled) before training. A base whose held-out loss is not
+            finite (float16 overflow) stops the run there, naming the first layer that overflowed and what works
+            on this card (`NonFiniteActivationsError`).
         do_sample: Sample instead of greedy decoding (greedy is reproducible).
         temperature: Sampling temperature (with ``do_sample``).
         top_p: Nucleus sampling threshold (with ``do_sample``).
@@ -269,6 +271,8 @@ class GenerationEval(Callback):
             started = perf_counter()
             base_nll = pl_module.held_out_loss()  # on every rank: each computes its share, all get the mean
             held_out_seconds = perf_counter() - started
+            # Every rank holds the same figure, so all stop together; a base that overflows learns nothing.
+            getattr(pl_module, "check_finite_base", lambda nll: None)(base_nll)
             if trainer.is_global_zero:
                 result = self._evaluate(trainer, pl_module, BASE, base_nll)
                 # The base's held-out loss is eval time too (a tuned eval's is Lightning's validation run).

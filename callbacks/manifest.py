@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
 from callbacks.interrupt import TrainingInterrupted
+from codetune.allocator import allocator_record
 from codetune.run import ADAPTER_DIR, Manifest, git_commit, package_versions, utc_now
 
 SHOWN_BEFORE_TRAINING = ("phase_1_scan", "phase_2_tokenize", "phase_3_model")
@@ -33,7 +34,9 @@ class ManifestWriter(Callback):
       reason, secrets redacted, tokens and windows per split, packing efficiency, wall times);
     - ``phase_3_model``: base model and ``base_revision`` (what it was when loaded: the commit of a
       hub id, the fingerprint of a local directory; ``codetune/model/revision.py``), quantization,
-      dtype, gradient checkpointing, fully trained layers, trainable and total parameters;
+      dtype, gradient checkpointing, fully trained layers, trainable and total parameters, and
+      ``cuda_allocator`` (the allocator variable torch reads, its value, whether expandable segments
+      are on and who chose them: ``codetune/allocator.py``);
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
       ``final_perplexity``, optimizer steps, epochs, tokens trained; plus what any other callback
       returns from a ``manifest_results()`` method (``oom_backoffs``, ``peak_vram_gb``...);
@@ -110,7 +113,11 @@ class ManifestWriter(Callback):
             "gradient_checkpointing": bool(base.is_activation_checkpointing),
             "modules_to_save": list(pl_module.hparams.modules_to_save),
             "optimizer": pl_module.optimizer_name,
+            "attention": pl_module.attention_plan.record() if pl_module.attention_plan else None,
+            "float16_residual_scaling": pl_module.float16_scaling.manifest() if pl_module.float16_scaling else None,
             "vram_plan": pl_module.vram_plan,
+            # The configuration torch's CUDA allocator reads from the environment (codetune/allocator.py).
+            "cuda_allocator": allocator_record(),
             "trainable_parameters": trainable,
             "total_parameters": total,
         }, wall_s=0.0)

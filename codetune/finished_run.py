@@ -56,6 +56,9 @@ class RunConfig:
     """data.repo: the repository the run trained on, as given to `codetune fit`."""
     file_headers: bool = False
     """data.file_headers: training files began with `<|file_sep|>path` (False in runs that predate the flag)."""
+    float16_residual_scale: int = 32
+    """model.float16_residual_scale: in float16 the residual stream runs scaled by 1/N, as in training (32 in runs
+    that predate the flag: the default since it exists; the scaling changes no logit, only the range)."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -98,7 +101,8 @@ def load_run_config(run: str | Path) -> RunConfig:
                      attn_implementation=model["attn_implementation"],
                      **{k: generation.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
                      base_revision=phase_3_model(run_dir).get("base_revision"),
-                     repo=data.get("repo"), file_headers=bool(data.get("file_headers", False)))
+                     repo=data.get("repo"), file_headers=bool(data.get("file_headers", False)),
+                     float16_residual_scale=int(model.get("float16_residual_scale", 32)))
 
 
 def check_base(config: RunConfig) -> None:

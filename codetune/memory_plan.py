@@ -39,10 +39,12 @@ Held for the whole run (``persistent``):
   micro-batches of a gradient-accumulation step).
 - ``optimizer_state``: ``adamw`` (`torch.optim.AdamW`): exp_avg and exp_avg_sq in the parameter's
   dtype, so 8 bytes per fp32 LoRA value; no fp32 master copy exists because the LoRA weights are
-  fp32 already. ``paged_adamw_8bit`` (bitsandbytes; ``adamw_8bit`` takes the same): two uint8
-  states plus two fp32 absmax per 256 values (2.03 bytes per value) for tensors of at least 4096
-  values, fp32 states for smaller ones; paged memory can be evicted to the host, counted here as
-  resident.
+  fp32 already. ``adamw_8bit``, bitsandbytes' 8-bit AdamW, plain or paged (the same bytes): two
+  uint8 states plus two fp32 absmax per 256 values (2.03 bytes per value) for tensors of at least
+  4096 values (`BNB_MIN_8BIT_SIZE`), fp32 states for smaller ones. The paged variant puts only the
+  uint8 states of tensors of at least 100,000 values in CUDA managed memory, which the driver may
+  move to the host under pressure and torch's allocator does not count (for a 1.5B Qwen2: no LoRA
+  tensor at rank 8, 23 MiB at rank 16); counted here as resident.
 
 One training step (``step``):
 
@@ -62,7 +64,9 @@ One training step (``step``):
     product, both already counted, so they add only ``p r``;
   * the gated MLP: gate (SiLU's input), SiLU's output and up (the product's inputs), ``3 i p``;
   * attention, ``sdpa`` without a mask (flash kernel on CUDA, GQA native): q, k, v, output and the
-    fp32 log-sum-exp, ``(2 nh + 2 nkv) d p + 4 nh``, no ``[s, s]`` tensor. Packed windows (the
+    fp32 log-sum-exp, ``(2 nh + 2 nkv) d p + 4 nh``, no ``[s, s]`` tensor. Where flash cannot run (compute
+    capability below 8.0, or fp32; `codetune.model.kernels`) the memory-efficient kernel does, with k and v
+    repeated to ``nh`` heads: ``4 nh d p + 4 nh`` (`TrainingShape.unmasked_kernel`). Packed windows (the
     position ids restart at each file, so transformers builds a block-diagonal mask) change that:
     k and v are repeated to ``nh`` heads and SDPA converts the boolean mask to a ``[b, 1, s, s]``
     compute-dtype bias in *every* layer and saves it: ``4 nh d p + 4 nh + s p``.
@@ -112,7 +116,9 @@ Fitting a card. `MemoryPlan.fits` takes the free memory of an empty card (`codet
 `MemoryPlan.fits_after_load` the free memory read once the weights and LoRA parameters are on it
 (the module's ``--data.batch_size auto`` and ``--model.gradient_checkpointing auto``), so that it
 compares only what is still to be allocated. Both add `ALLOCATOR_MARGIN` (10%) to what training
-allocates after the load, for the caching allocator's fragmentation.
+allocates after the load, for the caching allocator's fragmentation. The margin assumes expandable
+segments (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), which codetune sets unless you set
+the variable yourself (`codetune.allocator`); without them the step's fragmentation can exceed it.
 
 What it ignores: allocator rounding (the margin covers it), cuBLAS/bitsandbytes workspaces and the
 transient dequantized weight of one projection in backward (``out x in x p``, under 30 MB for a
@@ -148,7 +154,9 @@ CUDA_CONTEXT_BYTES = 400 * 2**20
 # The caching allocator reserves more than it hands out: blocks are rounded up (512 B, 2 MiB segments for
 # mid-sized tensors) and a cached segment split for a smaller tensor leaves a gap. Reserved memory is
 # typically 5-15% above the allocated peak; a step here frees three ~0.6 GB loss buffers and then carves
-# the last layer's re-run out of them, a pattern that fragments, so the midpoint, not the low end.
+# the last layer's re-run out of them, a pattern that fragments, so the midpoint, not the low end. That
+# assumes expandable segments, as codetune sets them (codetune/allocator.py): segments grow in place and freed
+# memory serves requests of other sizes; with fixed segments the gaps of that pattern can exceed the margin.
 ALLOCATOR_MARGIN = 0.10
 # On the CPU the process's resident memory grows by more than the tensors the plan counts: the heap keeps freed
 # blocks for reuse and CPU kernels (oneDNN, SDPA's backward) allocate scratch. Measured on tiny fits (fp32, sdpa,
@@ -169,8 +177,9 @@ FP32 = 4
 INT64 = 8
 
 Quantization = Literal["nf4", "none"]
-Optimizer = Literal["adamw", "paged_adamw_8bit"]
+Optimizer = Literal["adamw", "adamw_8bit"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+UnmaskedKernel = Literal["flash", "efficient"]
 Device = Literal["cuda", "cpu"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -252,7 +261,7 @@ class TrainingShape:
     modules_to_save: tuple[str, ...] = ()
     """Layers trained in full: 'embed_tokens' and/or 'lm_head'."""
     optimizer: Optimizer = "adamw"
-    """'adamw' (torch, what CodeLoRAModule uses) or 'paged_adamw_8bit' (bitsandbytes)."""
+    """'adamw' (torch's AdamW) or 'adamw_8bit' (bitsandbytes' 8-bit AdamW, plain or paged: the same bytes)."""
     gradient_checkpointing: bool = False
     """Per-layer non-reentrant checkpointing (--model.gradient_checkpointing)."""
     loss_chunk_size: int | None = 1024
@@ -261,6 +270,9 @@ class TrainingShape:
     """--model.attn_implementation: 'sdpa', 'eager' or 'flash_attention_2'."""
     packed_windows: bool = True
     """Windows hold several files (position ids restart), so sdpa gets a materialised mask."""
+    unmasked_kernel: UnmaskedKernel = "flash"
+    """sdpa's kernel for micro-batches without a file boundary (`codetune.model.kernels`): 'flash' keeps key and
+    value at their own heads, 'efficient' (Turing, fp32) repeats them to the query heads."""
     device: Device = "cuda"
     """Where the kernels run: only the LoRA dropout mask differs (bool on CUDA, noise in the compute dtype on CPU)."""
 
@@ -438,7 +450,9 @@ def _weight_bytes(model: ModelShape, training: TrainingShape) -> tuple[int, int]
     return quantized, (base_parameter_count(model) - quantized_parameter_count(model)) * p
 
 
-def _optimizer_bytes(tensors: list[tuple[int, int]], optimizer: Optimizer) -> int:
+def optimizer_state_bytes(tensors: Sequence[tuple[int, int]], optimizer: Optimizer) -> int:
+    """The state `optimizer` keeps for trainable tensors given as ``(values, bytes per value)``: the plan's
+    ``optimizer_state`` term (see the module docstring)."""
     if optimizer == "adamw":
         # exp_avg and exp_avg_sq, each like the parameter.
         return sum(2 * numel * size for numel, size in tensors)
@@ -548,6 +562,9 @@ def _attention_bytes(model: ModelShape, training: TrainingShape) -> int:
     if training.attn_implementation == "sdpa" and training.packed_windows:
         # repeat_kv'd k and v, and the per-layer [b, 1, s, s] bias SDPA makes from the boolean mask.
         return 4 * nh * d * p + lse + s * p
+    if training.attn_implementation == "sdpa" and training.unmasked_kernel == "efficient":
+        # Memory-efficient attention takes no grouped-query attention: k and v repeated to the query heads.
+        return 4 * nh * d * p + lse
     return (2 * nh + 2 * nkv) * d * p + lse
 
 
@@ -699,7 +716,7 @@ def plan_memory(model: ModelShape, training: TrainingShape) -> MemoryPlan:
         weights_16bit=weights_16bit,
         lora_params=trainable,
         lora_grads=trainable,
-        optimizer_state=_optimizer_bytes(tensors, training.optimizer),
+        optimizer_state=optimizer_state_bytes(tensors, training.optimizer),
         autocast_copies=autocast_copy_bytes(model, training),
         activations=saved_activation_bytes(model, training),
         loss_chunk=loss_chunk_bytes(model, training),
@@ -794,21 +811,23 @@ def training_shape_for(*, seq_len: int, micro_batch_size: int, quantized_4bit: b
                        lora_rank: int, lora_target_modules: Sequence[str], lora_dropout: float,
                        modules_to_save: Sequence[str], optimizer: str, gradient_checkpointing: bool,
                        loss_chunk_size: int | None, attn_implementation: str, packing: str,
-                       device: str) -> TrainingShape:
+                       device: str, unmasked_kernel: str = "flash") -> TrainingShape:
     """The `TrainingShape` of `CodeLoRAModule`'s knobs, once resolved for the device.
 
     The one place that maps the module's settings to a plan, for `fit` (the module) and `codetune plan`
     alike. `optimizer` is the resolved name (`resolve_optimizer`); the two bitsandbytes 8-bit AdamWs take
     the same memory. `packing` is `--data.packing`: 'isolated' windows restart position ids at each file,
-    which gives sdpa a mask. `device` is a torch device type ('cuda', 'cpu', ...).
+    which gives sdpa a mask. `device` is a torch device type ('cuda', 'cpu', ...). `unmasked_kernel` is the
+    run's `codetune.model.kernels.AttentionPlan.unmasked` ('efficient' repeats k/v; anything else keeps them).
     """
     return TrainingShape(
         seq_len=seq_len, micro_batch_size=micro_batch_size, quantization="nf4" if quantized_4bit else "none",
         compute_dtype_bytes=compute_dtype_bytes, lora_rank=lora_rank, lora_target_modules=tuple(lora_target_modules),
         lora_dropout=lora_dropout, modules_to_save=tuple(modules_to_save),
-        optimizer="adamw" if optimizer == "adamw" else "paged_adamw_8bit",
+        optimizer="adamw" if optimizer == "adamw" else "adamw_8bit",
         gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
         attn_implementation=attn_implementation, packed_windows=packing == "isolated",
+        unmasked_kernel="efficient" if unmasked_kernel == "efficient" else "flash",
         device="cuda" if device == "cuda" else "cpu")
 
 
@@ -826,7 +845,8 @@ def format_plan(plan: MemoryPlan, free_bytes: int | None = None, after_load: boo
         verdict = "fits" if needed <= free_bytes else "does NOT fit"
         state = "free with the model loaded" if after_load else "free"
         lines.append(f"  {verdict} in {_gib(free_bytes)} GiB {state}: needs {_gib(needed)} GiB with the "
-                     f"{ALLOCATOR_MARGIN:.0%} allocator margin ({_gib(free_bytes - needed)} GiB left)")
+                     f"{ALLOCATOR_MARGIN:.0%} allocator margin (expandable segments; {_gib(free_bytes - needed)} "
+                     f"GiB left)")
     return "\n".join(lines)
 
 
@@ -853,7 +873,14 @@ def _plan_header(plan: MemoryPlan) -> str:
     return (f"memory plan: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens, {tr.quantization}, "
             f"{_dtype_label(tr)}, LoRA r{tr.lora_rank}, dropout {tr.lora_dropout:g}, "
             f"checkpointing {'on' if tr.gradient_checkpointing else 'off'}, loss chunk {chunk}, "
-            f"{tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}")
+            f"{tr.attn_implementation}{' (packed)' if tr.packed_windows else ''}{_repeated_kv_label(plan)}")
+
+
+def _repeated_kv_label(plan: MemoryPlan) -> str:
+    tr, model = plan.training, plan.model
+    repeated = tr.attn_implementation == "sdpa" and (tr.packed_windows or tr.unmasked_kernel == "efficient")
+    grouped = model.num_key_value_heads != model.num_attention_heads
+    return f", k/v repeated to {model.num_attention_heads} heads" if repeated and grouped else ""
 
 
 def available_ram_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
@@ -907,8 +934,8 @@ def _training_problems(tr: TrainingShape) -> list[str]:
         problems.append("--model.lora_target_modules is empty: name at least one Linear, e.g. q_proj")
     if not 0.0 <= tr.lora_dropout < 1.0:
         problems.append(f"--model.lora_dropout={tr.lora_dropout}: must be in [0, 1)")
-    if tr.optimizer not in ("adamw", "paged_adamw_8bit"):
-        problems.append(f"optimizer={tr.optimizer!r}: use 'adamw' or 'paged_adamw_8bit'")
+    if tr.optimizer not in ("adamw", "adamw_8bit"):
+        problems.append(f"optimizer={tr.optimizer!r}: use 'adamw' or 'adamw_8bit'")
     if tr.loss_chunk_size is not None and tr.loss_chunk_size < 1:
         problems.append(f"--model.loss_chunk_size={tr.loss_chunk_size}: must be a positive integer or null")
     if tr.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):

@@ -75,6 +75,7 @@ from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.eval.fim import mask_lines
 from codetune.eval.prompts import split_lines
 from codetune.eval.stopping import CompletionStop
+from codetune.model.float16 import scale_residual_stream
 from codetune.model.loading import cuda_capability, load_causal_lm, resolve_dtype, resolve_quantization
 from codetune.finished_run import (RunConfig, check_adapter_finite, check_base, load_run_config, load_tuned_tokenizer,
                                    pinned, trained_on_4bit)
@@ -94,6 +95,9 @@ def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype
     if not quantize:
         base = base.to(device)  # a 4-bit base is placed while loading
     model = PeftModel.from_pretrained(base, str(config.adapter_dir), is_trainable=False)
+    if dtype == torch.float16 and config.float16_residual_scale > 1:
+        # As in training: float16's range holds the residual stream only scaled (codetune/model/float16.py).
+        scale_residual_stream(model, config.float16_residual_scale)
     return model.eval()
 
 

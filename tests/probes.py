@@ -85,3 +85,44 @@ class SlowRankZeroEval(Callback):
             return generate(module, *args, **kwargs)
 
         evaluation._generate = slow_generate
+
+
+class EmulatedCard(Callback):
+    """Gives this rank an emulated card (habit 12: the CPU trains, the memory plan is made for CUDA): its free memory
+    is exactly what the plan of micro-batch `micro_batch[rank]`, with `checkpointing[rank]`, needs once the weights
+    are loaded. Writes `card_rank<r>.json` into the run directory: the free memory it reported, the micro-batch at
+    train start and end, whether activation checkpointing is on, and the module's `vram_plan` record."""
+
+    def __init__(self, micro_batch: list[int], checkpointing: list[bool]) -> None:
+        self.micro_batch = micro_batch
+        self.checkpointing = checkpointing
+        self.report: dict = {}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        plan_memory_for = pl_module._plan_memory  # setup runs before configure_model, which calls it
+        rank = trainer.global_rank
+
+        def on_a_card(config, quantize, dtype, device):
+            from codetune.memory_plan import GiB, ModelShape, plan_memory
+
+            cuda = torch.device("cuda")
+            training = pl_module._training_shape(self.micro_batch[rank], self.checkpointing[rank], quantize, dtype,
+                                                 cuda)
+            free = plan_memory(ModelShape.from_config(config), training).required_free_bytes(after_load=True)
+            self.report["free"] = free
+            mem_get_info = torch.cuda.mem_get_info
+            torch.cuda.mem_get_info = lambda device=None: (free, 8 * GiB)
+            try:
+                return plan_memory_for(config, quantize, dtype, cuda)
+            finally:
+                torch.cuda.mem_get_info = mem_get_info
+
+        pl_module._plan_memory = on_a_card
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.report["micro_batch_at_start"] = pl_module.micro_batch_size
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.report.update(micro_batch_at_end=pl_module.micro_batch_size, vram_plan=pl_module.vram_plan,
+                           checkpointing=pl_module.causal_lm.is_activation_checkpointing)
+        (Path(trainer.default_root_dir) / f"card_rank{trainer.global_rank}.json").write_text(json.dumps(self.report))

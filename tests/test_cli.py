@@ -386,6 +386,8 @@ def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, f
         return plan_memory_for(module, config, quantize, dtype, torch.device("cuda"))
 
     monkeypatch.setattr(CodeLoRAModule, "_plan_memory", on_a_card)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # as a user who set no allocator variable
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert main([*args, "--data.effective_batch_size", "6"]) == 0
     choice = card["choice"]
     assert (choice.micro_batch_size, choice.gradient_accumulation_steps) == (3, 2)
@@ -399,6 +401,8 @@ def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, f
     assert plan["required_free_gib"] == round(choice.plan.required_free_bytes(after_load=True) / GiB, 3)
     assert plan["free_gib"] == round(card["free"] / GiB, 3)
     assert plan["terms_gib"] == {k: round(v / GiB, 3) for k, v in choice.plan.terms().items()}
+    allocator = manifest["phase_results"]["phase_3_model"]["cuda_allocator"]
+    assert (allocator["expandable_segments"], allocator["chosen_by"]) == (True, "codetune")
     # Trained at that choice, with the effective batch kept.
     assert scalars(run_dir, "train/micro_batch_size") == [3.0, 3.0]
     assert scalars(run_dir, "train/grad_accum") == [2.0, 2.0]

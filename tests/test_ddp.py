@@ -207,3 +207,45 @@ def test_a_resume_under_ddp_gives_every_rank_its_own_random_generators_back(two_
         assert sorted(resumed[rank]) == [4], resumed[rank]
         assert resumed[rank][4] == full[rank][4], f"rank {rank} drew another stream after the resume"
     assert_same_adapter(run_dir, two_ranks)
+
+
+@pytest.mark.slow
+def test_every_rank_trains_at_the_plan_of_the_smallest_free_memory(tmp_path):
+    """Emulated cards (probes.EmulatedCard): rank 0's has room for the whole batch of 6 without checkpointing, rank
+    1's only for micro-batch 1 with it. `--data.batch_size auto` and `--model.gradient_checkpointing auto` are decided
+    once for all ranks, for the smallest free memory: both ranks train at rank 1's plan, which rank 0's card fits."""
+    from transformers import AutoConfig
+
+    from codetune.memory_plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, training_shape_for
+
+    card = json.dumps({"class_path": "probes.EmulatedCard",
+                       "init_args": {"micro_batch": [6, 1], "checkpointing": [False, True]}})
+    result, run_dir = run_ddp(tmp_path, "cards", "--data.seq_len", "96", "--data.fim_rate", "0", "--generation.base_eval",
+                         "false", "--data.batch_size", "auto", "--data.effective_batch_size", "6",
+                         "--model.gradient_checkpointing", "auto", "--trainer.max_steps", "1",
+                         f"--trainer.callbacks+={card}")
+    reports = [json.loads((run_dir / f"card_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # The demo's settings as fit resolves them on the CPU (fp32, unquantized, AdamW), planned for CUDA.
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(run_dir / "base_model"))
+    training = training_shape_for(
+        seq_len=96, micro_batch_size=1, quantized_4bit=False, compute_dtype_bytes=4, lora_rank=8,
+        lora_target_modules=DEFAULT_LORA_TARGETS, lora_dropout=0.0, modules_to_save=("embed_tokens", "lm_head"),
+        optimizer="adamw", gradient_checkpointing=False, loss_chunk_size=1024, attn_implementation="sdpa",
+        packing="isolated", device="cuda")
+
+    def choice(free: int) -> tuple[int, bool]:
+        picked = largest_fitting(6, free, shape, training, True, after_load=True)
+        return picked.micro_batch_size, picked.plan.training.gradient_checkpointing
+
+    assert [choice(r["free"]) for r in reports] == [(6, False), (1, True)], "each card alone decides otherwise"
+    smallest = min(r["free"] for r in reports)
+    micro, checkpointing = choice(smallest)
+    trained = [(r["micro_batch_at_start"], r["micro_batch_at_end"], r["checkpointing"]) for r in reports]
+    assert trained == [(micro, micro, checkpointing)] * 2, f"ranks trained at (start, end, checkpointing) {trained}"
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    assert manifest["status"] == "completed"
+    plan = manifest["phase_results"]["phase_3_model"]["vram_plan"]
+    assert (plan["free_gib"], plan["micro_batch_size"], plan["gradient_checkpointing"]) == (
+        round(smallest / GiB, 3), micro, checkpointing)
+    assert reports[1]["vram_plan"] == plan, "rank 1 planned with the same figures"
+    assert "the memory plan is made for the smallest free memory of the 2 ranks' cards" in result.stdout + result.stderr

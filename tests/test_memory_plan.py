@@ -21,6 +21,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 
+from unittest import mock
+
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -28,7 +30,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import codetune.model.attention as attention_lib
 from codetune.errors import ConfigError
+from codetune.model.attention import loaded_implementation
 from codetune.memory_plan import (ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, GiB, MemoryPlan, ModelShape,
                                   TrainingShape, base_parameter_count, format_plan, largest_micro_batch,
                                   largest_micro_batch_with_checkpointing_choice, lora_parameter_count, nf4_bytes,
@@ -189,7 +193,7 @@ def _tiny_lora_model(training: TrainingShape, dtype: torch.dtype, tmp_dir: str |
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_dir)
         model = load_causal_lm(tmp_dir, True, dtype, False, training.attn_implementation, torch.device("cpu"))
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=training.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_loaded_attention(training))
         model.train()
     if training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -201,6 +205,25 @@ def _tiny_lora_model(training: TrainingShape, dtype: torch.dtype, tmp_dir: str |
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return model
+
+
+def _loaded_attention(training: TrainingShape) -> str:
+    """The attention a model is built with: codetune's sdpa where the plan's unmasked kernel is the memory-efficient
+    one (what Turing and fp32 get), else the implementation as named."""
+    if training.attn_implementation == "sdpa" and training.unmasked_kernel == "efficient":
+        return loaded_implementation("sdpa")
+    return training.attn_implementation
+
+
+@contextlib.contextmanager
+def _emulated_card(training: TrainingShape):
+    """An emulated Turing card for codetune's attention (its kernel layout: k/v repeated); CPU SDPA runs the call."""
+    if training.unmasked_kernel != "efficient":
+        yield
+        return
+    with mock.patch.object(attention_lib, "device_capability", lambda device: (7, 5)), \
+            mock.patch.object(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext()):
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,7 +249,7 @@ def _measure_model(model, training: TrainingShape, dtype: torch.dtype) -> Measur
     runs a training step (manual optimization: the backward is inside `training_step`).
     """
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with _one_thread(), autocast:
+    with _one_thread(), autocast, _emulated_card(training):
         return _run_step(model, training)
 
 
@@ -273,6 +296,9 @@ CASES = {
     "fp32": (_tiny_training(), torch.float32, False, "loss_chunk"),
     "fp32-checkpointing": (_tiny_training(gradient_checkpointing=True), torch.float32, False, "layer_backward"),
     "fp32-unpacked": (_tiny_training(packed_windows=False), torch.float32, False, "loss_chunk"),
+    # Windows without a file boundary on Turing (or in fp32): memory-efficient attention, k/v repeated.
+    "fp32-unpacked-efficient": (_tiny_training(packed_windows=False, unmasked_kernel="efficient"), torch.float32,
+                                False, "loss_chunk"),
     "fp32-plain-loss": (_tiny_training(loss_chunk_size=None), torch.float32, False, "loss_chunk"),
     "fp32-no-dropout-checkpointing": (_tiny_training(lora_dropout=0.0, gradient_checkpointing=True), torch.float32,
                                       False, "loss_chunk"),
@@ -305,6 +331,9 @@ CASES = {
                                                                  lora_dropout=0.0, gradient_checkpointing=True),
                                                   torch.bfloat16, False, "layer_backward"),
     # fp16 (Turing's 16-mixed) takes the bytes bf16 takes.
+    "fp16-unpacked-efficient-small-chunk": (_tiny_training(compute_dtype_bytes=2, loss_chunk_size=16,
+                                                           packed_windows=False, unmasked_kernel="efficient"),
+                                            torch.float16, False, "norm_backward"),
     "fp16-checkpointing-small-chunk": (_tiny_training(compute_dtype_bytes=2, loss_chunk_size=16,
                                                       gradient_checkpointing=True), torch.float16, False,
                                        "layer_backward"),
@@ -506,11 +535,15 @@ def test_training_shape_for_maps_the_module_knobs():
                                device="cuda")
     assert shape == TrainingShape(seq_len=4096, micro_batch_size=4, quantization="nf4", compute_dtype_bytes=2,
                                   lora_rank=16, lora_target_modules=("q_proj", "v_proj"), lora_dropout=0.0,
-                                  optimizer="paged_adamw_8bit", gradient_checkpointing=True, loss_chunk_size=512,
+                                  optimizer="adamw_8bit", gradient_checkpointing=True, loss_chunk_size=512,
                                   packed_windows=True, device="cuda")
     other = training_shape_for(**knobs, quantized_4bit=False, optimizer="adamw", packing="concat", device="mps")
     assert (other.quantization, other.optimizer, other.packed_windows, other.device) == ("none", "adamw", False,
                                                                                         "cpu")
+    # The paged 8-bit AdamW keeps the same bytes (its paged state is counted as resident).
+    paged = training_shape_for(**knobs, quantized_4bit=True, optimizer="paged_adamw_8bit", packing="isolated",
+                               device="cuda")
+    assert paged == shape
 
 
 def test_largest_micro_batch_needs_a_positive_batch():

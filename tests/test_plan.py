@@ -25,10 +25,12 @@ DEFAULT, RUST = REPO / "configs" / "training_config.yaml", REPO / "configs" / "t
 QWEN = ModelShape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, head_dim=128,
                   qkv_bias=True)
-# What fit does on CUDA with the shipped settings: NF4, 16-bit autocast, paged 8-bit AdamW, packed sdpa.
-CUDA_DEFAULTS = TrainingShape(quantization="nf4", compute_dtype_bytes=2, optimizer="paged_adamw_8bit",
+# What fit does on CUDA with the shipped settings: NF4, 16-bit autocast, 8-bit AdamW, packed sdpa; on the card
+# assumed without --capability (Turing, 7.5) the memory-efficient kernel runs every micro-batch.
+CUDA_DEFAULTS = TrainingShape(quantization="nf4", compute_dtype_bytes=2, optimizer="adamw_8bit",
                               lora_target_modules=DEFAULT_LORA_TARGETS, loss_chunk_size=1024,
-                              attn_implementation="sdpa", packed_windows=True, device="cuda")
+                              attn_implementation="sdpa", packed_windows=True, device="cuda",
+                              unmasked_kernel="efficient")
 SHIPPED = {  # config: (extra flags, the plan fit makes at its own micro-batch, accumulation)
     # The default config leaves checkpointing to the module's default, auto: on at 6 GiB.
     "default": (DEFAULT, [],
@@ -68,11 +70,49 @@ def test_each_shipped_config_fits_a_6_gib_card_at_its_own_micro_batch(capsys, na
     assert not plan_memory(QWEN, replace(expected, micro_batch_size=2 * expected.micro_batch_size)).fits(6 * GiB)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fp16_on_turing_takes_the_bytes_of_bf16(capsys, dtype):
+@pytest.mark.parametrize(("dtype", "capability"), [("bfloat16", "8.0"), ("float16", "7.5")])
+def test_fp16_on_turing_takes_the_bytes_of_bf16(capsys, dtype, capability):
     report = _json_plan(capsys, "--config", str(RUST), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB",
-                        "--model.dtype", dtype)
+                        "--model.dtype", dtype, "--capability", capability)
     assert report["predicted_peak_bytes"] == plan_memory(QWEN, SHIPPED["rust"][2]).total
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_turing_card_gets_float16_and_a_fused_kernel_and_both_configs_fit_6_gib(capsys, name):
+    """`codetune plan --capability 7.5 --vram 6GiB`: what an RTX 2060 trains in, and that it fits."""
+    config, flags, expected, _ = SHIPPED[name]
+    report = _json_plan(capsys, "--config", str(config), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB",
+                        "--capability", "7.5", *flags)
+    assert (report["capability"], report["capability_source"]) == ("7.5", "--capability")
+    assert (report["dtype"], report["precision"], report["float16_residual_scale"]) == ("float16", "16-mixed", 32)
+    assert report["attention_kernel"] == "efficient" and not report["attention"]["fp32_scores"]
+    assert report["attention"]["repeat_kv"] is True and report["fits"] is True
+    assert (report["micro_batch_size"], report["gradient_checkpointing"]) == (expected.micro_batch_size, True)
+    ampere = _json_plan(capsys, "--config", str(config), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB",
+                        "--capability", "8.6", *flags)
+    assert (ampere["dtype"], ampere["precision"], ampere["attention_kernel"]) == ("bfloat16", "bf16-mixed",
+                                                                                  "flash+efficient")
+    assert ampere["float16_residual_scale"] is None
+
+
+def test_without_file_boundaries_turing_repeats_key_and_value_and_plans_their_bytes(capsys):
+    # Without checkpointing every layer keeps its attention's inputs: the repeated k/v show in the activations.
+    flags = ["--config", str(RUST), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB", "--data.packing",
+             "concat", "--model.gradient_checkpointing", "false"]
+    turing, hopper = (_json_plan(capsys, *flags, "--capability", c) for c in ("7.5", "9.0"))
+    assert (turing["attention_kernel"], hopper["attention_kernel"]) == ("efficient", "flash")
+    concat = replace(SHIPPED["rust"][2], packed_windows=False, gradient_checkpointing=False)
+    assert turing["predicted_peak_bytes"] == plan_memory(QWEN, replace(concat, unmasked_kernel="efficient")).total
+    assert hopper["predicted_peak_bytes"] == plan_memory(QWEN, replace(concat, unmasked_kernel="flash")).total
+    assert turing["terms_bytes"]["activations"] > hopper["terms_bytes"]["activations"]
+
+
+def test_the_text_answer_names_the_card_the_dtype_and_the_kernel(capsys):
+    status, out, _ = _plan(capsys, "--config", str(RUST), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB")
+    assert status == 0
+    assert "compute capability 7.5 (assumed: no card here and no --capability" in out
+    assert "trains in float16 (16-mixed, residual stream scaled by 1/32)" in out
+    assert "attention: sdpa: memory-efficient, key/value repeated to the query heads for every micro-batch" in out
 
 
 def test_auto_checkpointing_is_on_for_the_default_config_at_6_gib_and_off_on_an_80_gb_card():
@@ -96,7 +136,8 @@ def test_the_text_answer_prints_every_term_and_both_decisions(capsys):
     for label, size in [("activations", plan.activations), ("last layer backward*", plan.layer_backward),
                         ("loss chunk*", plan.loss_chunk), ("peak", plan.total)]:
         assert f"  {label:<22} {size / GiB:>8.2f} GiB" in out
-    assert f"fits in 6.00 GiB free: needs {plan.required_free_bytes() / GiB:.2f} GiB with the 10% allocator" in out
+    assert (f"fits in 6.00 GiB free: needs {plan.required_free_bytes() / GiB:.2f} GiB with the 10% allocator margin "
+            f"(expandable segments; ") in out
     assert "gradient checkpointing: on (--model.gradient_checkpointing true)" in out
     assert "largest micro-batch that fits: 4 x 4 accumulation (checkpointing on" in out
 
@@ -163,6 +204,8 @@ def test_sizes_take_binary_and_decimal_units():
     (["--data.seq_len", "65536"], "--data.seq_len=65536 is longer than the model's context (32768 tokens)"),
     (["--data.batch_size", "auto"], "--data.batch_size auto needs --data.effective_batch_size N"),
     (["--model.lora_target_modules", "[c_attn]"], "--model.lora_target_modules=['c_attn']: the estimate knows"),
+    (["--capability", "7"], "--capability '7': give the card's compute capability as MAJOR.MINOR, e.g. 7.5"),
+    (["--capability", "7.5", "--model.dtype", "bfloat16"], "Use --model.dtype auto (float16 on this card) or float32"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, args, message):
     status, out, err = _plan(capsys, "--config", str(RUST), "--model.name_or_path", str(QWEN_DIR), "--vram", "6GiB",

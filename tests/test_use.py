@@ -535,3 +535,22 @@ def test_a_base_without_fim_tokens_is_refused_before_it_loads(run_dir, tmp_path,
         assert err.startswith(f"codetune generate: error: {flag}: the base 'tiny' has no fill-in-the-middle tokens "
                               f"(looked for {fim_families_text()})"), err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_float16_generation_scales_the_residual_stream_as_training_did(run_dir, reference, tokenizer):
+    """A Turing card generates in float16: the run's --model.float16_residual_scale (32 by default) is applied, the
+    logits are the float32 ones up to float16 rounding, and scale 1 applies nothing."""
+    from dataclasses import replace
+
+    import codetune.use as use
+
+    config = use.load_run_config(run_dir)
+    assert config.float16_residual_scale == 32
+    model = use.load_tuned_model(config, torch.device("cpu"), torch.float16, quantize=False)
+    decoder = model.get_base_model().model
+    assert getattr(decoder, "_codetune_residual_scale", None) == 32
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    expected = logits(reference, ids)
+    assert (logits(model, ids) - expected).abs().max() <= 2e-2 * expected.abs().max()
+    off = use.load_tuned_model(replace(config, float16_residual_scale=1), torch.device("cpu"), torch.float16, False)
+    assert not hasattr(off.get_base_model().model, "_codetune_residual_scale")

@@ -26,6 +26,7 @@ import gc
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -37,13 +38,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from codetune.backoff import accumulation_steps, halved, is_out_of_memory
-from codetune.errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, OutOfMemoryAtMinimumError
+from codetune.errors import (ConfigError, NonFiniteActivationsError, NonFiniteLossError, NonFiniteWeightsError,
+                             OutOfMemoryAtMinimumError)
 from codetune.memory_plan import (CPU_RSS_FACTOR, CPU_RSS_OVERHEAD_BYTES, DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape,
                                   TrainingShape, available_ram_bytes,
-                                  format_plan, plan_for_card, plan_memory, training_shape_for)
-from codetune.model.loading import (DType, Quantization, apply_lora, check_context, check_precision, cuda_capability,
-                                    enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm,
-                                    quiet_weight_bars, resolve_dtype, resolve_quantization)
+                                  format_plan, optimizer_state_bytes, plan_for_card, plan_memory,
+                                  training_shape_for)
+from codetune.model.attention import dtype_name
+from codetune.model.float16 import (DEFAULT_RESIDUAL_SCALE, ResidualScaling, check_residual_scale,
+                                    first_non_finite_layer, scale_residual_stream)
+from codetune.model.kernels import AttentionPlan, attention_plan
+from codetune.model.loading import (NATIVE_BF16_CAPABILITY, DType, Quantization, apply_lora, check_context,
+                                    check_precision, cuda_capability, enable_gradient_checkpointing,
+                                    keep_adapter_input_dtype, load_causal_lm, quiet_weight_bars, resolve_dtype,
+                                    resolve_quantization)
 from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
@@ -84,13 +92,20 @@ class CodeLoRAModule(L.LightningModule):
         weight_decay: AdamW weight decay on the LoRA weights.
         warmup_steps: Linear warm-up optimizer steps before the cosine decay.
         max_grad_norm: Gradient clipping by global norm (0 disables it).
-        optimizer: 'auto' (paged 8-bit AdamW for a 4-bit base on CUDA, AdamW otherwise), 'adamw',
-            'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes); see codetune/model/optim.py.
+        optimizer: 'auto' (bitsandbytes' 8-bit AdamW, 'adamw_8bit', for a 4-bit base on CUDA; torch's AdamW
+            otherwise), 'adamw', 'adamw_8bit' (about a quarter of AdamW's state) or 'paged_adamw_8bit' (the same
+            bytes; the states of tensors of 100,000+ values in CUDA managed memory, which torch's memory
+            statistics do not count); see codetune/model/optim.py.
         loss_chunk_size: Tokens per chunk of the output projection + cross-entropy (None: plain path).
         seq_len: Window length (linked from --data.seq_len).
         micro_batch_size: Windows per forward/backward (linked from --data.batch_size); 'auto' picks the
-            largest that the VRAM plan fits in the card's free memory (the whole batch on CPU).
+            largest that the VRAM plan fits in the card's free memory (the whole batch on CPU). Under DDP both
+            'auto' choices are made once for all ranks, for the card with the least free memory.
         seed: Seed of the tiny model's initialisation.
+        float16_residual_scale: In float16 only (what `auto` trains in below compute capability 8.0, e.g. an RTX
+            2060): the residual stream runs scaled by 1/N so that Qwen2-family activations, which reach 1e5, stay
+            inside float16's 65504 (codetune/model/float16.py). Exact: logits and gradients are unchanged, and
+            nothing more is kept for backward. A power of two; 1 turns it off.
     """
 
     def __init__(
@@ -116,9 +131,11 @@ class CodeLoRAModule(L.LightningModule):
         seq_len: int = 2048,
         micro_batch_size: int | Literal["auto"] = 8,
         seed: int = 0,
+        float16_residual_scale: int = DEFAULT_RESIDUAL_SCALE,
     ) -> None:
         super().__init__()
         _validate(lora_rank, lora_alpha, lora_dropout, learning_rate, warmup_steps, micro_batch_size, loss_chunk_size)
+        check_residual_scale(float16_residual_scale)
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base is rebuilt on load.
@@ -126,6 +143,13 @@ class CodeLoRAModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.optimizer_name: str | None = None  # resolved in configure_model, once the device is known
         self.vram_plan: dict[str, Any] | None = None
+        # The attention kernels of each kind of micro-batch on this device (codetune/model/kernels.py).
+        self.attention_plan: AttentionPlan | None = None
+        # The compute dtype and the card's compute capability (None off CUDA), resolved in configure_model.
+        self.compute_dtype: torch.dtype | None = None
+        self.capability: tuple[int, int] | None = None
+        # The float16 residual-stream scaling in force (codetune/model/float16.py), None when not float16.
+        self.float16_scaling: ResidualScaling | None = None
         # Which base this run trains on (codetune/model/revision.py); set in configure_model.
         self.base_revision: dict[str, Any] | None = None
         # Set by the OOM back-off callback (callbacks/oom_backoff.py); without it an OOM is raised as is.
@@ -153,23 +177,71 @@ class CodeLoRAModule(L.LightningModule):
         source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
         quantize = resolve_quantization(hp.quantization, cuda)
         self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
-        dtype = resolve_dtype(hp.dtype, device.type, cuda_capability(device) if cuda else None)
+        self.capability = cuda_capability(device) if cuda else None
+        dtype = self.compute_dtype = resolve_dtype(hp.dtype, device.type, self.capability)
         self._check_precision(dtype)
         self.base_revision = self._resolve_base(source)
         model = load_causal_lm(source, quantize, dtype, hp.trust_remote_code, hp.attn_implementation, device,
                                revision=pinned_revision(self.base_revision))
         check_context(self.hparams.seq_len, model.config)
+        self.attention_plan = self._attention_plan(model.config, dtype)
         self.model = apply_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                 hp.modules_to_save)
         # Under autocast the adapters take the 16-bit input as it is: peft's cast to the fp32 LoRA dtype would keep
         # an fp32 copy of every adapted layer's input for backward (half the step's memory at 8 x 2048).
         keep_adapter_input_dtype(self.model)
+        if dtype == torch.float16 and hp.float16_residual_scale > 1:
+            self.float16_scaling = scale_residual_stream(self.model, hp.float16_residual_scale)
+            rank_zero_info(f"codetune float16: the residual stream runs scaled by 1/{hp.float16_residual_scale} "
+                           f"(--model.float16_residual_scale), {self.float16_scaling.hooks} hooks")
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"codetune model: {hp.name_or_path}, {trainable:,} trainable of {total:,} parameters")
         # Planned with the weights on the card; checkpointing (possibly chosen by the plan) is turned on after.
         self.vram_plan, checkpointing = self._plan_memory(model.config, quantize, dtype, device)
         if checkpointing:
             enable_gradient_checkpointing(model)
+
+    def precision_fixes(self) -> list[str]:
+        """`precision_fixes` for this run's dtype, card and settings."""
+        hp = self.hparams
+        return precision_fixes(self.compute_dtype, self.capability, hp.float16_residual_scale, hp.attn_implementation)
+
+    def check_finite_base(self, nll: float | None) -> None:
+        """Stop before any step when the base model's held-out loss is not finite (NonFiniteActivationsError), naming
+        the first layer whose output was not finite on a held-out batch and what works on this card."""
+        if nll is None or math.isfinite(nll):
+            return
+        raise NonFiniteActivationsError(non_finite_base_message(nll, self._first_non_finite_layer(), self.compute_dtype,
+                                                                self.precision_fixes()))
+
+    @torch.no_grad()
+    def _first_non_finite_layer(self) -> str | None:
+        batch = next(iter(self.trainer.datamodule.val_dataloader()), None)
+        if batch is None:
+            return None
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.trainer.precision_plugin.forward_context():
+            return first_non_finite_layer(self.model, lambda: self.hidden_states(batch))
+
+    def _attention_plan(self, config, dtype: torch.dtype) -> AttentionPlan:
+        """Which attention kernel each kind of micro-batch runs on this card (a ConfigError where no fused kernel
+        takes the dtype: bf16 below compute capability 8.0)."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        plan = attention_plan(self.hparams.attn_implementation, self.capability, dtype_name(dtype), heads, kv_heads,
+                              head_dim, getattr(self.trainer.datamodule, "packing", "isolated"))
+        rank_zero_info(f"codetune attention: {plan.describe()}")
+        return plan
+
+    def on_fit_start(self) -> None:
+        """Under float16's GradScaler with the residual stream scaled by 1/c, backward's activations are c times
+        larger: the scaler starts at its initial scale / c so that its first steps are not skipped for it (a
+        resumed run's scale comes back from the checkpoint after this hook)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self.float16_scaling is not None and scaler is not None and scaler.is_enabled():
+            state = scaler.state_dict()
+            scaler.load_state_dict({**state, "scale": state["scale"] / self.float16_scaling.scale})
 
     def _resolve_base(self, source: str | Path) -> dict[str, Any]:
         if self.hparams.revision and Path(source).expanduser().is_dir():
@@ -185,8 +257,14 @@ class CodeLoRAModule(L.LightningModule):
         if dtype == torch.float16 and self.hparams.modules_to_save:
             raise ConfigError(f"--model.modules_to_save={list(self.hparams.modules_to_save)} with float16 "
                               f"(--model.dtype {self.hparams.dtype}): those layers would train in float16, and the "
-                              f"GradScaler of 16-mixed cannot unscale float16 gradients. Use --model.dtype bfloat16 "
-                              f"(compute capability 8.0+) or float32, or drop --model.modules_to_save.")
+                              f"GradScaler of 16-mixed cannot unscale float16 gradients. {self._full_layers_fix()}")
+
+    def _full_layers_fix(self) -> str:
+        native_bf16 = self.capability is not None and self.capability >= NATIVE_BF16_CAPABILITY
+        if self.capability is not None and not native_bf16:
+            return (f"This card (compute capability {self.capability[0]}.{self.capability[1]}) has no native "
+                    f"bfloat16: use --model.dtype float32, or drop --model.modules_to_save.")
+        return "Use --model.dtype bfloat16 or float32, or drop --model.modules_to_save."
 
     def _plan_memory(self, config, quantize: bool, dtype: torch.dtype,
                      device: torch.device) -> tuple[dict[str, Any] | None, bool]:
@@ -194,11 +272,14 @@ class CodeLoRAModule(L.LightningModule):
         is on. `--data.batch_size auto` takes its micro-batch from it and `--model.gradient_checkpointing auto`
         its choice. The card's free memory (on the CPU: the available RAM) is read now, with the weights and
         adapters loaded, so it is compared with what training will still allocate (`fits_after_load`), not with
-        the whole plan. On the CPU a plan that does not fit the RAM stops the run here. Printed; returned for the
-        manifest."""
+        the whole plan. Under DDP every rank plans for the smallest free memory of all ranks' cards
+        (`_smallest_free_memory`), so all of them train at the same micro-batch and checkpointing. On the CPU a plan
+        that does not fit the RAM stops the run here. Printed; returned for the manifest."""
         hp = self.hparams
         # Every other process on the card counts too: this is what the allocator can still get.
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        if free is not None:  # Lightning gives every rank the same accelerator: all ranks read a card here, or none
+            free = self._smallest_free_memory(free)
         try:
             shape = ModelShape.from_config(config)
         except (AttributeError, TypeError) as err:  # a config without the decoder fields the plan reads
@@ -218,6 +299,21 @@ class CodeLoRAModule(L.LightningModule):
             return _plan_record(plan, free, plan.required_free_bytes(after_load=True), "VRAM"), checkpointing
         ram = self._report_ram_plan(plan)
         return _plan_record(plan, ram, plan.required_ram_bytes(), "RAM"), checkpointing
+
+    def _smallest_free_memory(self, local: int) -> int:
+        """The least free memory of any rank's card (this rank's `local` with one process). The micro-batch and the
+        checkpointing that the plan chooses must be one for all ranks (they cut the same optimizer step alike), and
+        the smallest card is the one that decides what fits. Every rank calls this from configure_model."""
+        world_size = self.trainer.world_size
+        if world_size == 1:
+            return local
+        strategy = self.trainer.strategy
+        smallest = int(strategy.reduce(torch.tensor(local, dtype=torch.int64, device=strategy.root_device),
+                                       reduce_op="min"))
+        rank_zero_info(f"codetune: the memory plan is made for the smallest free memory of the {world_size} ranks' "
+                       f"cards, {smallest / 2**30:.2f} GiB (rank 0's: {local / 2**30:.2f} GiB), so that every rank "
+                       f"trains at the same micro-batch and gradient checkpointing.")
+        return smallest
 
     def _plan_title(self, plan: MemoryPlan, memory: str) -> str:
         auto = " by the plan" if self.hparams.gradient_checkpointing == "auto" else ""
@@ -286,7 +382,8 @@ class CodeLoRAModule(L.LightningModule):
             lora_rank=hp.lora_rank, lora_target_modules=hp.lora_target_modules, lora_dropout=hp.lora_dropout,
             modules_to_save=hp.modules_to_save, optimizer=self.optimizer_name, gradient_checkpointing=checkpointing,
             loss_chunk_size=hp.loss_chunk_size, attn_implementation=hp.attn_implementation,
-            packing=getattr(self.trainer.datamodule, "packing", "isolated"), device=device.type)
+            packing=getattr(self.trainer.datamodule, "packing", "isolated"), device=device.type,
+            unmasked_kernel=self.attention_plan.unmasked if self.attention_plan else "flash")
 
     def _tiny_base_dir(self) -> Path:
         """Build the tiny model once per run directory (rank zero) so every rank and a resume load the same."""
@@ -374,8 +471,9 @@ class CodeLoRAModule(L.LightningModule):
                 raise
             ran_out = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not self.trainer.strategy.reduce_boolean_decision(ran_out is None, all=True):
+            trainable = [(p.numel(), p.element_size()) for p in _stepped_parameters(optimizer)]
             raise OutOfMemoryAtMinimumError(optimizer_oom_message(self.trainer.global_step, ran_out,
-                                                                  self.optimizer_name))
+                                                                  self.optimizer_name, trainable))
 
     def backward_with_backoff(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gradients of one optimizer batch, summed over ranks; after an OOM on any rank, every rank drops its
@@ -408,7 +506,7 @@ class CodeLoRAModule(L.LightningModule):
             hp = self.hparams
             raise NonFiniteLossError(non_finite_step_message(
                 self.trainer.global_step, loss_value, norm_value, _last_checkpoint(self.trainer),
-                Path(self.trainer.default_root_dir), hp.learning_rate, hp.max_grad_norm, hp.dtype))
+                Path(self.trainer.default_root_dir), hp.learning_rate, hp.max_grad_norm, self.precision_fixes()))
         return grad_norm, norm_value
 
     def _disable_ddp_backward_sync(self) -> None:
@@ -647,8 +745,24 @@ def ram_plan_message(plan: MemoryPlan, available: int, checkpointing_flag: bool 
             f"{', or '.join(fixes)}, or close other programs; `codetune plan` shows the plan's terms.")
 
 
+def non_finite_base_message(nll: float, layer: str | None, dtype: torch.dtype | None,
+                            precision: Sequence[str]) -> str:
+    """What stops a run whose base model computes non-finite numbers before any training step."""
+    name = str(dtype).replace("torch.", "")
+    where = f", first at the output of {layer}" if layer else ""
+    if precision:
+        cause = f"its activations overflow {name}'s range{where}"
+        fix = "To fix: " + "; or ".join(precision) + "."
+    else:
+        cause = f"the base model computes non-finite values in {name}{where}"
+        fix = ("Its weights may be damaged: check --model.name_or_path (a fresh download, or the directory's "
+               "safetensors files).")
+    return (f"the base model's held-out loss is {nll} before any training step: {cause}. Nothing was trained and no "
+            f"checkpoint was written. {fix}")
+
+
 def non_finite_step_message(step: int, loss: float, grad_norm: float, checkpoint: str | None, run_dir: Path,
-                            learning_rate: float, max_grad_norm: float, dtype: str) -> str:
+                            learning_rate: float, max_grad_norm: float, precision: Sequence[str] = ()) -> str:
     """What NonFiniteLossError says: what was not finite, what was kept, and what to change."""
     if not math.isfinite(loss):
         what = f"the loss is {loss}"
@@ -657,8 +771,8 @@ def non_finite_step_message(step: int, loss: float, grad_norm: float, checkpoint
     else:
         what = (f"another rank's loss or gradient norm is not finite (here: loss {loss:.4g}, gradient norm "
                 f"{grad_norm:.4g})")
-    fixes = (f"lower --model.learning_rate (now {learning_rate:g}), keep --model.max_grad_norm > 0 (now "
-             f"{max_grad_norm:g}) and use --model.dtype bfloat16 rather than float16 (now {dtype})")
+    fixes = (f"lower --model.learning_rate (now {learning_rate:g}) and keep --model.max_grad_norm > 0 (now "
+             f"{max_grad_norm:g})" + "".join(f"; or {fix}" for fix in precision))
     if checkpoint:
         after = (f"The last good checkpoint is {checkpoint}. To fix: {fixes}; then resume from that checkpoint: "
                  f"the same command with --run_name {run_dir.name} --ckpt_path last, or "
@@ -668,6 +782,24 @@ def non_finite_step_message(step: int, loss: float, grad_norm: float, checkpoint
                  f"To fix: {fixes}; then train again.")
     return (f"training stopped at optimizer step {step}: {what}. The step was not applied: the weights were not "
             f"updated, so they and every checkpoint hold finite values, and no adapter is exported. {after}")
+
+
+def precision_fixes(dtype: torch.dtype | None, capability: tuple[int, int] | None, residual_scale: int,
+                    attn_implementation: str) -> list[str]:
+    """What gives an overflowing run finite numbers again, right for the card it runs on: bfloat16 where the card
+    has it natively; below compute capability 8.0 (emulated, slow bfloat16) more float16 headroom or float32."""
+    if dtype != torch.float16:
+        return []
+    if capability is not None and tuple(capability) >= NATIVE_BF16_CAPABILITY:
+        return ["--model.dtype bfloat16 (what auto trains in on this card; float16 ends at 65504)"]
+    fixes = [f"a larger --model.float16_residual_scale (now {residual_scale}, e.g. {residual_scale * 8})"
+             if residual_scale > 1 else "--model.float16_residual_scale 32 (1 turned the float16 protection off)"]
+    if attn_implementation == "eager":
+        fixes.append("--model.attn_implementation sdpa (eager computes the attention scores in float16)")
+    card = f"compute capability {capability[0]}.{capability[1]}" if capability else "this device"
+    fixes.append(f"--model.dtype float32 (this card, {card}, has no native bfloat16; float32 keeps about twice "
+                 f"the activations: `codetune plan --model.dtype float32` shows whether it fits)")
+    return fixes
 
 
 def _stepped_parameters(optimizer) -> list[torch.nn.Parameter]:
@@ -695,14 +827,26 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def optimizer_oom_message(step: int, error: str | None, optimizer: str | None) -> str:
-    """What stops a run whose optimizer step ran out of memory (on this or another rank)."""
+def optimizer_oom_message(step: int, error: str | None, optimizer: str, trainable: Sequence[tuple[int, int]]) -> str:
+    """What stops a run whose optimizer step ran out of memory (on this or another rank): what the state of
+    `optimizer` takes for the `trainable` tensors (``(values, bytes per value)`` each), and what the 8-bit AdamW
+    would save when it is not the one in use."""
     where = f"({error})" if error else "on another rank"
-    paged = "" if optimizer == "paged_adamw_8bit" else " --model.optimizer paged_adamw_8bit (its state can page to host memory),"
-    return (f"out of device memory in the optimizer step at step {step} {where}: the optimizer's state (AdamW "
-            f"allocates it at the first step) and the gradients did not fit. The step was not applied. To fit:{paged} "
+    kind = "adamw" if optimizer == "adamw" else "adamw_8bit"  # the two 8-bit AdamWs keep the same bytes
+    state = optimizer_state_bytes(trainable, kind)
+    switch = ""
+    if kind == "adamw":
+        smaller = optimizer_state_bytes(trainable, "adamw_8bit")
+        switch = f" --model.optimizer adamw_8bit ({_mib(smaller)} of state, {_mib(state - smaller)} less),"
+    return (f"out of device memory in the optimizer step at step {step} {where}: the optimizer's state (allocated "
+            f"at the first step; {_mib(state)} with {optimizer} for {sum(n for n, _ in trainable):,} trainable "
+            f"values) and the gradients did not fit. The step was not applied. To fit:{switch} "
             f"a smaller --model.lora_rank, fewer --model.lora_target_modules, or close other programs using the GPU; "
             f"then resume with --ckpt_path last (or train again if no checkpoint was written yet).")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def eval_oom_message(seq_len: int) -> str:

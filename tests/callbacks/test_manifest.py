@@ -25,7 +25,7 @@ def loaded_module(**extra) -> SimpleNamespace:
         model=SimpleNamespace(get_nb_trainable_parameters=lambda: (10, 100)),
         causal_lm=SimpleNamespace(is_loaded_in_4bit=False, dtype=torch.float32, is_activation_checkpointing=False),
         hparams=SimpleNamespace(name_or_path="org/coder", modules_to_save=[]), optimizer_name="adamw",
-        vram_plan=None, **extra)
+        vram_plan=None, attention_plan=None, float16_scaling=None, **extra)
 
 
 @pytest.mark.parametrize("record", [

@@ -20,11 +20,11 @@ CUDA = torch.device("cuda", 0)
 
 
 def module_on_card(monkeypatch, free_after_load: int, effective_batch: int = 16, **hparams) -> CodeLoRAModule:
-    """A module as configure_model leaves it (NF4, bf16, paged 8-bit AdamW), on a card with `free_after_load`."""
+    """A module as configure_model leaves it (NF4, bf16, 8-bit AdamW), on a card with `free_after_load`."""
     module = CodeLoRAModule(name_or_path=str(QWEN_1_5B), **hparams)
-    module.optimizer_name = "paged_adamw_8bit"
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(optimizer_batch_size=effective_batch,
-                                                                 packing="isolated"))
+    module.optimizer_name = "adamw_8bit"
+    module._trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(optimizer_batch_size=effective_batch,
+                                                                               packing="isolated"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_after_load, CARD))
     return module
 
@@ -35,7 +35,7 @@ def loaded_bytes(**hparams) -> int:
     defaults.update(hparams)
     training = training_shape_for(
         quantized_4bit=True, compute_dtype_bytes=2, lora_target_modules=DEFAULT_LORA_TARGETS, modules_to_save=(),
-        optimizer="paged_adamw_8bit", loss_chunk_size=1024, attn_implementation="sdpa", packing="isolated",
+        optimizer="adamw_8bit", loss_chunk_size=1024, attn_implementation="sdpa", packing="isolated",
         device="cuda", **defaults)
     return plan_memory(ModelShape.from_config(AutoConfig.from_pretrained(QWEN_1_5B)), training).on_card_after_load
 

@@ -149,7 +149,8 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(nan_run):
     assert nan_run.status == 2 and "Traceback" not in err
     assert f"codetune fit: error: training stopped at optimizer step {NAN_AT}: the loss is nan. " in err
     assert "the weights were not updated" in err and f"The last good checkpoint is {last}. " in err
-    assert "--model.learning_rate (now 0.005)" in err and "--model.dtype bfloat16" in err
+    # An fp32 run on the CPU: nothing about the dtype would help, so nothing is said about it.
+    assert "--model.learning_rate (now 0.005)" in err and "--model.dtype" not in err
     assert "--run_name nan --ckpt_path last" in err and f"make resume RUN={run_dir} " in err
     assert isinstance(record.exception, NonFiniteLossError)
     assert_failed_in_training_without_adapter(nan_run.manifest, nan_run.run_files,
