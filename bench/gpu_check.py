@@ -1,11 +1,23 @@
 """The GPU check: what codetune promises on a small card, measured in one command and printed as one table.
 
-Run from the repository root on a CUDA machine (planned to take under 8 minutes on one card; not yet timed,
-no GPU was lent so far)::
+Run from the repository root on a CUDA machine::
 
     python bench/gpu_check.py --out gpu_check.json            # or: make gpu-check
-    python bench/gpu_check.py --dry-run --out dry.json        # the same sections on CPU, tiny shapes (~25 s)
+    python bench/gpu_check.py --dry-run --out dry.json        # the same sections on CPU, tiny shapes (75 s)
     python bench/gpu_check.py --sections a,d                  # a subset (a rerun on a short lease)
+
+**Time.** Not yet measured on a card; what bounds it is the budget. `--budget-s` (480 s by default) is
+shared between the sections run in the proportions of `SECTION_BUDGET_S` (all seven: Turing path 70 s,
+training 170, OOM 60, fp16 50, isolation 35, generate/merge 50, GPU tests 45; `--sections a` gives section a
+all of it). Before
+each unit of work (a fit, a row) a section checks its share and the total: when either is spent, the units
+left become `skipped: budget` rows that name the section's cap, the seconds spent and what was not run, and
+a section that starts after the total is spent is one such row. A unit already running is not interrupted:
+a fit cannot be stopped mid-run, so a section overruns its share by at most the last unit it started (the
+GPU tests' subprocess alone is stopped, at the section's time left). Outside the budget are the imports, the setup
+(its seconds are in the setup row) and the final table: a 600 s command keeps 2 minutes for them, that
+overrun and copying the results back. The dry run's wall time and each section's share are in
+bench/README.md.
 
 **Model.** A randomly initialised model of the real Qwen2.5-Coder-1.5B architecture (hidden 1536, 28
 layers, 12 query / 2 key-value heads of 128, MLP 8960, vocabulary 151,936, tied embeddings; from
@@ -27,12 +39,23 @@ card (`--card-gib`, 6) minus the CUDA context this process already holds (measur
 context takes its share of those 6 GiB, and the allocator's cap does not count it).
 
 Every training run goes through the real CLI in this process, `codetune.cli.build_cli(["fit", ...])`
-(what `codetune fit` runs), with the flags of `COMMON_FIT_FLAGS` and each row's overrides, plus a
+(what `codetune fit` runs), with the flags of `COMMON_FIT_FLAGS` (among them no generation at all: no
+language, repo or FIM prompts; the base eval still measures the held-out loss) and each row's overrides, plus a
 `StepRecorder` callback (`--trainer.callbacks+=`) that records each optimizer step's loss, wall time,
 tokens and micro-batch and the trainable weights' update. Sections, each one or more rows:
 
-a. **Training** with `configs/training_config_rust.yaml` (4 x 4096, NF4, r16, checkpointing, paged 8-bit
-   AdamW) and `configs/training_config.yaml` (8 x 2048), each as shipped on the whole card and on the
+t. **The Turing path on this card**: the Rust config at its own micro-batch (4 x 4096, checkpointing) as an RTX
+   2060 trains it, on whatever card is here. codetune sees compute capability 7.5 (`emulated_turing`: its
+   dtype, attention kernels and VRAM plan are Turing's), torch's flash and cuDNN SDPA kernels are off as a
+   Turing card has none, `--model.dtype float16` trains under 16-mixed with a GradScaler (the residual stream
+   scaled), and the allocator is capped at the 6 GiB card. Every SDPA call is recorded with the kernel torch's
+   dispatcher picks for it (`codetune.model.attention.record_sdpa_calls`): the count of math-kernel calls must
+   be 0, the losses finite, no OOM back-off, and the peak within 10% of the plan; tokens/s is reported. On the
+   CPU (dry run) the same fit runs in fp32 and each call is replayed through torch's rules for 7.5
+   (`codetune.model.kernels.torch_choice`).
+
+a. **Training** with `configs/training_config_rust.yaml` (4 x 4096, NF4, r16, checkpointing, 8-bit AdamW)
+   and `configs/training_config.yaml` (8 x 2048), each as shipped on the whole card and on the
    emulated card at the largest micro-batch the VRAM plan fits (`codetune.memory_plan.
    largest_micro_batch`, effective batch kept; the default config with checkpointing on when nothing fits
    without, as the README advises). Figures: peak allocated, reserved and NVML-used memory (the
@@ -79,9 +102,16 @@ e. **`codetune generate`** (NF4 on CUDA) and **`codetune merge`** on a trained r
    otherwise: a merge that dropped the update would pass too). The merge itself runs on the CPU, by design.
 f. **GPU tests**: `pytest -m gpu tests/gpu` (CUDA only).
 
-Output: one table (rich) and, with `--out FILE`, the same rows as JSON (`rows[*].figures` holds every
-number). Exit status 1 when a row failed. A section that raises becomes a FAIL row (the traceback goes to
-stderr) and the next section runs.
+Output: as setup and then each section ends, a small table of its rows on stdout (flushed), and with `--out
+FILE` the JSON rewritten whole (a temporary sibling, then a rename) with every row so far, `setup_s`,
+`section_s` (each finished section's seconds), `budget` (the total, and for each section its cap, seconds
+spent, whether the budget was hit and what was not run) and `complete` (true only in the last write): a
+command stopped by its time limit still leaves the sections it finished. At the end, the full table.
+`rows[*].figures` holds every number. Exit status 1 when a row failed. A section that raises becomes a FAIL
+row (the traceback goes to stderr) and the next section runs.
+
+A new section is one entry in each of `SECTIONS`, `SECTION_TITLES` and `SECTION_BUDGET_S`; its rows go through
+`budgeted`, and its fits through `run_fit`, which checks the budget.
 """
 
 from __future__ import annotations
@@ -102,8 +132,9 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +181,11 @@ COMMON_FIT_FLAGS = {
     # A few held-out files: the base's held-out loss before the first step and the tuned one after the last are
     # measured on the same windows, so "falling" is not the noise between training batches.
     "data.val_fraction": "0.03",
+    # No generation in any fit: a random model's completions and infills run to the token cap (512 for Rust) over
+    # a 151,936 vocabulary, minutes per eval. The base eval stays for its held-out loss, which generates nothing.
     "generation.prompts": "[]",
     "generation.repo_prompts": "0",
+    "generation.fim_prompts": "0",
     "generation.base_eval": "true",
     "checkpoint_every_n_steps": "0",
     "vram.log_every_n_steps": "1",             # a VRAM reading after every step: the peaks are exact
@@ -183,6 +217,13 @@ UPDATE_MIN_COSINE = 0.9
 CONTROL_FACTOR = 3.0
 PASS, FAIL, INCONCLUSIVE = "pass", "FAIL", "inconclusive"
 NEEDS_CUDA = "skipped: needs CUDA"
+SKIPPED_BUDGET = "skipped: budget"
+
+# Each section's share of --budget-s, in seconds at the default total (the shares of the sections run are scaled to
+# the total): one 600 s device command then keeps ~2 minutes for the imports, the setup, the one unit of work a
+# cap cannot stop, and copying the results back.
+DEFAULT_BUDGET_S = 480.0
+SECTION_BUDGET_S = {"t": 70.0, "a": 170.0, "b": 60.0, "c": 50.0, "d": 35.0, "e": 50.0, "f": 45.0}
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -278,9 +319,110 @@ class Row:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+class BudgetSpent(Exception):
+    """A unit of work was not started (or was stopped): its section's cap or the total budget is spent."""
+
+    def __init__(self, what: str, reason: str, figures: dict[str, Any]) -> None:
+        super().__init__(f"{reason}; not run: {what}")
+        self.what, self.reason, self.figures = what, reason, figures
+
+
+@dataclass
+class Budget:
+    """Seconds the sections may take: `total_s` for all of them, and each section a cap (`caps_s`).
+
+    A section calls `check` before each unit of work (a fit, a row); with no time left, in its cap or in the
+    total, the unit is not started and `BudgetSpent` says what was not run, which `budgeted` turns into a
+    `skipped: budget` row. A unit already started runs to its end: a fit cannot be stopped mid-run, so a section
+    overruns its cap by at most its last unit. The clock starts with the first section (setup is outside);
+    `clock` is any monotonic seconds function, so a test can advance time by hand.
+    """
+
+    total_s: float
+    caps_s: dict[str, float]
+    clock: Callable[[], float] = time.perf_counter
+    spent_s: dict[str, float] = field(default_factory=dict)
+    """Seconds each finished section took."""
+    not_run: dict[str, list[str]] = field(default_factory=dict)
+    """What each section did not run for lack of time (absent: the budget was not hit)."""
+    section: str | None = None
+    _began: float | None = field(default=None, init=False, repr=False)
+    _section_began: float = field(default=0.0, init=False, repr=False)
+
+    @classmethod
+    def shared(cls, total_s: float, sections: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> Budget:
+        """`total_s` split between `sections` in the proportions of `SECTION_BUDGET_S`."""
+        weight = sum(SECTION_BUDGET_S[name] for name in sections)
+        return cls(total_s, {name: total_s * SECTION_BUDGET_S[name] / weight for name in sections}, clock)
+
+    @classmethod
+    def unlimited(cls) -> Budget:
+        return cls(math.inf, {})
+
+    def start(self, section: str) -> None:
+        now = self.clock()
+        self._began = now if self._began is None else self._began
+        self.section, self._section_began = section, now
+
+    def finish(self) -> float:
+        """Ends the current section; its seconds."""
+        spent = self.section_elapsed_s()
+        self.spent_s[self.section] = spent
+        self.section = None
+        return spent
+
+    def section_elapsed_s(self) -> float:
+        return 0.0 if self.section is None else self.clock() - self._section_began
+
+    def total_elapsed_s(self) -> float:
+        return 0.0 if self._began is None else self.clock() - self._began
+
+    def left_s(self) -> float:
+        """Seconds the current section may still start work in: the least of its cap's and the total's."""
+        cap = self.caps_s.get(self.section, math.inf)
+        return min(cap - self.section_elapsed_s(), self.total_s - self.total_elapsed_s())
+
+    def check(self, what: str) -> None:
+        """Raises `BudgetSpent` when no time is left to start `what`."""
+        if self.left_s() <= 0:
+            raise self.spent(what)
+
+    def spent(self, what: str) -> BudgetSpent:
+        """Records that `what` was not run (or was stopped) and returns the exception that says so."""
+        self.not_run.setdefault(self.section, []).append(what)
+        cap, elapsed = self.caps_s.get(self.section, math.inf), self.section_elapsed_s()
+        reason = f"section {self.section} cap {cap:.0f} s, {elapsed:.0f} s spent"
+        if self.total_elapsed_s() >= self.total_s:
+            reason += f"; total budget {self.total_s:.0f} s spent ({self.total_elapsed_s():.0f} s)"
+        figures = {"cap_s": cap, "spent_s": elapsed, "total_s": self.total_s,
+                   "total_spent_s": self.total_elapsed_s(), "not_run": what}
+        return BudgetSpent(what, reason, figures)
+
+    def skipped_row(self, check: str, spent: BudgetSpent) -> Row:
+        return Row(self.section or "", check, SKIPPED_BUDGET, f"{spent.reason}; not run: {spent.what}",
+                   f"--budget-s {self.total_s:g}: this section's share {spent.figures['cap_s']:.0f} s",
+                   spent.figures)
+
+    def report(self) -> dict[str, Any]:
+        """The budget in the JSON: the total, and each section's cap, seconds spent and what it did not run."""
+        sections = {name: {"cap_s": cap, "spent_s": self.spent_s.get(name), "hit": name in self.not_run,
+                           "not_run": self.not_run.get(name, [])} for name, cap in self.caps_s.items()}
+        return {"total_s": self.total_s, "total_spent_s": self.total_elapsed_s(), "sections": sections}
+
+
+def budgeted(ctx: Context, check: str, make_row: Callable[[], Row]) -> Row:
+    """`make_row()`, or a `skipped: budget` row when the section's time runs out before it or one of its fits."""
+    try:
+        ctx.budget.check(check)
+        return make_row()
+    except BudgetSpent as spent:
+        _release(ctx)
+        return ctx.budget.skipped_row(check, spent)
+
+
 @dataclass
 class Context:
-    """What the sections share: the mode, the work directory, the model, the corpus and the runs made."""
+    """What the sections share: the mode, the work directory, the model, the corpus, the runs made and the budget."""
 
     mode: Mode
     work: Path
@@ -288,6 +430,7 @@ class Context:
     corpus: Path
     context_bytes: int
     runs: dict[str, FitResult] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget.unlimited)
 
     @property
     def cuda(self) -> bool:
@@ -413,9 +556,11 @@ def fit_args(ctx: Context, spec: FitSpec) -> list[str]:
 
 
 def run_fit(ctx: Context, spec: FitSpec) -> FitResult:
-    """`codetune fit` in this process under the spec's memory cap and environment; the result is kept in ctx.runs."""
+    """`codetune fit` in this process under the spec's memory cap and environment; the result is kept in ctx.runs.
+    Raises `BudgetSpent`, before anything starts, when the section has no time left."""
     from codetune.cli import build_cli
 
+    ctx.budget.check(f"fit {spec.name}")
     _set_cap(ctx, spec.cap_bytes)
     # What earlier runs left on the card would count in this run's peaks.
     leftover = torch.cuda.memory_allocated(0) if ctx.cuda else 0
@@ -528,27 +673,26 @@ def model_shape(model_config: dict[str, Any]):
 
 
 def planned_shape(spec: FitSpec, mode: Mode, capability: tuple[int, int] | None):
-    """The `TrainingShape` the module would plan for this run (production's resolution of 'auto')."""
-    from codetune.memory_plan import TrainingShape
+    """The `TrainingShape` the module would plan for this run (production's resolution of 'auto', and its mapping
+    of the module's settings to a plan)."""
+    from codetune.memory_plan import training_shape_for
     from codetune.model.loading import resolve_dtype, resolve_quantization
     from codetune.model.optim import resolve_optimizer
 
     v = spec.settings()
-    cuda = not mode.dry_run
+    device = "cpu" if mode.dry_run else "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resolve_quantization warns about 'auto' without CUDA
-        quantize = resolve_quantization(v["model.quantization"], cuda)
-    dtype = resolve_dtype(v["model.dtype"], "cuda" if cuda else "cpu", capability)
-    optimizer = resolve_optimizer(v["model.optimizer"], quantize, cuda)
-    return TrainingShape(
+        quantize = resolve_quantization(v["model.quantization"], device == "cuda")
+    dtype = resolve_dtype(v["model.dtype"], device, capability)
+    return training_shape_for(
         seq_len=int(mode.seq_len or v["data.seq_len"]), micro_batch_size=int(v["data.batch_size"]),
-        quantization="nf4" if quantize else "none", compute_dtype_bytes=dtype.itemsize,
-        lora_rank=int(v["model.lora_rank"]), lora_target_modules=tuple(v["model.lora_target_modules"]),
-        lora_dropout=float(v["model.lora_dropout"]), modules_to_save=tuple(v["model.modules_to_save"]),
-        optimizer="adamw" if optimizer == "adamw" else "paged_adamw_8bit",
-        gradient_checkpointing=v["model.gradient_checkpointing"] is True,
-        loss_chunk_size=v["model.loss_chunk_size"], attn_implementation=v["model.attn_implementation"],
-        packed_windows=v["data.packing"] == "isolated", device="cuda" if cuda else "cpu")
+        quantized_4bit=quantize, compute_dtype_bytes=dtype.itemsize, lora_rank=int(v["model.lora_rank"]),
+        lora_target_modules=v["model.lora_target_modules"], lora_dropout=float(v["model.lora_dropout"]),
+        modules_to_save=v["model.modules_to_save"],
+        optimizer=resolve_optimizer(v["model.optimizer"], quantize, device == "cuda"),
+        gradient_checkpointing=v["model.gradient_checkpointing"] is True, loss_chunk_size=v["model.loss_chunk_size"],
+        attn_implementation=v["model.attn_implementation"], packing=v["data.packing"], device=device)
 
 
 def fit_on_card(spec: FitSpec, ctx: Context, capability) -> tuple[FitSpec, str]:
@@ -575,6 +719,98 @@ def fit_on_card(spec: FitSpec, ctx: Context, capability) -> tuple[FitSpec, str]:
                        f"with checkpointing")
 
 
+# -- section t: the Turing path on this card -------------------------------------------------------------
+
+
+TURING = (7, 5)
+
+
+def section_turing(ctx: Context) -> list[Row]:
+    """The Rust config as an RTX 2060 (compute capability 7.5, 6 GiB) trains it, on whatever card is here."""
+    spec = FitSpec("t-turing", RUST_CONFIG, steps=ctx.mode.train_steps, cap_bytes=ctx.card_cap_bytes if ctx.cuda
+                   else None, overrides={DTYPE_FLAG: "float16" if ctx.cuda else "float32"})
+    check = (f"Turing path: rust config at its own micro-batch, {'float16 + GradScaler, ' if ctx.cuda else ''}"
+             f"flash and cuDNN SDPA off, capability 7.5" + (f", {ctx.mode.card_gib:g} GiB cap" if ctx.cuda else ""))
+    return [budgeted(ctx, check, partial(_turing_row, ctx, spec, check))]
+
+
+@contextlib.contextmanager
+def emulated_turing(ctx: Context) -> Iterator[list]:
+    """Within: codetune sees compute capability 7.5 (its dtype, attention kernels and plan are Turing's), torch's
+    flash and cuDNN SDPA kernels are off as a Turing card has none, and every SDPA call is recorded. On the CPU the
+    memory-efficient kernel cannot be restricted to, so codetune's request is dropped and its layout kept."""
+    import codetune.cli as cli_lib
+    import codetune.model.attention as attention_lib
+    import codetune.model.module as module_lib
+
+    patched = [(module_lib, "cuda_capability", lambda device=None: TURING),
+               (cli_lib, "cuda_capability", lambda device=None: TURING),
+               (attention_lib, "device_capability", lambda device: TURING)]
+    if not ctx.cuda:
+        patched.append((attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext()))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    flags = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()
+    for owner, name, value in patched:
+        setattr(owner, name, value)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with attention_lib.record_sdpa_calls() as calls:
+            yield calls
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        torch.backends.cuda.enable_flash_sdp(flags[0])
+        torch.backends.cuda.enable_cudnn_sdp(flags[1])
+
+
+def attention_kernels_run(calls: Sequence, capability: tuple[int, int]) -> dict[str, int]:
+    """How many recorded SDPA calls each kernel ran: torch's own pick on a card, its rules replayed for
+    `capability` on the CPU (`codetune.model.kernels.torch_choice`, with the kernels that were enabled)."""
+    from codetune.model.kernels import torch_choice
+
+    counts: dict[str, int] = {}
+    for call in calls:
+        kernel = call.picked if call.picked is not None else torch_choice(capability, call.call, call.enabled)
+        counts[str(kernel)] = counts.get(str(kernel), 0) + 1
+    return counts
+
+
+def _turing_row(ctx: Context, spec: FitSpec, check: str) -> Row:
+    with emulated_turing(ctx) as calls:
+        run = run_fit(ctx, spec)
+    kernels = attention_kernels_run(calls, TURING)
+    finite, _ = loss_verdict(run.losses)
+    model = run.manifest["phase_results"]["phase_3_model"]
+    figures: dict[str, Any] = {
+        "run_dir": str(run.run_dir), "losses": run.losses, "loss_finite": finite, "sdpa_calls": len(calls),
+        "kernels": kernels, "math_calls": kernels.get("math", 0), "precision": run.precision,
+        "grad_scaler_scale": run.scaler_scale, "attention": model.get("attention"),
+        "float16_residual_scaling": model.get("float16_residual_scaling"), "tokens_per_s": run.tokens_per_s(),
+        "micro_batch_size": run.hparams["micro_batch_size"], "seq_len": run.hparams["seq_len"],
+        "gradient_checkpointing": run.checkpointing, "oom_backoffs": run.training.get("oom_backoffs", []),
+        "cap_gib": None if spec.cap_bytes is None else spec.cap_bytes / GiB,
+    }
+    ok = finite and figures["sdpa_calls"] > 0 and figures["math_calls"] == 0
+    measured = [f"{figures['micro_batch_size']} x {figures['seq_len']}", f"train loss {_fmt(run.losses[0])} -> "
+                f"{_fmt(run.losses[-1])}", f"{figures['sdpa_calls']} SDPA calls: {kernels}"]
+    criterion = ["losses finite; 0 math-kernel attention calls"]
+    if figures["tokens_per_s"] is not None:
+        measured.append(f"{figures['tokens_per_s']:,.0f} tok/s")
+    if ctx.cuda:
+        memory = _memory_figures(run)
+        figures.update(memory)
+        ok = ok and bool(memory.get("plan_within_10pct")) and run.precision == "16-mixed" and not figures[
+            "oom_backoffs"]
+        scale = "none" if run.scaler_scale is None else f"{run.scaler_scale:g}"
+        measured += [_memory_text(memory), f"{run.precision}, GradScaler scale {scale}"]
+        criterion += ["16-mixed", "no OOM back-off", "allocated / (plan - context) within 10%"]
+    else:
+        measured.append("float32 on the CPU (float16 and memory need CUDA)")
+    return Row("t", check, PASS if ok else FAIL, "; ".join(measured), "; ".join(criterion), figures)
+
+
+
 # -- section a: training -------------------------------------------------------------------------------
 
 
@@ -583,16 +819,20 @@ def section_training(ctx: Context) -> list[Row]:
     rows = []
     for label, config in (("rust", RUST_CONFIG), ("default", DEFAULT_CONFIG)):
         shipped = FitSpec(f"a-{label}-shipped", config, steps=ctx.mode.train_steps)
-        rows.append(_training_row(ctx, shipped, f"{label} config as shipped, whole card"))
-        if not ctx.cuda:
-            _, note = fit_on_card(shipped, ctx, capability)
-            rows.append(Row("a", f"{label} config on a {ctx.mode.card_gib:g} GiB card", NEEDS_CUDA,
-                            f"the plan would run {note}"))
-            continue
-        capped, note = fit_on_card(shipped, ctx, capability)
-        capped = replace(capped, name=f"a-{label}-card")
-        rows.append(_training_row(ctx, capped, f"{label} config on a {ctx.mode.card_gib:g} GiB card ({note})"))
+        check = f"{label} config as shipped, whole card"
+        rows.append(budgeted(ctx, check, partial(_training_row, ctx, shipped, check)))
+        rows.append(_card_row(ctx, shipped, label, capability))
     return rows
+
+
+def _card_row(ctx: Context, shipped: FitSpec, label: str, capability: tuple[int, int] | None) -> Row:
+    """The shipped config at the largest micro-batch the plan fits on the emulated card, under its cap."""
+    capped, note = fit_on_card(shipped, ctx, capability)
+    check = f"{label} config on a {ctx.mode.card_gib:g} GiB card"
+    if not ctx.cuda:
+        return Row("a", check, NEEDS_CUDA, f"the plan would run {note}")
+    check += f" ({note})"
+    return budgeted(ctx, check, partial(_training_row, ctx, replace(capped, name=f"a-{label}-card"), check))
 
 
 def _training_row(ctx: Context, spec: FitSpec, check: str) -> Row:
@@ -696,6 +936,12 @@ def _mfu_figures(ctx: Context, run: FitResult) -> dict[str, Any]:
 
 
 def section_oom(ctx: Context) -> list[Row]:
+    micro = int(FitSpec("b-oom", RUST_CONFIG).settings()["data.batch_size"])
+    check = f"OOM at micro-batch {micro} recovered"
+    return [budgeted(ctx, check, partial(_oom_row, ctx, check))]
+
+
+def _oom_row(ctx: Context, check: str) -> Row:
     no_dropout = {DROPOUT_FLAG: "0.0"}
     full = FitSpec("b-oom", RUST_CONFIG, overrides=no_dropout, steps=ctx.mode.oom_steps)
     micro = int(full.settings()["data.batch_size"])
@@ -740,9 +986,9 @@ def section_oom(ctx: Context) -> list[Row]:
                 f"final loss {_fmt(oom.losses[-1])} vs {_fmt(ref.losses[-1])} started at {half} (rel {diff:.1e})")
     if "adapter_max_abs_diff" in figures:
         measured += f"; adapters within {figures['adapter_max_abs_diff']:.1e}"
-    return [Row("b", f"OOM at micro-batch {micro} recovered", PASS if ok else FAIL, measured,
-                f"one back-off to {half}; final loss rel diff <= {rtol:g}" + ("; adapters <= 1e-5" if bits == 32
-                                                                               else ""), figures)]
+    return Row("b", check, PASS if ok else FAIL, measured,
+               f"one back-off to {half}; final loss rel diff <= {rtol:g}" + ("; adapters <= 1e-5" if bits == 32
+                                                                              else ""), figures)
 
 
 def _adapter_difference(a: Path, b: Path) -> float:
@@ -768,6 +1014,14 @@ def section_precision(ctx: Context) -> list[Row]:
     if not ctx.cuda:
         rows.append(Row("c", "float16 training (16-mixed, GradScaler)", NEEDS_CUDA,
                         "Lightning trains 16-mixed as bf16-mixed on CPU; bf16 vs fp32 below instead"))
+    check = f"{tested} vs {reference}: adapter updates"
+    rows.append(budgeted(ctx, check, partial(_precision_row, ctx, tested, reference, check)))
+    return rows
+
+
+def _precision_row(ctx: Context, tested: str, reference: str, check: str) -> Row:
+    from codetune.model.loading import precision_for
+
     overrides = {**ctx.mode.precision_window, DROPOUT_FLAG: "0.0"}
     runs = {dtype: run_fit(ctx, FitSpec(f"c-{dtype}", DEFAULT_CONFIG, steps=ctx.mode.precision_steps,
                                         overrides={**overrides, DTYPE_FLAG: dtype}, keep_update=True))
@@ -785,14 +1039,11 @@ def section_precision(ctx: Context) -> list[Row]:
                "update_cosine": cosine, "grad_scaler_scale": a.scaler_scale,
                "precision": a.precision, "reference_precision": b.precision}
     scaler = f"GradScaler scale {a.scaler_scale:g}" if a.scaler_scale is not None else "no GradScaler"
-    rows.append(Row("c", f"{tested} vs {reference}: adapter updates", PASS if ok else FAIL,
-                    f"{a.precision} vs {b.precision}; loss {_fmt(a.losses[-1])} vs {_fmt(b.losses[-1])}; update "
-                    f"norm ratio {ratio:.3f}, cosine "
-                    f"{cosine:.3f}; {scaler}",
-                    f"{precision_for(getattr(torch, tested))}; losses finite; ratio 1 +- {UPDATE_RATIO_TOLERANCE:g}; "
-                    f"cosine >= {UPDATE_MIN_COSINE:g}"
-                    + ("; a GradScaler" if tested == "float16" else ""), figures))
-    return rows
+    return Row("c", check, PASS if ok else FAIL,
+               f"{a.precision} vs {b.precision}; loss {_fmt(a.losses[-1])} vs {_fmt(b.losses[-1])}; update "
+               f"norm ratio {ratio:.3f}, cosine {cosine:.3f}; {scaler}",
+               f"{precision_for(getattr(torch, tested))}; losses finite; ratio 1 +- {UPDATE_RATIO_TOLERANCE:g}; "
+               f"cosine >= {UPDATE_MIN_COSINE:g}" + ("; a GradScaler" if tested == "float16" else ""), figures)
 
 
 # -- section d: packed-window isolation ---------------------------------------------------------------------
@@ -809,7 +1060,7 @@ def section_isolation(ctx: Context) -> list[Row]:
         if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             rows.append(Row("d", check, "skipped: flash_attn not importable"))
             continue
-        rows.append(_isolation_row(ctx, windows, attn, check))
+        rows.append(budgeted(ctx, check, partial(_isolation_row, ctx, windows, attn, check)))
     return rows
 
 
@@ -902,15 +1153,22 @@ def _isolation_row(ctx: Context, windows, attn: str, check: str) -> Row:
 
 
 def section_use(ctx: Context) -> list[Row]:
-    from codetune.cli import main
-
-    # A run of section a (the Rust config, NF4 on CUDA), else any earlier one, else a short one of its own.
+    # A run of section a (the Rust config, NF4 on CUDA), else any earlier one, else a short one of its own (a
+    # budget spent before it skips the whole section).
     run = next((r for name, r in ctx.runs.items() if name.startswith("a-rust")), None)
     run = run or next(iter(ctx.runs.values()), None)
     if run is None:
         run = run_fit(ctx, FitSpec("e-run", RUST_CONFIG, steps=2))
+    rows = [budgeted(ctx, "codetune generate", partial(_generate_row, ctx, run)),
+            budgeted(ctx, "codetune merge", partial(_merge_row, ctx, run))]
+    _release(ctx)
+    return rows
+
+
+def _generate_row(ctx: Context, run: FitResult) -> Row:
+    from codetune.cli import main
+
     _set_cap(ctx, None)
-    rows = []
     prompt = "def analyze_"
     out = io.StringIO()
     started = time.perf_counter()
@@ -919,13 +1177,10 @@ def section_use(ctx: Context) -> list[Row]:
     text = out.getvalue().strip()
     quantized = bool(run.manifest["phase_results"]["phase_3_model"].get("quantized_4bit"))
     ok = status == 0 and text.startswith(prompt) and (quantized or not ctx.cuda)
-    rows.append(Row("e", f"codetune generate ({'NF4' if quantized else 'unquantized'}, {ctx.mode.device.type})",
-                    PASS if ok else FAIL, f"exit {status}, {time.perf_counter() - started:.1f} s: {text[:60]!r}",
-                    "exit 0, prints prompt + completion" + ("; the run's base in NF4" if ctx.cuda else ""),
-                    {"exit_status": status, "output": text, "run_dir": str(run.run_dir)}))
-    rows.append(_merge_row(ctx, run))
-    _release(ctx)
-    return rows
+    return Row("e", f"codetune generate ({'NF4' if quantized else 'unquantized'}, {ctx.mode.device.type})",
+               PASS if ok else FAIL, f"exit {status}, {time.perf_counter() - started:.1f} s: {text[:60]!r}",
+               "exit 0, prints prompt + completion" + ("; the run's base in NF4" if ctx.cuda else ""),
+               {"exit_status": status, "output": text, "run_dir": str(run.run_dir)})
 
 
 def _merge_row(ctx: Context, run: FitResult) -> Row:
@@ -974,24 +1229,41 @@ def _merge_row(ctx: Context, run: FitResult) -> Row:
 
 
 def section_gpu_tests(ctx: Context) -> list[Row]:
+    check = "pytest -m gpu tests/gpu"
     if not ctx.cuda:
-        return [Row("f", "pytest -m gpu tests/gpu", NEEDS_CUDA)]
+        return [Row("f", check, NEEDS_CUDA)]
+    return [budgeted(ctx, check, partial(_gpu_tests_row, ctx))]
+
+
+def _gpu_tests_row(ctx: Context) -> Row:
+    """The GPU tests in a subprocess, which, unlike a fit, the budget can stop: at the section's time left."""
     started = time.perf_counter()
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO_ROOT / "tests" / "gpu")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    left = ctx.budget.left_s()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO_ROOT / "tests" / "gpu")],
+                              cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path},
+                              timeout=None if math.isinf(left) else left)
+    except subprocess.TimeoutExpired as expired:
+        print(_text(expired.stdout)[-4000:], _text(expired.stderr)[-2000:], sep="\n", file=sys.stderr)
+        raise ctx.budget.spent(f"the rest of pytest -m gpu tests/gpu (stopped after {left:.0f} s)") from None
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
-    return [Row("f", "pytest -m gpu tests/gpu", PASS if proc.returncode == 0 else FAIL,
-                f"{summary} ({time.perf_counter() - started:.0f} s)", "exit 0",
-                {"returncode": proc.returncode, "summary": summary})]
+    return Row("f", "pytest -m gpu tests/gpu", PASS if proc.returncode == 0 else FAIL,
+               f"{summary} ({time.perf_counter() - started:.0f} s)", "exit 0",
+               {"returncode": proc.returncode, "summary": summary})
+
+
+def _text(output: bytes | str | None) -> str:
+    # TimeoutExpired holds what was captured as bytes, even with text=True.
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
-    "a": section_training, "b": section_oom, "c": section_precision, "d": section_isolation, "e": section_use,
+    "t": section_turing, "a": section_training, "b": section_oom, "c": section_precision, "d": section_isolation, "e": section_use,
     "f": section_gpu_tests,
 }
-SECTION_TITLES = {"a": "training", "b": "OOM back-off", "c": "fp16 (Turing)", "d": "packed isolation",
+SECTION_TITLES = {"t": "Turing path", "a": "training", "b": "OOM back-off", "c": "fp16 (Turing)", "d": "packed isolation",
                   "e": "generate / merge", "f": "GPU tests"}
 
 
@@ -1048,6 +1320,8 @@ def cuda_context_bytes() -> int:
 
 
 def setup(mode: Mode, work: Path, corpus_roots: Sequence[Path]) -> tuple[Context, Row]:
+    from codetune.allocator import allocator_record
+
     started = time.perf_counter()
     context = cuda_context_bytes() if not mode.dry_run else 0
     texts = corpus_texts(corpus_roots)
@@ -1064,7 +1338,8 @@ def setup(mode: Mode, work: Path, corpus_roots: Sequence[Path]) -> tuple[Context
     figures = {**model, "corpus_files": len(texts), "corpus_tokens": corpus_tokens, "corpus_copies": copies,
                "device": device, "cuda_context_gib": context / GiB, "card_gib": mode.card_gib,
                "allocator_cap_gib": ctx.card_cap_bytes / GiB if not mode.dry_run else None,
-               "torch": torch.__version__, "setup_s": time.perf_counter() - started}
+               "torch": torch.__version__, "cuda_allocator": allocator_record(),
+               "setup_s": time.perf_counter() - started}
     shape = mode.model_config
     measured = (f"Qwen2 {shape['num_hidden_layers']} x {shape['hidden_size']} ({model['parameters'] / 1e6:,.1f}M, "
                 f"vocab {model['vocab_size']:,}, tokenizer {model['tokenizer_tokens']:,}); corpus {len(texts)} files "
@@ -1103,11 +1378,51 @@ def render(rows: Sequence[Row], title: str) -> None:
         section = f"{row.section} {SECTION_TITLES.get(row.section, '')}".strip()
         table.add_row(section, row.check, f"[{colour}]{row.status}[/]", row.measured, row.criterion)
     Console(width=int(os.environ.get("COLUMNS", "200"))).print(table)
+    sys.stdout.flush()  # a pipe buffers: what a time limit would kill must already be out
 
 
 def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
+    """The rows and `meta` as JSON, replacing `path` whole (a temporary sibling, then a rename)."""
+    from codetune.run import atomic_write_text
+
     document = {**meta, "rows": [row.__dict__ for row in rows]}
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
+
+
+@dataclass
+class Report:
+    """The rows so far, printed and written (`--out`) as setup and each section end, so a command stopped by its
+    time limit still returns the sections it finished; `complete` is true only in the last write."""
+
+    out: Path | None
+    meta: dict[str, Any]
+    """What the JSON holds besides the rows, the timings and the budget (mode, sections, device)."""
+    budget: Budget
+    rows: list[Row] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, part: str, rows: Sequence[Row], seconds: float) -> None:
+        """Setup's or a section's rows: printed as a small table, and written with every row so far."""
+        self.rows += rows
+        label = f"section {part}, {SECTION_TITLES[part]}" if part in SECTION_TITLES else part
+        render(rows, f"gpu_check {label}: {seconds:.0f} s")
+        self.write(complete=False)
+
+    def write(self, complete: bool, title: str | None = None) -> None:
+        if self.out is None:
+            return
+        wall = time.perf_counter() - self.started
+        write_json(self.out, self.rows, {
+            "title": title or f"codetune GPU check ({self.meta['device']}; {wall:.0f} s so far)", **self.meta,
+            "complete": complete, "wall_s": wall,
+            "section_s": {name: round(seconds, 1) for name, seconds in self.budget.spent_s.items()},
+            "budget": self.budget.report()})
+
+    def finish(self) -> None:
+        """The full table, and the JSON marked complete."""
+        title = f"codetune GPU check ({self.meta['device']}; {time.perf_counter() - self.started:.0f} s)"
+        render(self.rows, title)
+        self.write(complete=True, title=title)
 
 
 # -- main -------------------------------------------------------------------------------------------------------
@@ -1116,8 +1431,12 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the same sections on CPU, tiny shapes")
-    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON to this file")
-    parser.add_argument("--sections", default="abcdef", help="which sections to run, e.g. 'a,d' (default: all)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the rows as JSON to this file (rewritten as each section ends)")
+    parser.add_argument("--sections", default="tabcdef", help="which sections to run, e.g. 'a,d' (default: all)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds for all the sections run, shared in the proportions of SECTION_BUDGET_S; a "
+                             "unit of work finding its section's share spent is skipped (default: %(default)g)")
     parser.add_argument("--card-gib", type=float, default=6.0, help="the card to emulate (GiB, context included)")
     parser.add_argument("--corpus", type=Path, action="append", default=None,
                         help=f"source directory to train on (repeatable; default: this repository's "
@@ -1128,12 +1447,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"--sections {unknown}: use letters of {''.join(SECTIONS)}")
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s {args.budget_s:g}: must be a positive number of seconds")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device is visible to torch: run on a GPU machine, or use --dry-run")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from codetune.allocator import set_allocator_default
+
+    # The fits run in this process, not through `codetune`'s entry point: the allocator is set here, before CUDA.
+    set_allocator_default()
     args = parse_args(argv)
     _quiet_libraries()
     if args.dry_run:
@@ -1142,35 +1467,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)
     mode = dry_mode(args.card_gib) if args.dry_run else real_mode(args.card_gib)
     roots = args.corpus or [REPO_ROOT / d for d in SOURCE_DIRS]
-    started = time.perf_counter()
+    device = "dry run, CPU" if mode.dry_run else torch.cuda.get_device_name(0)
+    report = Report(args.out, {"dry_run": mode.dry_run, "device": device, "sections": args.sections},
+                    Budget.shared(args.budget_s, args.sections))
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="codetune-gpu-check-")))
         work.mkdir(parents=True, exist_ok=True)
         ctx, setup_row = setup(mode, work, roots)
-        rows = [setup_row]
-        timings = {}
+        ctx.budget = report.budget
+        report.meta["setup_s"] = setup_row.figures["setup_s"]
+        report.add("setup", [setup_row], setup_row.figures["setup_s"])
         for name in args.sections:
-            began = time.perf_counter()
-            rows += _run_section(name, ctx)
-            timings[name] = round(time.perf_counter() - began, 1)
-            print(f"gpu_check: section {name} ({SECTION_TITLES[name]}) done in {timings[name]:.0f} s",
-                  file=sys.stderr, flush=True)
+            report.add(name, *run_section(name, ctx))
         vocab = vocabulary_row(ctx)
         if vocab is not None:
-            rows.insert(1, vocab)
-    wall = time.perf_counter() - started
-    title = (f"codetune GPU check ({'dry run, CPU' if mode.dry_run else torch.cuda.get_device_name(0)}; "
-             f"{wall:.0f} s)")
-    render(rows, title)
-    if args.out:
-        write_json(args.out, rows, {"title": title, "dry_run": mode.dry_run, "wall_s": wall,
-                                    "section_s": timings, "sections": args.sections})
-    return 1 if any(r.status == FAIL for r in rows) else 0
+            report.rows.insert(1, vocab)
+    report.finish()
+    return 1 if any(r.status == FAIL for r in report.rows) else 0
 
 
-def _run_section(name: str, ctx: Context) -> list[Row]:
+def run_section(name: str, ctx: Context) -> tuple[list[Row], float]:
+    """A section's rows within its budget, and its seconds."""
+    ctx.budget.start(name)
+    rows = _section_rows(name, ctx)
+    seconds = ctx.budget.finish()
+    print(f"gpu_check: section {name} ({SECTION_TITLES[name]}) done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return rows, seconds
+
+
+def _section_rows(name: str, ctx: Context) -> list[Row]:
+    """A section's rows; one `skipped: budget` row when it starts after the total budget is spent (or spends it
+    outside a row), one FAIL row when it raises (the traceback on stderr: the other sections still run)."""
     try:
+        ctx.budget.check(f"section {name} ({SECTION_TITLES[name]})")
         return SECTIONS[name](ctx)
+    except BudgetSpent as spent:
+        _release(ctx)
+        return [ctx.budget.skipped_row(SECTION_TITLES[name], spent)]
     except Exception as err:  # noqa: BLE001  a section's failure is a FAIL row; the other sections still run
         traceback.print_exc(file=sys.stderr)
         _release(ctx)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,6 +95,23 @@ def test_a_fit_goes_through_the_cli_with_the_common_flags_and_the_recorder(tmp_p
     assert settings["model.lora_dropout"] == 0.0 and settings["model.loss_chunk_size"] == 1024
 
 
+@pytest.mark.parametrize("config", ["RUST_CONFIG", "DEFAULT_CONFIG"])
+def test_the_common_flags_turn_every_generation_off_but_keep_the_base_held_out_loss(tmp_path, config):
+    from callbacks.generation_eval import GenerationEval
+    from codetune.cli import build_cli
+
+    ctx = gpu_check.Context(mode=gpu_check.dry_mode(6.0), work=tmp_path, model_dir=tmp_path / "model",
+                            corpus=tmp_path, context_bytes=0)
+    # The shipped YAMLs ask for language prompts and the callback's defaults for repo and FIM prompts: the flags
+    # must override all three, or a random model's completions run to the token cap in every fit.
+    spec = gpu_check.FitSpec("x", getattr(gpu_check, config))
+    parsed = build_cli(gpu_check.fit_args(ctx, spec)[1:], run=False)
+    (generation,) = [c for c in parsed.trainer.callbacks if isinstance(c, GenerationEval)]
+    assert generation.prompts == []
+    assert generation.n_repo_prompts == 0 and generation.n_fim_prompts == 0
+    assert generation.base_eval is True
+
+
 def test_on_a_6_gib_card_the_real_configs_get_the_largest_micro_batch_the_plan_fits(tmp_path):
     from codetune.memory_plan import plan_memory
 
@@ -114,23 +133,186 @@ def test_on_a_6_gib_card_the_real_configs_get_the_largest_micro_batch_the_plan_f
     assert shape.vocab_size == 151_936 and shape.num_hidden_layers == 28 and shape.head_size == 128
 
 
+class FakeClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_every_section_has_a_title_and_a_budget_share_that_add_up_to_the_default():
+    assert list(gpu_check.SECTIONS) == list(gpu_check.SECTION_TITLES) == list(gpu_check.SECTION_BUDGET_S)
+    assert sum(gpu_check.SECTION_BUDGET_S.values()) == gpu_check.DEFAULT_BUDGET_S == 480
+
+
+def test_the_budget_shares_the_total_and_says_why_a_unit_is_not_run():
+    clock = FakeClock()
+    every = gpu_check.Budget.shared(480, list("tabcdef"), clock=clock)
+    assert every.caps_s == gpu_check.SECTION_BUDGET_S
+    # A subset shares the whole total in the same proportions (a 170 : d 35).
+    assert gpu_check.Budget.shared(205, ["a", "d"], clock=clock).caps_s == {"a": 170.0, "d": 35.0}
+
+    budget = gpu_check.Budget.shared(480, list("tabcdef"), clock=clock)
+    budget.start("a")
+    clock.advance(169.5)
+    budget.check("fit a-rust-card")  # half a second left: a unit may still start
+    assert budget.left_s() == pytest.approx(0.5)
+    clock.advance(60.5)  # the fit ran past the cap: nothing stops a fit
+    with pytest.raises(gpu_check.BudgetSpent) as spent:
+        budget.check("fit a-default-shipped")
+    row = budget.skipped_row("default config as shipped, whole card", spent.value)
+    assert (row.section, row.status) == ("a", gpu_check.SKIPPED_BUDGET)
+    assert row.measured == "section a cap 170 s, 230 s spent; not run: fit a-default-shipped"
+    assert row.criterion == "--budget-s 480: this section's share 170 s"
+    assert row.figures["cap_s"] == 170 and row.figures["spent_s"] == pytest.approx(230)
+    assert budget.finish() == pytest.approx(230)
+    report = budget.report()
+    assert report["sections"]["a"] == {"cap_s": 170, "spent_s": pytest.approx(230), "hit": True,
+                                       "not_run": ["fit a-default-shipped"]}
+    assert report["sections"]["b"] == {"cap_s": 60, "spent_s": None, "hit": False, "not_run": []}
+
+
+def test_a_section_over_its_cap_skips_the_rest_and_the_spent_total_skips_later_sections(tmp_path, monkeypatch):
+    clock = FakeClock()
+    ctx = gpu_check.Context(mode=gpu_check.dry_mode(6.0), work=tmp_path, model_dir=tmp_path, corpus=tmp_path,
+                            context_bytes=0, budget=gpu_check.Budget(330, {"a": 200, "b": 70, "c": 60}, clock))
+
+    def section_of_slow_rows(name: str, seconds: float):
+        def make_row(check: str) -> gpu_check.Row:
+            clock.advance(seconds)
+            return gpu_check.Row(name, check, gpu_check.PASS)
+
+        return lambda ctx: [gpu_check.budgeted(ctx, f"row {i}", lambda i=i: make_row(f"row {i}")) for i in range(3)]
+
+    def never_called(ctx):
+        raise AssertionError("a section started after the total budget was spent")
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "a", section_of_slow_rows("a", 120))
+    monkeypatch.setitem(gpu_check.SECTIONS, "b", section_of_slow_rows("b", 60))
+    monkeypatch.setitem(gpu_check.SECTIONS, "c", never_called)
+
+    # a: rows at 0 and 120 s start (the second overruns the 200 s cap), the third finds the cap spent.
+    rows, seconds = gpu_check.run_section("a", ctx)
+    assert [r.status for r in rows] == [gpu_check.PASS, gpu_check.PASS, gpu_check.SKIPPED_BUDGET]
+    assert seconds == 240 and rows[2].measured == "section a cap 200 s, 240 s spent; not run: row 2"
+    # b: 90 s of the total left; rows at 0 and 60 s start, the third finds the total (330 s) spent.
+    rows, seconds = gpu_check.run_section("b", ctx)
+    assert [r.status for r in rows] == [gpu_check.PASS, gpu_check.PASS, gpu_check.SKIPPED_BUDGET]
+    assert rows[2].measured == ("section b cap 70 s, 120 s spent; total budget 330 s spent (360 s); "
+                                "not run: row 2")
+    # c starts after the total is spent: one row, and its work never starts.
+    rows, seconds = gpu_check.run_section("c", ctx)
+    assert len(rows) == 1 and seconds == 0
+    assert (rows[0].section, rows[0].check, rows[0].status) == ("c", "fp16 (Turing)", gpu_check.SKIPPED_BUDGET)
+    assert rows[0].measured == ("section c cap 60 s, 0 s spent; total budget 330 s spent (360 s); "
+                                "not run: section c (fp16 (Turing))")
+    report = ctx.budget.report()
+    assert {name: s["hit"] for name, s in report["sections"].items()} == {"a": True, "b": True, "c": True}
+    assert ctx.budget.spent_s == {"a": 240, "b": 120, "c": 0} and report["total_spent_s"] == 360
+
+
+def test_the_report_writes_every_row_so_far_after_each_part(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    budget = gpu_check.Budget.shared(480, ["a", "b"], clock=FakeClock())
+    report = gpu_check.Report(out, {"dry_run": True, "device": "cpu", "sections": ["a", "b"]}, budget)
+    report.add("setup", [gpu_check.Row("setup", "model", gpu_check.PASS)], 3.0)
+    document = json.loads(out.read_text())
+    assert [r["check"] for r in document["rows"]] == ["model"] and document["complete"] is False
+    assert document["section_s"] == {} and document["budget"]["sections"]["a"]["spent_s"] is None
+    budget.start("a")
+    budget.finish()
+    report.add("a", [gpu_check.Row("a", "fit", gpu_check.PASS, "12 tok/s")], 0.0)
+    document = json.loads(out.read_text())
+    assert [r["check"] for r in document["rows"]] == ["model", "fit"] and document["section_s"] == {"a": 0.0}
+    assert "12 tok/s" in capsys.readouterr().out  # the section's own table, before the end
+    report.finish()
+    assert json.loads(out.read_text())["complete"] is True
+    assert [p.name for p in tmp_path.iterdir()] == ["check.json"]  # no temporary file left
+
+
+def setup_allocator(document: dict) -> dict:
+    return next(r for r in document["rows"] if r["check"] == "random model, tokenizer, corpus")["figures"][
+        "cuda_allocator"]
+
+
 def rows_by_check(document: dict) -> dict[tuple[str, str], dict]:
     return {(row["section"], row["check"]): row for row in document["rows"]}
+
+
+def run_watching_the_json(args: list[str], out: Path, logs: Path, timeout_s: float) -> tuple[int, list[dict]]:
+    """Runs the check and reads `out` every 50 ms while it runs: its exit status and each distinct state of the
+    JSON seen (the sections its rows name, in order of appearance; `complete`; `section_s`)."""
+    states: list[dict] = []
+
+    def look() -> None:
+        if not out.exists():
+            return
+        document = json.loads(out.read_text())  # written whole, then renamed: never half a file
+        sections = list(dict.fromkeys(row["section"] for row in document["rows"]))
+        state = {"sections": sections, "complete": document["complete"], "section_s": document["section_s"]}
+        if not states or states[-1] != state:
+            states.append(state)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
+    # Files, not pipes: a pipe nobody reads while the check runs would fill and stall it.
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args, "--out", str(out)],
+                                cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            look()
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        look()
+    return proc.wait(), states
 
 
 @pytest.mark.slow
 def test_dry_run_runs_every_section_on_cpu_and_reports_numbers(tmp_path):
     out = tmp_path / "dry.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                               "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "codetune GPU check (dry run, CPU" in proc.stdout and "FAIL" not in proc.stdout
+    # A generous budget: a loaded CI machine must not turn rows into budget skips (the budget's own tests use a
+    # fake clock).
+    status, states = run_watching_the_json(["--dry-run", "--budget-s", "3600"], out, tmp_path, timeout_s=900)
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert status == 0, stderr[-3000:]
+    assert "codetune GPU check (dry run, CPU" in stdout and "FAIL" not in stdout
+    # The rows are on disk as each part ends: setup alone first, section a's rows before section c's exist, and
+    # every state in between names the sections in order, with the timings of those finished.
+    order = ["setup", "t", "a", "b", "c", "d", "e", "f"]
+    assert states[0]["sections"] == ["setup"] and states[0]["section_s"] == {}
+    assert any("a" in s["sections"] and "c" not in s["sections"] for s in states)
+    for state in states:
+        assert state["sections"] == order[:len(state["sections"])]
+        assert list(state["section_s"]) == state["sections"][1:]
+        assert state["complete"] is (state is states[-1])
+    assert [len(s["sections"]) for s in states] == sorted(len(s["sections"]) for s in states)
+    assert "gpu_check section a, training:" in stdout.split("codetune GPU check (dry run")[0]
+
     document = json.loads(out.read_text())
+    assert document["complete"] is True and set(document["section_s"]) == set(order[1:])
+    assert document["setup_s"] > 0 and document["wall_s"] >= document["setup_s"] + sum(document["section_s"].values())
+    budget = document["budget"]
+    assert budget["total_s"] == 3600 and sum(s["cap_s"] for s in budget["sections"].values()) == pytest.approx(3600)
+    assert not [name for name, s in budget["sections"].items() if s["hit"]]
     rows = rows_by_check(document)
-    assert {r["section"] for r in document["rows"]} == {"setup", "a", "b", "c", "d", "e", "f"}
-    assert not [r for r in document["rows"] if r["status"] == "FAIL"]
+    assert {r["section"] for r in document["rows"]} == set(order)
+    assert not [r for r in document["rows"] if r["status"] in ("FAIL", gpu_check.SKIPPED_BUDGET)]
+
+    # The Turing row: codetune's attention on an emulated 7.5 card runs every call on the memory-efficient kernel.
+    turing = next(r for r in document["rows"] if r["section"] == "t")
+    assert turing["status"] == "pass" and turing["figures"]["math_calls"] == 0
+    assert turing["figures"]["sdpa_calls"] > 0 and set(turing["figures"]["kernels"]) == {"efficient"}
+    # The manifest's kernel is the CPU's here (the module plans for the device it runs on; on a card it is 7.5's).
+    assert turing["figures"]["attention"]["kernel"] == "cpu" and turing["figures"]["micro_batch_size"] == 4
+    assert all(math.isfinite(x) for x in turing["figures"]["losses"])
+    assert setup_allocator(document)["expandable_segments"] is True
 
     vocab = rows[("setup", "token ids < model vocabulary")]["figures"]
     assert vocab["max_token_id"] < vocab["vocab_size"] == 1024
