@@ -130,3 +130,28 @@ def test_float16_trains_under_a_grad_scaler_with_fp32_lora_weights(tmp_path):
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in adapter.values())
     assert any("lora_B" in k and w.abs().max() > 0 for k, w in adapter.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_no_attention_call_runs_the_math_kernel_on_this_card(qwen_dir, dtype):
+    """A training step of micro-batches with and without file boundaries: torch's dispatcher picks a fused kernel
+    for every SDPA call (bf16 only where the card runs it natively)."""
+    from codetune.model.attention import record_sdpa_calls
+
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 has no fused attention kernel below compute capability 8.0 (codetune refuses it)")
+    model = apply_lora(load_causal_lm(qwen_dir, True, dtype, False, "sdpa", CUDA), 8, 16, 0.0,
+                       list(DEFAULT_LORA_TARGETS))
+    keep_adapter_input_dtype(model)
+    ids = torch.randint(3, 300, (2, 64), device=CUDA, generator=torch.Generator(CUDA).manual_seed(0))
+    plain = torch.arange(64, device=CUDA).repeat(2, 1)
+    packed = plain.clone()
+    packed[:, 40:] -= 40
+    with record_sdpa_calls() as calls, torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        for positions in (plain, packed):
+            hidden = model.get_base_model().get_decoder()(input_ids=ids, position_ids=positions,
+                                                          use_cache=False).last_hidden_state
+            loss, n = causal_lm_loss_sum(hidden, model.get_base_model().get_output_embeddings(), ids, 32)
+            (loss / n).backward()
+    assert len(calls) == 2 * 2 and all(call.device == "cuda" for call in calls)
+    assert [call.picked for call in calls].count("math") == 0, [call.picked for call in calls]
