@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from pathlib import Path
 
@@ -144,6 +145,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             **extra}
+
+
+@contextlib.contextmanager
+def emulated_card(capability: tuple[int, int]):
+    """codetune's attention sees a CUDA card of `capability` and takes that card's kernel layout (e.g. k/v repeated
+    for the memory-efficient kernel below 8.0); CPU SDPA runs the call, since the CPU has no such kernel to restrict
+    to, so the kernel request is dropped."""
+    from unittest import mock
+
+    import codetune.model.attention as attention_lib
+
+    with mock.patch.object(attention_lib, "device_capability", lambda device: capability), \
+            mock.patch.object(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext()):
+        yield
 
 
 def load_gpu_check():

@@ -21,16 +21,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 
-from unittest import mock
-
 import pytest
 import torch
+from conftest import emulated_card
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import codetune.model.attention as attention_lib
 from codetune.errors import ConfigError
 from codetune.model.attention import loaded_implementation
 from codetune.memory_plan import (ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, GiB, MemoryPlan, ModelShape,
@@ -215,15 +213,9 @@ def _loaded_attention(training: TrainingShape) -> str:
     return training.attn_implementation
 
 
-@contextlib.contextmanager
-def _emulated_card(training: TrainingShape):
-    """An emulated Turing card for codetune's attention (its kernel layout: k/v repeated); CPU SDPA runs the call."""
-    if training.unmasked_kernel != "efficient":
-        yield
-        return
-    with mock.patch.object(attention_lib, "device_capability", lambda device: (7, 5)), \
-            mock.patch.object(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext()):
-        yield
+def _card_of(training: TrainingShape):
+    """An emulated Turing card where the plan's unmasked kernel is the memory-efficient one (k/v repeated)."""
+    return emulated_card((7, 5)) if training.unmasked_kernel == "efficient" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,7 +241,7 @@ def _measure_model(model, training: TrainingShape, dtype: torch.dtype) -> Measur
     runs a training step (manual optimization: the backward is inside `training_step`).
     """
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with _one_thread(), autocast, _emulated_card(training):
+    with _one_thread(), autocast, _card_of(training):
         return _run_step(model, training)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import transformers.integrations.flash_attention as flash_integration
 from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lora_llama
 from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
+from conftest import emulated_card
 from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
 import codetune.model.attention as attention_lib
@@ -77,10 +78,6 @@ def alone(tokens: np.ndarray) -> dict[str, torch.Tensor]:
 def use_attention(model, name: str, monkeypatch) -> None:
     if name.startswith(attention_lib.ATTENTION_IMPLEMENTATION):
         attention_lib.register()
-        if name.endswith("@7.5"):
-            # The CPU has no memory-efficient kernel to restrict to: the request is dropped, the layout kept.
-            monkeypatch.setattr(attention_lib, "device_capability", lambda device: (7, 5))
-            monkeypatch.setattr(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext())
         name = attention_lib.ATTENTION_IMPLEMENTATION
     if name == "flash_attention_2":
         # flash-attn is CUDA-only: its kernel is replaced, transformers' dispatch and packing rule are kept.
@@ -119,22 +116,24 @@ def test_every_file_in_a_packed_batch_sees_only_itself(lora_model, attention, mo
     """Logits file by file; the loss, target count and LoRA gradients of the whole batch against the sums of the
     files alone (one forward each way)."""
     use_attention(lora_model, attention, monkeypatch)
-    module = module_for(lora_model)
-    logits, loss, n = forward(module, packed_batch())
-    packed_grads = lora_grads(module, loss)
-    alone_loss, alone_n = torch.zeros(()), 0
-    for row, column, tokens in fragments():
-        alone_logits, piece_loss, piece_n = forward(module, alone(tokens))
-        torch.testing.assert_close(logits[row, column:column + len(tokens)], alone_logits[0], rtol=1e-5, atol=1e-5,
-                                   msg=f"{attention}: the file at row {row}, column {column}")
-        alone_loss, alone_n = alone_loss + piece_loss, alone_n + int(piece_n)
-    # Every token of every piece is a target except the piece's first: no file start, no padding.
-    assert n.item() == alone_n == sum(len(t) - 1 for _, _, t in fragments())
-    torch.testing.assert_close(loss.detach(), alone_loss.detach(), rtol=1e-5, atol=1e-4)
-    reference = lora_grads(module, alone_loss)
-    assert len(packed_grads) == 2 * 4 * 2  # A and B of q, k, v, o in 2 layers: the adapters are on the path
-    for name, grad in packed_grads.items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=f"{attention}: {name}")
+    card = emulated_card((7, 5)) if attention.endswith("@7.5") else contextlib.nullcontext()
+    with card:
+        module = module_for(lora_model)
+        logits, loss, n = forward(module, packed_batch())
+        packed_grads = lora_grads(module, loss)
+        alone_loss, alone_n = torch.zeros(()), 0
+        for row, column, tokens in fragments():
+            alone_logits, piece_loss, piece_n = forward(module, alone(tokens))
+            torch.testing.assert_close(logits[row, column:column + len(tokens)], alone_logits[0], rtol=1e-5, atol=1e-5,
+                                       msg=f"{attention}: the file at row {row}, column {column}")
+            alone_loss, alone_n = alone_loss + piece_loss, alone_n + int(piece_n)
+        # Every token of every piece is a target except the piece's first: no file start, no padding.
+        assert n.item() == alone_n == sum(len(t) - 1 for _, _, t in fragments())
+        torch.testing.assert_close(loss.detach(), alone_loss.detach(), rtol=1e-5, atol=1e-4)
+        reference = lora_grads(module, alone_loss)
+        assert len(packed_grads) == 2 * 4 * 2  # A and B of q, k, v, o in 2 layers: the adapters are on the path
+        for name, grad in packed_grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=f"{attention}: {name}")
 
 
 @torch.no_grad()
