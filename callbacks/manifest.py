@@ -19,7 +19,10 @@ from typing_extensions import override
 from callbacks.generation_eval import GenerationEval
 from callbacks.interrupt import TrainingInterrupted
 from codetune.allocator import allocator_record
-from codetune.run import ADAPTER_DIR, Manifest, git_commit, package_versions, utc_now
+from codetune.checkpoint_io import listen_to_saves
+from codetune.errors import ConfigError, DiskFullError
+from codetune.run import ADAPTER_DIR, MANIFEST_NAME, Manifest, git_commit, package_versions, utc_now
+from codetune.run_dir import relative_to_run
 
 SHOWN_BEFORE_TRAINING = ("phase_1_scan", "phase_2_tokenize", "phase_3_model")
 
@@ -44,16 +47,20 @@ class ManifestWriter(Callback):
       (the generation eval: base and tuned metrics, deltas);
     - ``phase_6_export``: the adapter directory (peft ``save_pretrained``, safetensors).
 
-    Top level: ``run_name``, ``run_dir``, ``status``, ``training_time_minutes``, ``started_at``,
+    Top level: ``run_name``, ``status``, ``training_time_minutes``, ``started_at``,
     ``finished_at``, ``repo``, ``repo_git_commit``, ``versions``, ``config`` (the resolved CLI
     config, when the CLI saved one), ``segments`` (one per training process: the first and each
     resume, with ``resumed_from``, ``start_step``, ``end_step``, ``training_minutes``, ``status``;
-    brought up to date at every checkpoint, so a killed segment still shows how far it got).
+    brought up to date each time a checkpoint is whole on disk, so a killed segment shows where a resume starts:
+    ``last_checkpoint`` and ``end_step`` name a checkpoint that exists, never one whose write failed).
+    Every path recorded is relative to the run directory, so the run can be moved.
     ``training_time_minutes``, each segment's ``training_minutes`` and ``phase_4_training``'s ``wall_s`` are
     training time: the steps and the validation, not the generation eval (before the first step and at each
     epoch end), whose seconds ``phase_5_evaluation`` holds.
     A failure marks the running phase and segment ``failed`` with the error; Ctrl-C or SIGTERM
-    (``callbacks/interrupt.py``) marks them, and the run, ``interrupted``, naming the step and the checkpoint.
+    (``callbacks/interrupt.py``) and a full disk mark them, and the run, ``interrupted``, naming the step and the
+    checkpoint a resume starts from. A run that trained no optimizer step (``--trainer.max_epochs 0``, or
+    ``--trainer.limit_train_batches 0``) is refused at its end: its adapter would be the untrained one.
 
     The console shows each phase as it ends (status, wall time, its key figures); Lightning's rich
     progress bar shows the training itself.
@@ -69,7 +76,11 @@ class ManifestWriter(Callback):
         self._train_started = 0.0
         self._eval_s_at_start = 0.0
         self._final_minutes: float | None = None
+        self._pending_minutes = 0.0
+        self._train_loss: float | None = None
+        self._trainer: L.Trainer | None = None
         self._console = Console(highlight=False, soft_wrap=True)
+        self._prepared_shown = False
 
     @property
     def run_dir(self) -> Path:
@@ -80,19 +91,23 @@ class ManifestWriter(Callback):
         self._trainer = trainer
         if stage != "fit" or not trainer.is_global_zero:
             return
-        self.manifest = Manifest(self.run_dir)
+        self.manifest = begin_manifest(self.run_dir)
         datamodule = trainer.datamodule
         repo = Path(getattr(datamodule, "repo", ".")).resolve()
-        # Left by an earlier process in this directory.
-        for stale in ("failed_phase", "error", "interrupted_phase", "interrupted", "finished_at"):
-            self.manifest.data.pop(stale, None)
-        self.manifest.update(run_name=self.run_dir.name, run_dir=str(self.run_dir.resolve()), status="running",
-                             started_at=self.manifest.data.get("started_at") or utc_now(), repo=str(repo),
-                             repo_git_commit=git_commit(repo), versions=package_versions())
+        self.manifest.update(repo=str(repo), repo_git_commit=git_commit(repo), versions=package_versions())
+        self._record_prepared(datamodule)
+        self.manifest.start_phase("phase_3_model")
+        listen_to_saves(trainer, self._checkpoint_saved)
+
+    def _record_prepared(self, datamodule: Any) -> None:
+        """The data module's phases that ended (the scan, the tokenization), once."""
+        if self._prepared_shown:
+            return
         for phase, results in getattr(datamodule, "report", {}).items():
             self.manifest.finish_phase(phase, {k: v for k, v in results.items() if k != "wall_s"},
                                        wall_s=results.get("wall_s", 0.0))
             self._show(phase)
+            self._prepared_shown = True
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -120,7 +135,7 @@ class ManifestWriter(Callback):
             "cuda_allocator": allocator_record(),
             "trainable_parameters": trainable,
             "total_parameters": total,
-        }, wall_s=0.0)
+        })
         self._show("phase_3_model")
 
     @override
@@ -131,7 +146,8 @@ class ManifestWriter(Callback):
         if self.manifest is not None:
             self.manifest.start_phase("phase_4_training")
             # The checkpoint is known (and loaded) by now; without one, earlier segments were another run.
-            self.manifest.start_segment(resumed_from=str(trainer.ckpt_path) if trainer.ckpt_path else None)
+            self.manifest.start_segment(resumed_from=relative_to_run(trainer.ckpt_path, self.run_dir)
+                                        if trainer.ckpt_path else None)
             self.manifest.update_segment(start_step=trainer.global_step, end_step=trainer.global_step,
                                          training_minutes=0.0)
             resumed = f" (resumed at step {trainer.global_step})" if trainer.ckpt_path else ""
@@ -139,10 +155,14 @@ class ManifestWriter(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # What a later resume will start from: if this process is killed, its segment ends here.
+        # The segment's time as the checkpoint holds it; recorded once the file is whole (_checkpoint_saved).
+        self._pending_minutes = self._training_minutes(trainer)
+
+    def _checkpoint_saved(self, path: Path, step: int) -> None:
+        """What a later resume will start from: if this process is killed, its segment ends here."""
         if self.manifest is not None and self.manifest.segments:
-            self.manifest.update_segment(end_step=trainer.global_step, last_checkpoint_at=utc_now(),
-                                         training_minutes=self._training_minutes(trainer))
+            self.manifest.update_segment(end_step=step, last_checkpoint=relative_to_run(path, self.run_dir),
+                                         last_checkpoint_at=utc_now(), training_minutes=self._pending_minutes)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -172,17 +192,31 @@ class ManifestWriter(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # on_fit_end also runs when a resumed run had nothing left to train: the adapter is still exported.
+        # on_fit_end also runs when a resumed run had nothing left to train (its checkpoint was of the last step,
+        # written during the final validation or the export): its figures are measured now, the adapter exported.
+        if self._final_minutes is None:
+            self._finish_without_steps(trainer, pl_module)
         self._export(trainer, pl_module)
 
+    def _finish_without_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val_loss = pl_module.held_out_loss()  # on every rank: each computes its share
+        self._final_minutes = 0.0
+        if self.manifest is not None:
+            self.manifest.start_segment(resumed_from=relative_to_run(trainer.ckpt_path, self.run_dir)
+                                        if trainer.ckpt_path else None)
+            self.manifest.update_segment(start_step=trainer.global_step, end_step=trainer.global_step,
+                                         training_minutes=0.0)
+            self._finish_training(trainer, 0.0, val_loss=val_loss, train_loss=self._train_loss)
+
     @rank_zero_only
-    def _finish_training(self, trainer: L.Trainer, minutes: float) -> None:
+    def _finish_training(self, trainer: L.Trainer, minutes: float, val_loss: float | None = None,
+                         train_loss: float | None = None) -> None:
         metrics = trainer.callback_metrics
-        val_loss = _metric(metrics, "val/loss")
+        val_loss = _metric(metrics, "val/loss") if val_loss is None else val_loss
         self.manifest.update_segment(end_step=trainer.global_step, training_minutes=round(minutes, 4))
         total_s = 60 * self.manifest.data["training_time_minutes"]  # every segment of a resumed run
         self.manifest.finish_phase("phase_4_training", {"training_stats": {
-            "final_train_loss": _metric(metrics, "train/loss"),
+            "final_train_loss": _metric(metrics, "train/loss") if train_loss is None else train_loss,
             "final_val_loss": val_loss,
             "final_perplexity": math.exp(val_loss) if val_loss is not None else None,
             "optimizer_steps": trainer.global_step,
@@ -196,12 +230,13 @@ class ManifestWriter(Callback):
                 self.manifest.finish_phase(phase, results, wall_s=results.get("eval_seconds"))
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            raise ConfigError(no_step_message(trainer))
         if not trainer.is_global_zero:
             return
         self.manifest.start_phase("phase_6_export")
-        adapter = self.run_dir / ADAPTER_DIR
-        pl_module.save_adapter(adapter)
-        self.manifest.finish_phase("phase_6_export", {"adapter_dir": str(adapter.resolve())})
+        pl_module.save_adapter(self.run_dir / ADAPTER_DIR)
+        self.manifest.finish_phase("phase_6_export", {"adapter_dir": ADAPTER_DIR})
         if self.manifest.segments:  # none when a resumed run had nothing left to train
             self.manifest.segments[-1].update(status="completed", finished_at=utc_now())
         self.manifest.update(status="completed", finished_at=utc_now())
@@ -212,20 +247,31 @@ class ManifestWriter(Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.manifest is None:
+        if not trainer.is_global_zero:
             return
-        if isinstance(exception, (TrainingInterrupted, KeyboardInterrupt)):
+        self._trainer = trainer
+        if self.manifest is None:  # stopped before setup: while the data module scanned or tokenized
+            if not (self.run_dir / MANIFEST_NAME).is_file():
+                return
+            self.manifest = Manifest(self.run_dir)
+        datamodule = trainer.datamodule
+        self._record_prepared(datamodule)
+        preparing = getattr(datamodule, "preparing", None)
+        if preparing is not None and self.manifest.phases.get(preparing, {}).get("status") != "running":
+            self.manifest.start_phase(preparing)
+        if isinstance(exception, (TrainingInterrupted, KeyboardInterrupt, DiskFullError)):
+            # Not failures: the run resumes from its last checkpoint, which the stop line (or the error) names.
             self._interrupt(trainer, exception)
-        else:
-            self.manifest.fail_running_phases(exception)
+            return
+        self.manifest.fail_running_phases(exception)
         for name, phase in self.manifest.phases.items():
-            if phase.get("status") in ("failed", "interrupted"):
+            if phase.get("status") == "failed":
                 self._show(name)
 
     def _interrupt(self, trainer: L.Trainer, exception: BaseException) -> None:
-        """A signal, not a failure. With a checkpoint, on_save_checkpoint brought the segment to its step; without
-        one, the segment keeps the figures of its last checkpoint, which is where a resume starts."""
-        reason = (str(exception) if isinstance(exception, TrainingInterrupted)
+        """A stop, not a failure. The segment keeps the figures of its last checkpoint (brought up to date when
+        one was written), which is where a resume starts."""
+        reason = (str(exception) if isinstance(exception, (TrainingInterrupted, DiskFullError))
                   else f"KeyboardInterrupt at step {trainer.global_step}: no checkpoint written")
         minutes = self.manifest.data.get("training_time_minutes") or 0.0
         self.manifest.interrupt_running_phases(reason, wall_s={"phase_4_training": 60 * minutes})
@@ -240,11 +286,32 @@ class ManifestWriter(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_trained": self.tokens_trained}
+        # The training loss at the checkpoint: a resume with no step left reports it (Lightning keeps no metric).
+        train_loss = _metric(self._trainer.callback_metrics, "train/loss") if self._trainer is not None else None
+        return {"tokens_trained": self.tokens_trained, "train_loss": train_loss}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_trained = state_dict.get("tokens_trained", 0)
+        self._train_loss = state_dict.get("train_loss")
+
+
+def begin_manifest(run_dir: Path) -> Manifest:
+    """The manifest of a run starting (or resuming) in `run_dir`: `running`, without what an earlier process in
+    the directory left (its error, its interruption, its end)."""
+    manifest = Manifest(run_dir)
+    for stale in ("failed_phase", "error", "interrupted_phase", "interrupted", "finished_at", "run_dir"):
+        manifest.data.pop(stale, None)
+    manifest.update(run_name=run_dir.name, status="running",
+                    started_at=manifest.data.get("started_at") or utc_now())
+    return manifest
+
+
+def no_step_message(trainer: L.Trainer) -> str:
+    limits = (f"--trainer.max_epochs {trainer.max_epochs}, --trainer.max_steps {trainer.max_steps}, "
+              f"--trainer.limit_train_batches {trainer.limit_train_batches}")
+    return (f"the run trained no optimizer step ({limits}), so there is no adapter to export: its LoRA weights "
+            f"would be the untrained ones. Give it at least one step (e.g. --trainer.max_epochs 1).")
 
 
 def phase_summary(name: str, phase: dict[str, Any]) -> str:
@@ -252,7 +319,9 @@ def phase_summary(name: str, phase: dict[str, Any]) -> str:
     if name == "phase_1_scan":
         return f"{phase.get('files_kept')} files, {phase.get('lines')} lines, {sum((phase.get('files_skipped') or {}).values())} skipped"
     if name == "phase_2_tokenize":
-        return (f"{phase.get('train_windows')} train / {phase.get('val_windows')} val windows of {phase.get('seq_len')} "
+        used = phase.get("val_windows_used", phase.get("val_windows"))
+        held_out = f" (of {phase.get('val_windows')})" if used != phase.get("val_windows") else ""
+        return (f"{phase.get('train_windows')} train / {used}{held_out} val windows of {phase.get('seq_len')} "
                 f"tokens, packing {100 * (phase.get('packing_efficiency') or 0):.2f}%")
     if name == "phase_3_model":
         return f"{phase.get('name_or_path')}: {phase.get('trainable_parameters'):,} of {phase.get('total_parameters'):,} parameters trained"

@@ -17,8 +17,8 @@ import argparse
 import difflib
 import importlib.resources
 import logging
+import os
 import re
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,35 +30,31 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from callbacks.generation_eval import GenerationEval
 from callbacks.interrupt import InterruptCheckpoint
-from callbacks.manifest import ManifestWriter
+from callbacks.manifest import ManifestWriter, begin_manifest
 from callbacks.oom_backoff import OOMBackoff
 from callbacks.random_state import RandomState
 from callbacks.vram_monitor import VRAMMonitor
 from codetune.checkpoint_io import AtomicCheckpointIO
 from codetune.data.datamodule import CodeDataModule
-from codetune.errors import ConfigError
+from codetune.errors import ConfigError, DiskFullError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
-from codetune.run import CONFIG_NAME, atomic_write_text, default_run_name
+from codetune.run import CONFIG_NAME, Manifest, atomic_write_text, default_run_name
+from codetune.run_dir import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
+                              resume_checkpoint, resumed_run_dir)
+from codetune.tensorboard import EpochlessTensorBoardLogger
 
-
-class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config as `config.yaml` in the run directory (atomically, rank zero)."""
-
-    def __init__(self, parser, config, **kwargs) -> None:
-        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
-
-    @override
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        text = self.parser.dump(self.config, skip_none=False)
-        atomic_write_text(Path(trainer.default_root_dir) / CONFIG_NAME, text)
+# The run directory rank zero chose, for the ranks Lightning's DDP launcher starts: they run this command line again
+# (with their rank in the environment), and a default --run_name is a timestamp that would differ.
+RUN_DIR_ENV = "CODETUNE_RUN_DIR"
 
 
 class CodetuneCLI(LightningCLI):
@@ -106,8 +102,13 @@ class CodetuneCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
-                            help="Run directory name under --runs_dir (default: a timestamp).")
-        parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are created.")
+                            help="Run directory name under --runs_dir (default: a timestamp). A name that is taken "
+                                 "is refused, unless --ckpt_path resumes that run or --overwrite_run replaces it.")
+        parser.add_argument("--runs_dir", type=str, default="runs",
+                            help="Where run directories are created (relative: to the current directory).")
+        parser.add_argument("--overwrite_run", type=bool, default=False,
+                            help="Train a new run in an existing --run_name, deleting that run's checkpoints, "
+                                 "logs, adapter and manifest first.")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=25,
                             help="Write checkpoints/last.ckpt every N optimizer steps (0: none during training; one is "
                                  "still written at its end and on Ctrl-C). A killed run resumes from it with "
@@ -131,29 +132,29 @@ class CodetuneCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        """The run directory, chosen and checked before anything is built (nothing is written yet: `fit` creates
+        and locks it). Its paths are given to the trainer in `instantiate_trainer`, not written into the config,
+        so that the config.yaml a run saves re-runs as a new run wherever it is copied."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        config.run_name = config.run_name or default_run_name()
-        run_dir = Path(config.runs_dir) / config.run_name
-        self.new_run_dir = None if run_dir.exists() else run_dir
-        config.trainer.default_root_dir = str(run_dir)
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = Namespace(
-                class_path="codetune.tensorboard.EpochlessTensorBoardLogger",
-                init_args=Namespace(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
-            )
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(run_dir / "checkpoints")
         if config.checkpoint_every_n_steps < 0:
             raise ConfigError(f"--checkpoint_every_n_steps={config.checkpoint_every_n_steps}: use a positive number "
                               "of optimizer steps, or 0 for no periodic checkpoint.")
-        if self.subcommand == "fit":
-            check_resumable(config.ckpt_path, Path(config.checkpoint.dirpath))
+        if self.subcommand != "fit":
+            return
+        check_trains_something(config.trainer)
+        self.resuming = config.ckpt_path is not None
+        self.run_dir = run_directory(config)
+        self.checkpoint = resume_checkpoint(config.ckpt_path, self.run_dir) if self.resuming else None
+        if rank_zero_only.rank == 0 and not self.resuming:
+            check_new_run_dir(self.run_dir, config.overwrite_run)
 
     @override
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The trainer, plus what codetune derives from flags. Added here rather than to the config, so
         config.yaml holds only what the user chose and `--config RUN/config.yaml` can resume a run."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if self.subcommand == "fit":
+            kwargs = {**self._run_dir_arguments(config), **kwargs}
         trainer = config.trainer
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_progress_bar is not False:
@@ -171,12 +172,34 @@ class CodetuneCLI(LightningCLI):
         chosen = trainer.precision is not None or any(isinstance(p, Precision) for p in plugins)
         derived = {} if chosen else {"precision": derived_precision(
             self.config[self.subcommand] if self.subcommand else self.config)}
-        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **derived, **kwargs})
+        trainer = super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **derived, **kwargs})
+        evaluations_last(trainer.callbacks)
+        return trainer
+
+    def _run_dir_arguments(self, config: Namespace) -> dict:
+        """The trainer's run directory and logger, and the --checkpoint callback's folder, all inside the run."""
+        arguments = {"default_root_dir": str(self.run_dir)}
+        if self.config[self.subcommand].trainer.logger in (None, True):
+            arguments["logger"] = EpochlessTensorBoardLogger(save_dir=str(self.run_dir), name=TENSORBOARD_DIR,
+                                                             version="", default_hp_metric=False)
+        if self.config[self.subcommand].checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.realpath(self.run_dir / CHECKPOINTS_DIR)
+        return arguments
 
     def fit(self, **kwargs) -> None:
-        """`trainer.fit`; bad input found once the run started (an empty repository, a model that will
-        not load) leaves no half-made run directory behind, unless the directory held an earlier run."""
+        """`trainer.fit` in the run directory, which this process creates (or reuses, resuming) and locks first.
+        Bad input found once the run started (an empty repository, a model that will not load) leaves no
+        half-made run directory behind; a full disk says what was kept and how to continue."""
+        interrupt = next(c for c in self.trainer.callbacks if isinstance(c, InterruptCheckpoint))
+        interrupt.install(self.trainer)  # from the scan on: a signal at any moment leaves a whole manifest
+        lock, created = None, False
         try:
+            if rank_zero_only.rank == 0:
+                lock, created = open_run_dir(self.run_dir, self.resuming, self.config[self.subcommand].overwrite_run)
+                os.environ[RUN_DIR_ENV] = str(self.run_dir.resolve())
+                self._save_config()
+                begin_manifest(self.run_dir)
+            kwargs["ckpt_path"] = str(self.checkpoint) if self.checkpoint else None
             with warnings.catch_warnings():
                 # Lightning's guess, from the DataLoader alone, that a mid-epoch resume replays data: the data
                 # module holds the data position and restores it (codetune/data/sampler.py).
@@ -184,11 +207,27 @@ class CodetuneCLI(LightningCLI):
                 # ... and its advice to save weights from *before* the optimizer step: a step checkpoint here is
                 # taken after a whole optimizer step, which is the state a resume must continue from.
                 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+                # A moved run's checkpoint names the folder it was saved in; the run's own folder is the one used.
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
                 self.trainer.fit(**kwargs)
         except ConfigError:
-            if self.new_run_dir is not None:
-                shutil.rmtree(self.new_run_dir, ignore_errors=True)
+            if created and lock is not None:
+                remove_new_run(self.run_dir, lock)
             raise
+        except DiskFullError as err:
+            raise DiskFullError(f"{err}. {kept_and_continue(self.run_dir)}") from None
+        finally:
+            interrupt.restore()
+            if lock is not None:
+                lock.release()
+
+    def _save_config(self) -> None:
+        """config.yaml: the run's settings, without what names this run (its name, its resume, its overwrite), so
+        that `--config RUN/config.yaml` alone starts a new run and with `--ckpt_path last` resumes this one."""
+        config = self.config[self.subcommand].clone()
+        config.ckpt_path, config.run_name, config.overwrite_run = None, None, False
+        text = self._parser(self.subcommand).dump(config, skip_none=False)
+        atomic_write_text(self.run_dir / CONFIG_NAME, text)
 
 
 class RunProgressBar(RichProgressBar):
@@ -221,18 +260,47 @@ class RunProgressBar(RichProgressBar):
             super()._stop_progress()
 
 
-def check_resumable(ckpt_path: str | None, checkpoints: Path) -> None:
-    """`--ckpt_path` must name a checkpoint that is there: Lightning would warn and train from scratch instead."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
-        return  # Lightning's other keywords: it resolves (and refuses) them itself
-    fresh = "To start the run fresh instead, run the same command without --ckpt_path."
-    if ckpt_path == "last":
-        if not any(checkpoints.glob("last*.ckpt")):
-            raise ConfigError(f"--ckpt_path last: nothing to resume in {checkpoints} (no last.ckpt: the run saved "
-                              f"no checkpoint yet). {fresh}")
-    elif not Path(ckpt_path).is_file():
-        raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file (give a .ckpt file, or `last` for the "
-                          f"run's {checkpoints}/last.ckpt). {fresh}")
+def evaluations_last(callbacks: list) -> None:
+    """Moves the generation eval after the other callbacks (checkpointing aside, which Lightning keeps last), in
+    place: the manifest has started training and the interrupt handler knows an evaluation runs (at the start of
+    training and at each epoch's end) before it starts, so a signal during it is recorded where it landed."""
+    evaluations = [c for c in callbacks if isinstance(c, GenerationEval)]
+    others = [c for c in callbacks if not isinstance(c, (GenerationEval, ModelCheckpoint))]
+    callbacks[:] = others + evaluations + [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+
+
+def run_directory(config: Namespace) -> Path:
+    """The directory this fit trains in: the resumed run's (found from its config.yaml, see
+    `codetune.run_dir.resumed_run_dir`), else `--runs_dir`/`--run_name`; a rank started by DDP's launcher takes
+    rank zero's."""
+    if rank_zero_only.rank != 0 and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if config.ckpt_path in ("best", "hpc") or str(config.ckpt_path).startswith("registry"):
+        raise ConfigError(f"--ckpt_path {config.ckpt_path}: codetune resumes a run from `last` (its "
+                          f"checkpoints/last.ckpt) or from a .ckpt file.")
+    configs = [str(path) for path in (config.get("config") or []) if path is not None]
+    resumed = resumed_run_dir(config.ckpt_path, config.run_name, config.runs_dir, configs)
+    return resumed or Path(config.runs_dir).expanduser() / (config.run_name or default_run_name())
+
+
+def check_trains_something(trainer: Namespace) -> None:
+    """A fit that would train no step is refused before anything is built: it would export the untrained adapter."""
+    for flag in ("max_epochs", "max_steps"):
+        if getattr(trainer, flag) == 0:
+            raise ConfigError(f"--trainer.{flag} 0 trains nothing, so the run would end with the untrained adapter. "
+                              f"Give at least 1 (or leave it unset).")
+
+
+def kept_and_continue(run_dir: Path) -> str:
+    """What a run stopped by a full disk kept (its last whole checkpoint, as the manifest says) and the command
+    that continues it once there is space."""
+    segments = Manifest(run_dir).segments if run_dir.is_dir() else []
+    last = next((s for s in reversed(segments) if s.get("last_checkpoint")), None)
+    resume = f"codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last"
+    if last is None:
+        return f"No checkpoint was written; once there is space, start the run again with: {resume}"
+    return (f"The last good checkpoint, {run_dir / last['last_checkpoint']} (step {last['end_step']}), is kept: once "
+            f"there is space, continue with: {resume}")
 
 
 # -- configs shipped with the package -----------------------------------------------------------------
@@ -410,8 +478,8 @@ def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], r
         CodeDataModule,
         args=None if args is None else list(args),
         seed_everything_default=42,
-        save_config_callback=RunConfigSaver,
-        save_config_kwargs={"overwrite": True},
+        # fit writes config.yaml itself, when it creates the run directory (before the scan).
+        save_config_callback=None,
         # InterruptCheckpoint last: its checkpoint at a step boundary follows every other callback's work of the step.
         trainer_defaults={"callbacks": [ManifestWriter(), RandomState(), InterruptCheckpoint()],
                           "log_every_n_steps": 1},

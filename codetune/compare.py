@@ -30,6 +30,7 @@ from rich.text import Text
 
 from codetune.errors import ConfigError, exit_status
 from codetune.run import MANIFEST_NAME
+from codetune.run_dir import live_status
 
 MISSING = "—"
 LOWER, HIGHER = "lower", "higher"
@@ -171,6 +172,8 @@ def load_manifest(argument: str) -> LoadedRun:
     if not isinstance(data, dict):
         raise ConfigError(f"RUN {argument!r}: {path} holds a JSON {type(data).__name__}, not a run manifest "
                           f"(a JSON object with phase_results); give a manifest written by `codetune fit`.")
+    # A manifest left `running` by a process that is gone (kill -9, a power cut) says so.
+    data["status"] = live_status(path.parent, data)
     return LoadedRun(argument, path, data)
 
 

@@ -29,6 +29,11 @@ class NonFiniteActivationsError(CodetuneError):
     compute dtype (or its weights are damaged)."""
 
 
+class DiskFullError(CodetuneError, OSError):
+    """A file could not be written for lack of space (or quota): nothing half-written is left, and the message
+    names the directory, the space the file needed and the space there was."""
+
+
 class NonFiniteWeightsError(CodetuneError):
     """Trainable weights hold nan or inf: they are not exported as an adapter."""
 

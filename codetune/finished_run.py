@@ -24,6 +24,7 @@ from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
 from codetune.model.tiny import TINY_NAME
 from codetune.run import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME
+from codetune.run_dir import live_status, read_holder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -88,9 +89,7 @@ def load_run_config(run: str | Path) -> RunConfig:
     if missing:
         raise ConfigError(f"RUN {str(run)!r}: {config_path} lacks {missing}; it was not written by `codetune fit`.")
     if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        raise ConfigError(f"RUN {str(run)!r} has no {ADAPTER_DIR}/: the run did not finish. Resume it with "
-                          f"`make resume RUN={run_dir}` or `codetune fit --config {config_path} --ckpt_path last` "
-                          f"(if it never saved a checkpoint: `codetune fit --config {config_path}`).")
+        raise ConfigError(f"RUN {str(run)!r} has no {ADAPTER_DIR}/: {unfinished(run_dir)}")
     if model["name_or_path"] == TINY_NAME and not (run_dir / BASE_MODEL_DIR / "config.json").is_file():
         raise ConfigError(f"RUN {str(run)!r} trained the 'tiny' model but its {BASE_MODEL_DIR}/ is missing, and "
                           f"the adapter only fits that base. Train the run again.")
@@ -103,6 +102,22 @@ def load_run_config(run: str | Path) -> RunConfig:
                      base_revision=phase_3_model(run_dir).get("base_revision"),
                      repo=data.get("repo"), file_headers=bool(data.get("file_headers", False)),
                      float16_residual_scale=int(model.get("float16_residual_scale", 32)))
+
+
+def unfinished(run_dir: Path) -> str:
+    """Why a run has no adapter yet, and what to do: it is training now, was killed, or stopped."""
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text(encoding="utf-8")) if (
+        run_dir / MANIFEST_NAME).is_file() else {}
+    status = live_status(run_dir, manifest)
+    if status == "running":
+        holder = read_holder(run_dir)
+        return (f"it is still training (process {holder.get('pid')} on {holder.get('host')}). Wait for it to "
+                f"finish.")
+    resume = f"codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last"
+    if status == "killed":
+        return (f"it was killed while training (its manifest still says running, and no process holds it). "
+                f"Resume it with: {resume}")
+    return f"the run did not finish ({status}). Resume it with: {resume} (or: make resume RUN={run_dir})"
 
 
 def check_base(config: RunConfig) -> None:

@@ -10,24 +10,32 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.interrupt import InterruptCheckpoint, InterruptRequest, TrainingInterrupted, resume_hint
+from callbacks.interrupt import InterruptCheckpoint, InterruptRequest, TrainingInterrupted, stop_line
+from codetune.checkpoint_io import AtomicCheckpointIO
 
 
-def test_first_signal_waits_for_the_step_second_stops_now_later_ones_are_ignored():
+def test_in_a_step_the_first_signal_waits_the_second_stops_now_later_ones_are_ignored():
     request = InterruptRequest()
     assert not request.requested and request.signum() == signal.SIGTERM  # a rank stopped by another's signal
-    assert request.receive(signal.SIGINT) == "at_step_end" and request.requested
-    assert request.receive(signal.SIGTERM) == "now"
-    assert request.receive(signal.SIGINT) == "ignore"
+    assert request.receive(signal.SIGINT, in_step=True) == "at_step_end" and request.requested
+    assert request.receive(signal.SIGTERM, in_step=True) == "now"
+    assert request.receive(signal.SIGINT, in_step=True) == "ignore"
     assert request.signum() == signal.SIGINT  # the first one names the stop
+
+
+def test_outside_a_step_the_first_signal_stops_now():
+    request = InterruptRequest()
+    assert request.receive(signal.SIGTERM, in_step=False) == "now"
+    assert request.receive(signal.SIGTERM, in_step=False) == "ignore"
 
 
 def test_exit_status_says_which_signal():
     assert TrainingInterrupted(signal.SIGINT, 14, Path("c/last.ckpt")).code == 130
     assert TrainingInterrupted(signal.SIGTERM, 14, None).code == 143
     stopped = TrainingInterrupted(signal.SIGINT, 14, Path("c/last.ckpt"))
-    assert str(stopped) == "SIGINT at step 14: checkpoint c/last.ckpt"
-    assert str(TrainingInterrupted(signal.SIGTERM, 3, None)) == "SIGTERM at step 3: no checkpoint written"
+    assert str(stopped) == "SIGINT during training at step 14: checkpoint c/last.ckpt"
+    assert str(TrainingInterrupted(signal.SIGTERM, 0, None, where="while tokenizing")) == \
+        "SIGTERM while tokenizing at step 0: no checkpoint written"
 
 
 class FakeTrainer(SimpleNamespace):
@@ -36,8 +44,10 @@ class FakeTrainer(SimpleNamespace):
     def __init__(self, tmp_path: Path, others_voted: bool = False) -> None:
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
         super().__init__(global_step=0, default_root_dir=str(tmp_path), is_global_zero=True, saved=[],
-                         checkpoint_callbacks=[checkpoint],
-                         strategy=SimpleNamespace(launcher=None, reduce_boolean_decision=self._vote))
+                         checkpoint_callbacks=[checkpoint], datamodule=None, world_size=1, ckpt_path=None,
+                         sanity_checking=False,
+                         strategy=SimpleNamespace(launcher=None, reduce_boolean_decision=self._vote,
+                                                  checkpoint_io=AtomicCheckpointIO()))
         self.others_voted = others_voted
         self.votes: list[tuple[bool, bool]] = []
 
@@ -47,6 +57,10 @@ class FakeTrainer(SimpleNamespace):
 
     def save_checkpoint(self, path) -> None:
         self.saved.append((Path(path), self.global_step))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("checkpoint")
+        for listener in self.strategy.checkpoint_io.listeners:  # as the atomic CheckpointIO confirms a write
+            listener(Path(path), self.global_step)
 
 
 @pytest.fixture
@@ -68,9 +82,11 @@ def started(tmp_path: Path, others_voted: bool = False) -> tuple[InterruptCheckp
 def test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, previous_handlers, capfd):
     callback, trainer = started(tmp_path)
     trainer.global_step = 13
+    callback.on_train_batch_start(trainer, None, None, 0)
     callback.on_train_batch_end(trainer, None, None, None, 0)
     assert trainer.saved == [] and trainer.votes == [(False, False)]  # nothing asked: training goes on
 
+    callback.on_train_batch_start(trainer, None, None, 0)
     signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the step in progress finishes
     assert "SIGINT received: stopping after step 14 with a checkpoint" in capfd.readouterr().err
     trainer.global_step = 14
@@ -81,8 +97,11 @@ def test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, pr
     assert (stop.value.code, stop.value.step, stop.value.checkpoint) == (130, 14, last)
 
     callback.on_exception(trainer, None, stop.value)
+    callback.teardown(trainer, None, "fit")
     assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
-    assert f"codetune fit --config {tmp_path / 'config.yaml'} --ckpt_path last" in capfd.readouterr().out
+    err = capfd.readouterr().err
+    assert f"SIGINT during training, at step 14: kept {last} (step 14)" in err
+    assert f"Continue with: codetune fit --config {tmp_path / 'config.yaml'} --ckpt_path last" in err
 
 
 def test_another_ranks_signal_stops_this_rank_at_the_same_step(tmp_path, previous_handlers):
@@ -96,34 +115,80 @@ def test_another_ranks_signal_stops_this_rank_at_the_same_step(tmp_path, previou
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, previous_handlers, capfd):
     callback, trainer = started(tmp_path)
     trainer.global_step = 3
+    callback.on_train_batch_start(trainer, None, None, 0)
     signal.raise_signal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as stop:
         signal.raise_signal(signal.SIGINT)
     assert (stop.value.code, stop.value.step, stop.value.checkpoint) == (130, 3, None)  # the signal that stopped it
-    assert trainer.saved == []
     callback.on_exception(trainer, None, stop.value)
-    assert "no checkpoint to resume from" in capfd.readouterr().out  # none written before either
+    assert trainer.saved == []  # mid-step weights are no step's: never saved
+    assert "no checkpoint holds its steps" in capfd.readouterr().err
+    callback.teardown(trainer, None, "fit")
     assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
 
 
-def test_training_that_ends_puts_the_handlers_back(tmp_path, previous_handlers):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_signal_during_validation_stops_at_once_and_saves_the_unsaved_steps(tmp_path, previous_handlers, capfd,
+                                                                              world_size):
+    callback, trainer = started(tmp_path)
+    trainer.world_size = world_size
+    trainer.global_step = 4
+    callback.on_validation_start(trainer, None)
+    with pytest.raises(TrainingInterrupted) as stop:
+        signal.raise_signal(signal.SIGTERM)
+    assert stop.value.where == "during validation"
+    callback.on_exception(trainer, None, stop.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    err = capfd.readouterr().err
+    if world_size == 1:  # the weights are step 4's, at a step boundary: kept
+        assert trainer.saved == [(last, 4)] and stop.value.checkpoint == last
+        assert f"SIGTERM during validation, at step 4: kept {last} (step 4)" in err
+    else:  # the other ranks cannot join the save
+        assert trainer.saved == [] and "no checkpoint holds its steps" in err
+    callback.teardown(trainer, None, "fit")
+
+
+def test_a_signal_after_a_checkpoint_of_this_step_saves_nothing_more(tmp_path, previous_handlers, capfd):
+    callback, trainer = started(tmp_path)
+    trainer.global_step = 4
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")  # the step's periodic checkpoint
+    callback.on_train_epoch_end(trainer, None)
+    with pytest.raises(TrainingInterrupted) as stop:
+        signal.raise_signal(signal.SIGINT)
+    callback.on_exception(trainer, None, stop.value)
+    assert len(trainer.saved) == 1 and stop.value.checkpoint == tmp_path / "checkpoints" / "last.ckpt"
+    assert "SIGINT during the epoch's evaluation, at step 4: kept" in capfd.readouterr().err
+    callback.teardown(trainer, None, "fit")
+
+
+def test_the_handlers_stay_until_teardown_then_go_back(tmp_path, previous_handlers):
     callback, trainer = started(tmp_path)
     assert signal.getsignal(signal.SIGINT) == callback._on_signal
     callback.on_train_end(trainer, None)
+    assert signal.getsignal(signal.SIGINT) == callback._on_signal  # the final checkpoint and the export are covered
+    callback.teardown(trainer, None, "fit")
     assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
 
 
-def test_without_a_model_checkpoint_signals_keep_their_usual_effect(tmp_path, previous_handlers):
+def test_without_a_model_checkpoint_a_signal_still_stops_the_run_cleanly(tmp_path, previous_handlers):
     callback, trainer = InterruptCheckpoint(), FakeTrainer(tmp_path)
     trainer.checkpoint_callbacks = []
     with pytest.warns(UserWarning, match="no ModelCheckpoint"):
         callback.setup(trainer, None, "fit")
     callback.on_train_start(trainer, None)
-    assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
+    callback.on_train_batch_start(trainer, None, None, 0)
+    signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as stop:
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert stop.value.checkpoint is None and trainer.saved == []
+    callback.teardown(trainer, None, "fit")
 
 
-def test_resume_hint_names_the_config_and_the_make_target(tmp_path):
-    hint = resume_hint(tmp_path / "runs" / "r", tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt")
+def test_the_stop_line_says_what_was_kept_and_what_continues(tmp_path):
     run = tmp_path / "runs" / "r"
-    assert f"codetune fit --config {run / 'config.yaml'} --ckpt_path last" in hint
-    assert f"make resume RUN={run}" in hint
+    never = stop_line(TrainingInterrupted(signal.SIGTERM, 0, None, where="while tokenizing"), run, (None, None))
+    assert never == (f"codetune: SIGTERM while tokenizing, at step 0: no step was trained; kept {run / 'config.yaml'} "
+                     f"and the manifest. Start it again with: codetune fit --config {run / 'config.yaml'} "
+                     f"--ckpt_path last")
+    older = stop_line(TrainingInterrupted(signal.SIGINT, 9, None), run, (run / "checkpoints" / "last.ckpt", 5))
+    assert "kept " + str(run / "checkpoints" / "last.ckpt") + " (step 5); steps 6-9 were not saved." in older
