@@ -9,7 +9,8 @@ longer windows, rank 16); otherwise `default` (`configs/training_config.yaml`). 
 "Code" means programming languages: prose and data files (`NON_CODE_LANGUAGES`: Markdown, reST,
 plain text, JSON, YAML, TOML) are listed and trained on but left out of the share, because a crate
 with a long README or a big `Cargo.toml` is still a Rust crate. Exactly 70% is not "more than 70%",
-and a repository without code gets the default config.
+and a repository without code gets the default config. Training refuses such a repository outright
+(`no_code_problem`): a code model fine-tuned on a README learns nothing about the user's code.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from codetune.data.files import SourceFile
+from codetune.data.files import LANGUAGE_BY_EXTENSION, SourceFile
 
 NON_CODE_LANGUAGES = frozenset({"markdown", "restructuredtext", "text", "json", "yaml", "toml"})
 RUST_SHARE_THRESHOLD = 0.70
 DEFAULT_CONFIG = "default"
 RUST_CONFIG = "rust"
+# Files named in the message of `no_code_problem` (the count says how many there are in all).
+FILES_NAMED = 5
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def language_table(files: Sequence[SourceFile], token_counts: Sequence[int] | No
         row[3] += token_counts[i] if token_counts is not None else 0
     rows = [
         LanguageRow(lang, n_files, lines, n_bytes, tokens if token_counts is not None else None,
-                    lang not in NON_CODE_LANGUAGES)
+                    is_code(lang))
         for lang, (n_files, lines, n_bytes, tokens) in totals.items()
     ]
     return sorted(rows, key=lambda r: (-r.lines, r.language))
@@ -83,3 +86,27 @@ def recommend_config(rows: Sequence[LanguageRow]) -> Recommendation:
     if share > RUST_SHARE_THRESHOLD:
         return Recommendation(RUST_CONFIG, share, f"{share:.1%} of code lines are Rust (more than 70%)")
     return Recommendation(DEFAULT_CONFIG, share, f"{share:.1%} of code lines are Rust (70% or less)")
+
+
+def is_code(language: str) -> bool:
+    """Whether `language` (a value of `LANGUAGE_BY_EXTENSION`) is a programming language, not prose or data."""
+    return language not in NON_CODE_LANGUAGES
+
+
+def code_extensions(extensions: Sequence[str]) -> list[str]:
+    """Those of `extensions` (known, dotted) whose language is a programming language, in their order."""
+    return [ext for ext in extensions if is_code(LANGUAGE_BY_EXTENSION[ext.lower()])]
+
+
+def no_code_problem(files: Sequence[SourceFile]) -> str | None:
+    """None when a kept file is in a programming language; otherwise what the scan kept, e.g. "the scan kept 1
+    file, README.md (markdown), and none in a programming language" (the first `FILES_NAMED` files, in scan order)."""
+    if any(is_code(f.language) for f in files):
+        return None
+    if not files:
+        return "the scan kept no file"
+    named = [f"{f.rel_path} ({f.language})" for f in files[:FILES_NAMED]]
+    if len(files) > FILES_NAMED:
+        named.append(f"{len(files) - FILES_NAMED} more")
+    count = f"{len(files)} file{'s' if len(files) != 1 else ''}"
+    return f"the scan kept {count}, {', '.join(named)}, and none in a programming language"

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from codetune.errors import ConfigError
-from codetune.model.model_dir import TOKENIZER_FILE, bad_model_dir_message, local_model_dir, tokenizer_problem
+from codetune.model.model_dir import (TOKENIZER_FILE, bad_model_dir_message, check_model_source, local_model_dir,
+                                      tokenizer_problem)
 from codetune.model.tiny import TINY_NAME, tiny_tokenizer, train_tokenizer
 from codetune.run import atomic_write_bytes
 
@@ -51,11 +52,14 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
 
     if name_or_path == TINY_NAME:
         return train_tokenizer(training_texts, vocab_size=tiny_vocab_size)
+    check_model_source(name_or_path, flag, tokenizer_only=True)
     directory = local_model_dir(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    except (ValueError, KeyError) as err:  # what transformers raises on a tokenizer.json it cannot read
-        problem = tokenizer_problem(directory) if directory is not None else None
+        # The expanded directory: transformers takes an unexpanded '~/...' for a hub id.
+        tokenizer = AutoTokenizer.from_pretrained(str(directory or name_or_path), trust_remote_code=trust_remote_code,
+                                                  revision=revision)
+    except (ValueError, KeyError) as err:  # what transformers raises on a tokenizer.json it cannot read, or lacks
+        problem = _tokenizer_file_problem(directory, err) if directory is not None else None
         if problem is None:
             raise
         raise ConfigError(bad_model_dir_message(flag, directory, problem)) from err
@@ -75,6 +79,16 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
         raise ConfigError(f"{flag} {name_or_path!r}: its tokenizer has no EOS token, which "
                           f"codetune needs to separate files.")
     return tokenizer
+
+
+def _tokenizer_file_problem(directory: Path, err: Exception) -> str | None:
+    """Why transformers failed with `err` on `directory`'s tokenizer: its tokenizer.json is missing (transformers then
+    tries to build one from other files, e.g. by converting a sentencepiece model) or does not parse; None when the
+    file parses, so the error is another one."""
+    if not (directory / TOKENIZER_FILE).is_file():
+        reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__  # one line, whatever transformers wrote
+        return f"it has no {TOKENIZER_FILE}, and transformers could not build a tokenizer without it ({reason})"
+    return tokenizer_problem(directory)
 
 
 def load_saved_tiny_tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import SafetensorError
 
 from codetune.errors import ConfigError
-from codetune.model.model_dir import bad_model_dir_message, config_problem, local_model_dir
+from codetune.model.model_dir import bad_model_dir_message, check_model_source, local_model_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -113,18 +113,17 @@ def load_causal_lm(name_or_path: str | Path, quantize: bool, dtype: torch.dtype,
 
     from codetune.model.attention import loaded_implementation
 
+    check_model_source(str(name_or_path), "--model.name_or_path")
     directory = local_model_dir(name_or_path)
-    problem = config_problem(directory) if directory is not None else None
-    if problem:
-        raise ConfigError(bad_model_dir_message("--model.name_or_path", directory, problem))
     quantization_config = None
     if quantize:
         quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     try:
         with quiet_weight_bars():
+            # The expanded directory: transformers takes an unexpanded '~/...' for a hub id.
             model = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), dtype=dtype, quantization_config=quantization_config,
+                str(directory or name_or_path), dtype=dtype, quantization_config=quantization_config,
                 trust_remote_code=trust_remote_code, attn_implementation=loaded_implementation(attn_implementation),
                 revision=revision,
                 # bitsandbytes quantizes while placing weights, so 4-bit loads straight onto the device.

@@ -5,6 +5,11 @@ transformers reports a broken directory by what it happened to trip over: a dire
 JSONDecodeError or KeyError. These checks name the file and what is wrong with it, so the error can say the fix.
 They are cheap: `config.json` is read before loading (a few KB); `tokenizer.json` is parsed only after a load
 failed, to find out whether it was the cause.
+
+**Path or hub id.** A value that exists on disk is a path. One that does not is still a path when it cannot be a
+Hugging Face id, which is `name` or `namespace/name`: it starts with `.`, `/` or `~`, holds more than one `/`, or
+holds a backslash. Such a value is refused here, instead of reaching the hub client, which would answer
+"Repo id must be in the form ..."; any other value is left to the download, which can take minutes.
 """
 
 from __future__ import annotations
@@ -12,14 +17,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from codetune.errors import ConfigError
+
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Either one lets transformers' AutoTokenizer load a directory without config.json.
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 
 
 def local_model_dir(name_or_path: str | Path) -> Path | None:
     """The directory `name_or_path` names, or None for a hub id (or anything that is not a directory)."""
     path = Path(name_or_path).expanduser()
     return path if path.is_dir() else None
+
+
+def written_as_path(value: str) -> bool:
+    """Whether `value` cannot be a Hugging Face id, so that it can only name a path (see the module docstring)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def check_model_source(name_or_path: str, flag: str, tokenizer_only: bool = False) -> None:
+    """Raise one ConfigError naming `flag` when `name_or_path` names a path but no model directory: one that does not
+    exist, a file, or a directory whose config.json is missing or broken. With `tokenizer_only` (only its tokenizer
+    is loaded) a directory that holds a tokenizer file (`TOKENIZER_FILES`) needs no config.json. A hub id passes (it
+    is checked when it loads). Callers leave out the built-in 'tiny', which is a name even where a directory of that
+    name exists."""
+    if not name_or_path.strip():
+        raise ConfigError(f"{flag} is empty: give a Hugging Face id (e.g. Qwen/Qwen2.5-Coder-1.5B), a local model "
+                          f"directory, or 'tiny'.")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+        problem = None if tokenizer_only and has_tokenizer else config_problem(path)
+        if problem:
+            raise ConfigError(bad_model_dir_message(flag, path, problem))
+    elif path.exists():
+        raise ConfigError(f"{flag} {name_or_path!r} is a file, not a model directory. Point {flag} at the directory "
+                          f"that holds {CONFIG_FILE}, the weights and {TOKENIZER_FILE}.")
+    elif written_as_path(name_or_path):
+        raise ConfigError(
+            f"{flag} {name_or_path!r}: no such directory (resolved to {str(path.absolute())!r}), and it cannot be a "
+            f"Hugging Face id, which is 'name' or 'namespace/name'. Fix the path to the model directory (one that "
+            f"holds {CONFIG_FILE}), or give a Hugging Face id such as Qwen/Qwen2.5-Coder-1.5B, or 'tiny'.")
 
 
 def config_problem(directory: Path) -> str | None:

@@ -53,6 +53,7 @@ from codetune.model.loading import (NATIVE_BF16_CAPABILITY, DType, Quantization,
                                     keep_adapter_input_dtype, load_causal_lm, quiet_weight_bars, resolve_dtype,
                                     resolve_quantization)
 from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
+from codetune.model.model_dir import check_model_source
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.model.tiny import TINY_NAME, build_tiny_model
@@ -136,6 +137,8 @@ class CodeLoRAModule(L.LightningModule):
         super().__init__()
         _validate(lora_rank, lora_alpha, lora_dropout, learning_rate, warmup_steps, micro_batch_size, loss_chunk_size)
         check_residual_scale(float16_residual_scale)
+        if name_or_path != TINY_NAME:
+            check_model_source(name_or_path, "--model.name_or_path")
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base is rebuilt on load.
@@ -621,8 +624,8 @@ class CodeLoRAModule(L.LightningModule):
 
     @torch.no_grad()
     def held_out_loss(self) -> float | None:
-        """Mean token NLL over the whole validation split, each rank computing its share (call it on every rank;
-        all get the global figure). The base-model eval uses it with the adapter disabled; during training,
+        """Mean token NLL over the validation windows (all held-out ones, or --data.max_val_windows of them), each
+        rank computing its share (call it on every rank; all get the global figure). The base-model eval uses it with the adapter disabled; during training,
         validation logs the same quantity as val/loss."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         was_training = self.model.training

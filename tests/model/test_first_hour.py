@@ -64,7 +64,7 @@ def _no_weights(d: Path) -> None:
 
 @pytest.mark.parametrize(("breaks", "says"), [
     (_no_config, "it has no config.json"),
-    (_broken_config, "config file at"),  # transformers' tokenizer reads config.json first: its words, our fix
+    (_broken_config, "its config.json is not valid JSON (Unterminated string"),
     (_broken_tokenizer, "its tokenizer.json cannot be parsed (EOF while parsing"),
     (_no_weights, "its weights could not be loaded (Error no file named model.safetensors"),
 ], ids=["no-config", "broken-config", "broken-tokenizer", "no-weights"])
