@@ -41,9 +41,12 @@ refuses (`modules_to_save`, DoRA, a bias, a rank above 512) and prints the `vllm
 base's recorded commit as `--revision` for a hub base.
 
 Every export checks the adapter for NaN and inf first, writes `--out` (default `RUN/export/<target>`)
-atomically, marks it with `codetune_export.json` (a later export may replace it; any other non-empty
-directory is refused), and records itself in the run's MANIFEST.json under `phase_7_export.exports`: format,
-directory, and each file's size and sha256 (an export to the same directory replaces its entry).
+atomically, marks it with `codetune_export.json`, whose `output_files` lists the files it wrote (a later export
+may replace them, whatever its target; a directory holding anything else, or not marked, is refused: see
+`codetune.run.replaceable_output_dir`), and records itself in the run's MANIFEST.json under
+`phase_7_export.exports`: format, directory, and each file's size and sha256 (an export to the same directory
+replaces its entry).
+`--help` and a bad flag answer before torch is imported: the functions that need it import it.
 """
 
 from __future__ import annotations
@@ -61,15 +64,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from codetune.errors import ConfigError
-from codetune.finished_run import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunConfig, check_adapter_finite, check_base,
-                                   load_run_config, load_tuned_tokenizer, pinned)
-from codetune.run import EXPORT_MARKER, Manifest, atomic_save_dir, replaceable_output_dir, utc_now
+from codetune.run import (EXPORT_MARKER, Manifest, atomic_save_dir, replaceable_output_dir, utc_now,
+                          write_output_marker)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
     from codetune.data.fim import FimTokens
+    from codetune.finished_run import RunConfig
 
 TARGETS = ("gguf", "ollama", "vllm")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -131,6 +134,8 @@ class Adapter:
 def read_adapter(adapter_dir: Path) -> Adapter:
     """The adapter in `adapter_dir` (peft's `save_pretrained` layout), every tensor in fp32 on the CPU."""
     from safetensors import safe_open
+
+    from codetune.finished_run import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -198,6 +203,8 @@ def base_config(config: RunConfig) -> dict[str, Any]:
     path = directory / "config.json"
     if not directory.is_dir():
         from huggingface_hub import try_to_load_from_cache
+
+        from codetune.finished_run import pinned
 
         commit = pinned(config).get("revision")
         cached = try_to_load_from_cache(config.name_or_path, "config.json", revision=commit)
@@ -293,6 +300,8 @@ def base_weights(config: RunConfig) -> Callable[[str], torch.Tensor]:
         if local.is_dir():
             return local / name if (local / name).is_file() else None
         from huggingface_hub import try_to_load_from_cache
+
+        from codetune.finished_run import pinned
 
         cached = try_to_load_from_cache(config.name_or_path, name, revision=pinned(config).get("revision"))
         return Path(cached) if isinstance(cached, str) else None
@@ -436,6 +445,8 @@ def vllm_max_lora_rank(adapter: Adapter) -> int:
 
 
 def vllm_serve_command(config: RunConfig, out: Path, rank: int) -> str:
+    from codetune.finished_run import pinned
+
     base = str(Path(config.base_source).resolve()) if Path(config.base_source).is_dir() else config.name_or_path
     revision = pinned(config).get("revision")
     return (f"vllm serve {base}{f' --revision {revision}' if revision else ''} --enable-lora --lora-modules "
@@ -456,6 +467,8 @@ class Exported:
 
 def export_run(config: RunConfig, target: str, out: Path, outtype: str = "f32", base: str | None = None) -> Exported:
     """Export `config`'s run to `out` (atomically) and record it in the run's manifest."""
+    from codetune.finished_run import check_adapter_finite, check_base
+
     started, start = utc_now(), time.perf_counter()
     check_adapter_finite(config.adapter_dir)
     check_base(config)
@@ -463,9 +476,9 @@ def export_run(config: RunConfig, target: str, out: Path, outtype: str = "f32", 
     with atomic_save_dir(out) as tmp:
         exported = _write(config, adapter, target, tmp, out, outtype, base)
         files = file_records(tmp)
-        marker = {"source_run": str(config.run_dir.resolve()), "format": target, "base_model": config.name_or_path,
-                  "exported_at": utc_now(), "files": files}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        write_output_marker(tmp, EXPORT_MARKER, {"source_run": str(config.run_dir.resolve()), "format": target,
+                                                 "base_model": config.name_or_path, "exported_at": utc_now(),
+                                                 "files": files})
     record_export(config.run_dir, {"format": target, "out": str(out.resolve()), "started_at": started,
                                    "wall_s": round(time.perf_counter() - start, 3), "files": files,
                                    **exported.details})
@@ -474,6 +487,8 @@ def export_run(config: RunConfig, target: str, out: Path, outtype: str = "f32", 
 
 def _write(config: RunConfig, adapter: Adapter, target: str, tmp: Path, out: Path, outtype: str,
            base: str | None) -> Exported:
+    from codetune.finished_run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tuned_tokenizer
+
     if target == "vllm":
         refuse(vllm_problems(adapter), target)
         rank = vllm_max_lora_rank(adapter)
@@ -568,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    # Only now: the run's code imports torch (seconds), which `--help` and a bad flag need not wait for.
+    from codetune.finished_run import load_run_config
+
     if args.outtype is not None and args.to == "vllm":
         raise ConfigError("--outtype is for --to gguf or ollama; --to vllm copies the adapter as trained.")
     if args.base is not None and args.to != "ollama":

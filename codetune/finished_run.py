@@ -117,7 +117,10 @@ def unfinished(run_dir: Path) -> str:
     if status == "killed":
         return (f"it was killed while training (its manifest still says running, and no process holds it). "
                 f"Resume it with: {resume}")
-    return f"the run did not finish ({status}). Resume it with: {resume} (or: make resume RUN={run_dir})"
+    if status == "completed":
+        return f"it was removed after the run completed. Write it again from the last checkpoint with: {resume}"
+    said = f" (its manifest says {status})" if manifest else ""
+    return f"the run did not finish. Resume it with: {resume} (or: make resume RUN={run_dir}){said}"
 
 
 def check_base(config: RunConfig) -> None:

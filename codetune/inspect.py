@@ -12,23 +12,35 @@ counts them all. No model weights are loaded and nothing runs on a GPU.
 Tokens: `--tokenizer tiny` (the default, offline) trains the embedded default's byte-level BPE on the
 kept files, as `fit` does with the training files; a local model directory or a cached hub id
 (`Qwen/Qwen2.5-Coder-1.5B`) counts with that model's tokenizer; `none` skips token counting for the
-fastest answer. Token ids go through the same on-disk cache as training (`--cache_dir`), so a
-second look at an unchanged repository re-tokenizes nothing. With a tokenizer, the report also says
-what `fit`'s fill-in-the-middle would make of the training split at `--seq_len` and `--fim_rate`
-(the same pieces and draws, `codetune.data.fim`): pieces, FIM samples, PSM and SPM.
+fastest answer. Token ids go through the same on-disk cache as training (`--cache_dir`, default
+~/.cache/codetune; `--cache_dir none` keeps nothing), so a second look at an unchanged repository, and
+`fit` on it, re-tokenize nothing. The cache costs 4 bytes a token: the report ends with its directory
+(one per tokenizer), what it holds and what this look added (`token_cache.bytes`, `bytes_added`; with
+`--json`, one line on stderr too when it grew). With a tokenizer, the report also says what `fit`'s
+fill-in-the-middle would make of the training split at `--seq_len` and `--fim_rate` (the same pieces
+and draws, `codetune.data.fim`): pieces, FIM samples, PSM and SPM.
+
+Progress: while it scans, trains the 'tiny' tokenizer and tokenizes (in chunks of about
+`TOKENIZE_CHUNK_BYTES`, so the count moves), a status line on stderr says which and how far, with the
+time so far; it is erased when the report prints. When stderr is not a terminal nothing is drawn, so
+logs and pipes get the report alone; stdout holds only the report (one JSON object with `--json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
@@ -41,6 +53,11 @@ NO_TOKENIZER = "none"
 EXAMPLES_PER_REASON = 3
 SECRET_LOCATIONS_SHOWN = 3  # per kind in the table
 SECRET_LOCATIONS_JSON = 20  # per kind in --json
+# Texts tokenized per call: large enough that the tokenizer's threads share out each batch, small enough that the
+# count on the status line moves every second or so on a large repository.
+TOKENIZE_CHUNK_BYTES = 8 << 20
+Status = Callable[[str], None]
+"""Told what inspect is doing now, e.g. 'tokenizing: 1,200 / 45,000 files (9.1 / 310.0 MB)'."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_line_length", type=int, default=DEFAULT_MAX_LINE_LENGTH,
                         help="As --data.max_line_length.")
     parser.add_argument("--cache_dir", default="~/.cache/codetune",
-                        help="Token cache, shared with training ('none' disables it).")
+                        help="Token cache, shared with training, 4 bytes a token; the report says where it is and "
+                             "what this look added. 'none' keeps no cache. Default: ~/.cache/codetune.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow a hub tokenizer's custom code.")
     parser.add_argument("--seq_len", type=int, default=2048,
                         help="Window length for the fill-in-the-middle plan, as --data.seq_len (default: 2048).")
@@ -76,25 +94,51 @@ def run(argv: Sequence[str]) -> int:
     return exit_status(lambda: main(argv), "codetune inspect")
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], stderr: Console | None = None) -> int:
+    """The command; `stderr` (default: a console on sys.stderr) gets the status line and, with --json, the cache
+    line."""
     args = build_parser().parse_args(list(argv))
-    report = inspect_repository(
-        Path(args.repo), args.extensions, args.ignore_patterns, args.max_file_bytes, args.max_line_length,
-        args.tokenizer, None if args.cache_dir == NO_TOKENIZER else args.cache_dir, args.trust_remote_code,
-        args.seq_len, args.fim_rate,
-    )
+    stderr = stderr or Console(file=sys.stderr)
+    with status_line(stderr) as status:
+        report = inspect_repository(
+            Path(args.repo), args.extensions, args.ignore_patterns, args.max_file_bytes, args.max_line_length,
+            args.tokenizer, None if args.cache_dir == NO_TOKENIZER else args.cache_dir, args.trust_remote_code,
+            args.seq_len, args.fim_rate, status,
+        )
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2), flush=True)
+        if report["token_cache"] and report["token_cache"]["bytes_added"]:
+            stderr.print(f"codetune inspect: {_cache_line(report['token_cache'])}", soft_wrap=True, highlight=False)
     else:
         print_report(report, Console())
     return 0
 
 
+@contextmanager
+def status_line(console: Console) -> Iterator[Status]:
+    """Within: a `Status` that shows its text on a transient line of `console` (spinner, text, time so far), erased
+    on exit; on a console that is not a terminal, one that shows nothing."""
+    if not console.is_terminal:
+        yield _no_status
+        return
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                        transient=True)
+    task = progress.add_task("codetune inspect: starting", total=None)
+    with progress:
+        # Redrawn at once: steps are seconds apart, and a chunk's count should show as it starts.
+        yield lambda text: progress.update(task, description=f"codetune inspect: {text}", refresh=True)
+
+
+def _no_status(text: str) -> None:
+    """A `Status` that shows nothing."""
+
+
 def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: Sequence[str], max_file_bytes: int,
                        max_line_length: int, tokenizer: str, cache_dir: str | None,
                        trust_remote_code: bool = False, seq_len: int = 2048,
-                       fim_rate: float | None = None) -> dict[str, Any]:
-    """The inspection report of `repo` as a JSON-ready dict (see `print_report` for its parts)."""
+                       fim_rate: float | None = None, status: Status = _no_status) -> dict[str, Any]:
+    """The inspection report of `repo` as a JSON-ready dict (see `print_report` for its parts); `status` is told
+    each step as it starts, and the tokenizing's progress."""
     problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
     if seq_len < 2:
         problems.append(f"seq_len={seq_len}: a window needs at least 2 tokens")
@@ -106,12 +150,14 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
         what = "is not a directory" if repo.expanduser().exists() else "does not exist"
         raise ConfigError(f"REPO {str(repo)!r} {what}. Give the path of your repository's root directory.")
     started = time.perf_counter()
+    status(f"scanning {repo}")
     scan = scan_repository(repo.expanduser(), extensions, ignore_patterns, max_file_bytes, max_line_length)
     scan_s = time.perf_counter() - started
     started = time.perf_counter()
-    counted = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code)
-    token_counts, cache = (None, None) if counted is None else ([len(x) for x in counted.ids], counted.cache)
-    fim = None if counted is None else _fim_plan(scan, counted, seq_len, fim_rate)
+    counted = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code, status)
+    token_counts = None if counted is None else [len(x) for x in counted.ids]
+    fim = None if counted is None else _fim_plan(scan, counted, seq_len, fim_rate, status)
+    cache = None if counted is None else _cache_report(counted)
     tokenize_s = time.perf_counter() - started
     rows = language_table(scan.files, token_counts)
     advice = recommend_config(rows)
@@ -145,28 +191,84 @@ class Counted:
     tokenizer: Any
     ids: list[Any]
     cache: dict[str, Any]
+    cache_bytes_before: int
+    """What the cache's directory held before this look (`directory_bytes`)."""
 
 
-def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None, trust_remote_code: bool) -> Counted | None:
+def _count_tokens(scan: ScanResult, tokenizer: str, cache_dir: str | None, trust_remote_code: bool,
+                  status: Status) -> Counted | None:
     """Every kept file's ids under `tokenizer` (None: not counted)."""
     if tokenizer == NO_TOKENIZER or not scan.files:
         return None
     # Imported here: transformers costs seconds to import, and `--tokenizer none` needs none of it.
-    from codetune.data.tokens import load_tokenizer, tokenize_cached
+    from codetune.data.tokens import TokenCache, load_tokenizer, tokenize_texts
+    from codetune.model.tiny import TINY_NAME
 
     texts = [f.text for f in scan.files]
     # 'tiny' learns its vocabulary from the training files of fit's default split, as fit does: the same
     # tokenizer, so these counts are training's and the cache entries written here are the ones fit reads.
     train_paths, _ = split_paths([f.rel_path for f in scan.files], DEFAULT_VAL_FRACTION)
     by_path = {f.rel_path: f.text for f in scan.files}
-    loaded = load_tokenizer(tokenizer, [by_path[p] for p in train_paths], trust_remote_code, flag="--tokenizer")
-    ids, stats = tokenize_cached(loaded, texts, cache_dir)
-    return Counted(loaded, ids, {"hits": stats.hits, "misses": stats.misses, "dir": stats.directory})
+    training = [by_path[p] for p in train_paths]
+    status(f"training the 'tiny' tokenizer on {len(training):,} files ({_mb(sum(map(len, training)))})"
+           if tokenizer == TINY_NAME else f"loading the tokenizer {tokenizer}")
+    loaded = load_tokenizer(tokenizer, training, trust_remote_code, flag="--tokenizer")
+    cache = TokenCache(cache_dir, loaded) if cache_dir is not None else None
+    before = directory_bytes(cache.directory) if cache is not None else 0
+    ids, hits, done, total_bytes, done_bytes = [], 0, 0, sum(map(len, texts)), 0
+    for chunk in text_chunks(texts, TOKENIZE_CHUNK_BYTES):
+        status(f"tokenizing: {done:,} / {len(texts):,} files ({_mb(done_bytes, total_bytes)})"
+               f"{f', {hits:,} from the cache' if hits else ''}")
+        if cache is None:
+            ids += tokenize_texts(loaded, chunk)
+        else:
+            chunk_ids, stats = cache.tokenize(chunk)
+            ids += chunk_ids
+            hits += stats.hits
+        done, done_bytes = done + len(chunk), done_bytes + sum(map(len, chunk))
+    return Counted(loaded, ids, {"hits": hits, "misses": len(texts) - hits,
+                                 "dir": str(cache.directory) if cache else None}, before)
 
 
-def _fim_plan(scan: ScanResult, counted: Counted, seq_len: int, fim_rate: float | None) -> dict[str, Any]:
+def text_chunks(texts: Sequence[str], chunk_bytes: int) -> Iterator[Sequence[str]]:
+    """`texts` in consecutive runs of about `chunk_bytes` characters (at least one text each), in order."""
+    start, size = 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= chunk_bytes:
+            yield texts[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(texts):
+        yield texts[start:]
+
+
+def directory_bytes(directory: Path) -> int:
+    """The size of the files under `directory` (0 when it does not exist); links are not followed."""
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            total += directory_bytes(Path(entry.path))
+        else:
+            total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _cache_report(counted: Counted) -> dict[str, Any]:
+    """The token cache's hits, misses and directory, what it holds now (bytes) and what this look added."""
+    after = directory_bytes(Path(counted.cache["dir"])) if counted.cache["dir"] is not None else 0
+    return {**counted.cache, "bytes": after, "bytes_added": after - counted.cache_bytes_before}
+
+
+def _fim_plan(scan: ScanResult, counted: Counted, seq_len: int, fim_rate: float | None,
+              status: Status) -> dict[str, Any]:
     """What fit's fill-in-the-middle would make of the training split: the same samples (seed 0)."""
     from codetune.data.fim import DEFAULT_FIM_RATE, NewlineTable, find_fim_tokens, training_samples
+
+    status("planning the fill-in-the-middle samples")
 
     tokens = find_fim_tokens(counted.tokenizer)
     if tokens is None and fim_rate:
@@ -208,6 +310,23 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   soft_wrap=True, highlight=False)
     target = "train-rust" if report["recommended_config"] == RUST_CONFIG else "train"
     console.print(f"  make {target} REPO={repo}   (from the codetune checkout)", soft_wrap=True, highlight=False)
+    if report["token_cache"] is not None:
+        console.print(f"Token cache: {_cache_line(report['token_cache'])}", soft_wrap=True, highlight=False)
+
+
+def _cache_line(cache: dict[str, Any]) -> str:
+    """Where the token ids went and how much room they take, or that none were kept."""
+    if cache["dir"] is None:
+        return "none kept (--cache_dir none)."
+    added = f"{_mb(cache['bytes_added'])} added now" if cache["bytes_added"] else "nothing added now"
+    return (f"{cache['dir']} holds {_mb(cache['bytes'])} ({added}; {cache['hits']:,} files read from it, "
+            f"{cache['misses']:,} tokenized). fit reuses it; delete the directory to free the space, or pass "
+            f"--cache_dir none to keep none.")
+
+
+def _mb(size: int, total: int | None = None) -> str:
+    """Bytes (or characters) in MB, e.g. '25.4 MB', or '1.2 / 25.4 MB' out of `total`."""
+    return f"{size / 1e6:.1f} MB" if total is None else f"{size / 1e6:.1f} / {total / 1e6:.1f} MB"
 
 
 def _fim_line(report: dict[str, Any]) -> str:

@@ -13,16 +13,16 @@ pack) exactly as training would, then writes, for inspection or for another trai
   per reason, secrets redacted, tokens per split, windows, `packing_efficiency`, wall times), the
   files of each split, every skipped path with its reason, and every fill-in-the-middle sample: its
   file, piece (token range of the file's ids), order (psm/spm) and middle (token range in the piece),
-  in packing order (phase_2_tokenize.fim has the settings and counts).
+  in packing order (phase_2_tokenize.fim has the settings and counts), and `output_files`.
 
 No model weights are loaded (for a hub or local model only its config is read, to check that
-`--data.seq_len` fits its context). `DIR` is written atomically: it appears whole or not at all, and
-an earlier `prepare` output there is replaced; any other existing, non-empty directory is refused.
+`--data.seq_len` fits its context). `DIR` is written atomically: it appears whole or not at all.
+data_report.json's `output_files` lists every file written, so a later `prepare` may replace an earlier output
+that holds only those; a directory holding anything else (a file added since), or not marked, is refused.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from codetune.cli import CodetuneCLI, build_cli
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 from codetune.model.tiny import TINY_NAME
-from codetune.run import PREPARE_MARKER, atomic_save_dir, replaceable_output_dir
+from codetune.run import PREPARE_MARKER, atomic_save_dir, replaceable_output_dir, write_output_marker
 
 REPORT_NAME = PREPARE_MARKER
 
@@ -64,7 +64,7 @@ def main(args: Sequence[str]) -> int:
     write_prepared(out, cli.datamodule)
     report = cli.datamodule.report
     print(f"codetune prepare: {report['phase_1_scan']['files_kept']} files, "
-          f"{report['phase_2_tokenize']['train_windows']} train / {report['phase_2_tokenize']['val_windows']} val "
+          f"{report['phase_2_tokenize']['train_windows']} train / {report['phase_2_tokenize']['val_windows_used']} val "
           f"windows of {cli.datamodule.seq_len} tokens, packing efficiency "
           f"{report['phase_2_tokenize']['packing_efficiency']:.2%}", flush=True)
     print(out, flush=True)
@@ -77,7 +77,7 @@ def write_prepared(out: Path, datamodule: CodeDataModule) -> None:
         for split, windows in (("train", datamodule.train_windows), ("val", datamodule.val_windows)):
             np.save(tmp / f"{split}.npy", windows.input_ids.astype(np.int32, copy=False))
         datamodule.tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(data_report(datamodule), indent=2) + "\n")
+        write_output_marker(tmp, REPORT_NAME, data_report(datamodule))
 
 
 def data_report(datamodule: CodeDataModule) -> dict[str, Any]:

@@ -50,51 +50,99 @@ a 4-bit base therefore exports the standard QLoRA way: its adapter on the origin
 whose outputs differ slightly from those of the 4-bit model `generate` runs. peft adds the fp32
 update to each weight in place, rounding once to `--dtype`. The merge runs on the CPU and needs
 about the model's size in `--dtype` of memory. `DIR` is written atomically and marked with
-`codetune_merge.json` (source run, base, dtype): a later merge may replace it, but any other
-non-empty directory is refused.
+`codetune_merge.json` (source run, base, dtype, and `output_files`: every file written): a later merge may
+replace it when it holds only those files; a directory holding anything else, or not marked, is refused.
+
+**Start-up.** `--help` and a bad flag answer at once: torch, transformers and peft (seconds to import) are imported
+by the functions that use them, once the arguments are checked. Loading the model hides two notices the libraries
+print on every load and nothing else (`quiet_model_libraries`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
-
-from codetune.data.fim import CutStyle, FimTokens, fim_families_text, find_fim_tokens, line_cut_style
-from codetune.data.tokens import pad_token_id
+from codetune.data.fim import fim_families_text, find_fim_tokens, line_cut_style
 from codetune.errors import ConfigError, NonFiniteWeightsError
-from codetune.eval.fim import mask_lines
 from codetune.eval.prompts import split_lines
-from codetune.eval.stopping import CompletionStop
-from codetune.model.float16 import scale_residual_stream
-from codetune.model.loading import cuda_capability, load_causal_lm, resolve_dtype, resolve_quantization
-from codetune.finished_run import (RunConfig, check_adapter_finite, check_base, load_run_config, load_tuned_tokenizer,
-                                   pinned, trained_on_4bit)
-from codetune.model.tiny import TINY_NAME
-from codetune.run import MERGE_MARKER, atomic_save_dir, replaceable_output_dir, utc_now
+from codetune.run import MERGE_MARKER, atomic_save_dir, replaceable_output_dir, utc_now, write_output_marker
+
+if TYPE_CHECKING:  # imported where used, after the arguments are checked: torch, transformers and peft take seconds
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from codetune.data.fim import CutStyle, FimTokens
+    from codetune.eval.stopping import CompletionStop
+    from codetune.finished_run import RunConfig
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+# Two notices the model libraries print on every load, which ask nothing of the user, matched exactly. bitsandbytes
+# logs the first when it is imported on a CPU with AVX512-BF16 and the optional `kernels` package is not installed:
+# its own CPU code serves instead, and that code runs only for a base forced to 4-bit on a CPU (--model.quantization
+# nf4). transformers warns the second when peft reads the deprecated `is_gradient_checkpointing` of a model it wraps.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_NO_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
+GRADIENT_CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with `start`."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextmanager
+def quiet_model_libraries() -> Iterator[None]:
+    """Within: bitsandbytes' `BNB_NO_KERNELS` record and transformers' `GRADIENT_CHECKPOINTING_DEPRECATION`
+    FutureWarning are not shown; every other record of that logger, and every other warning, still is."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    drop = _DropMessage(BNB_NO_KERNELS)
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(GRADIENT_CHECKPOINTING_DEPRECATION),
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool) -> PeftModel:
     """The run's base (4-bit NF4 when `quantize`) in `dtype` on `device`, with its adapter, in eval mode."""
+    import torch
+
+    from codetune.finished_run import check_adapter_finite, check_base, pinned
+    from codetune.model.float16 import scale_residual_stream
+    from codetune.model.loading import load_causal_lm
+
     check_adapter_finite(config.adapter_dir)
     check_base(config)
-    base = load_causal_lm(config.base_source, quantize, dtype, config.trust_remote_code,
-                          config.attn_implementation, device, **pinned(config))
-    if not quantize:
-        base = base.to(device)  # a 4-bit base is placed while loading
-    model = PeftModel.from_pretrained(base, str(config.adapter_dir), is_trainable=False)
+    # Both notices come from here: bitsandbytes is imported by peft, or by transformers for a 4-bit base.
+    with quiet_model_libraries():
+        from peft import PeftModel
+
+        base = load_causal_lm(config.base_source, quantize, dtype, config.trust_remote_code,
+                              config.attn_implementation, device, **pinned(config))
+        if not quantize:
+            base = base.to(device)  # a 4-bit base is placed while loading
+        model = PeftModel.from_pretrained(base, str(config.adapter_dir), is_trainable=False)
     if dtype == torch.float16 and config.float16_residual_scale > 1:
         # As in training: float16's range holds the residual stream only scaled (codetune/model/float16.py).
         scale_residual_stream(model, config.float16_residual_scale)
@@ -103,6 +151,8 @@ def load_tuned_model(config: RunConfig, device: torch.device, dtype: torch.dtype
 
 def training_precision(config: RunConfig, device: torch.device) -> tuple[bool, torch.dtype]:
     """(4-bit?, compute dtype) that training used on a device of this type (and, on CUDA, this card)."""
+    from codetune.model.loading import cuda_capability, resolve_dtype, resolve_quantization
+
     cuda = device.type == "cuda"
     return resolve_quantization(config.quantization, cuda), resolve_dtype(
         config.dtype, device.type, cuda_capability(device) if cuda else None)
@@ -118,24 +168,33 @@ def generate_completions(model: PreTrainedModel | PeftModel, tokenizer: PreTrain
                                           **settings), skip_special_tokens=True) for p in prompts]
 
 
-@torch.no_grad()
 def generate_ids(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  seed: int = 0, stop: CompletionStop | None = None) -> list[int]:
     """The new token ids after `prompt_ids`: up to EOS, `max_new_tokens`, or `stop` (a one-row criterion)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from codetune.data.tokens import pad_token_id
+
     ids = torch.tensor([list(prompt_ids)], device=next(model.parameters()).device)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     if do_sample:
         torch.manual_seed(seed)
     if stop is not None:
         sampling["stopping_criteria"] = StoppingCriteriaList([stop])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, pad_token_id=pad_token_id(tokenizer), **sampling)
     return out[0, ids.shape[1]:].tolist()
 
 
 def merge_run(config: RunConfig, out: Path, dtype: str = "bfloat16") -> Path:
     """Merge the run's adapter into its unquantized base in `dtype` and save model + tokenizer to `out`."""
+    import torch
+
+    from codetune.finished_run import load_tuned_tokenizer
+
     torch_dtype = getattr(torch, dtype)
     model = load_tuned_model(config, torch.device("cpu"), torch_dtype, quantize=False)
     # Unsafe merge on purpose: it adds the fp32 update in place and rounds once; peft's safe_merge
@@ -146,13 +205,15 @@ def merge_run(config: RunConfig, out: Path, dtype: str = "bfloat16") -> Path:
     with atomic_save_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        marker = {"source_run": str(config.run_dir.resolve()), "base_model": config.name_or_path,
-                  "base_revision": (config.base_revision or {}).get("revision"), "dtype": dtype, "merged_at": utc_now()}
-        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        write_output_marker(tmp, MERGE_MARKER, {
+            "source_run": str(config.run_dir.resolve()), "base_model": config.name_or_path,
+            "base_revision": (config.base_revision or {}).get("revision"), "dtype": dtype, "merged_at": utc_now()})
     return out
 
 
 def _check_finite(model: torch.nn.Module, dtype: str) -> None:
+    import torch
+
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteWeightsError(f"the merged weights hold NaN or inf in {dtype} (e.g. {bad[0]}): nothing was "
@@ -164,6 +225,8 @@ def _check_finite(model: torch.nn.Module, dtype: str) -> None:
 
 def require_fim_tokens(tokenizer: PreTrainedTokenizerBase, config: RunConfig, flag: str) -> FimTokens:
     """The base's FIM sentinels; a base without them is refused, naming `flag` (the infill flag given)."""
+    from codetune.model.tiny import TINY_NAME
+
     fim = find_fim_tokens(tokenizer)
     if fim is None:
         raise ConfigError(f"{flag}: the base {config.name_or_path!r} has no fill-in-the-middle tokens (looked for "
@@ -212,6 +275,8 @@ class LineCut:
 def cut_around_line(text: str, line: int, style: CutStyle) -> LineCut:
     """Mask line `line` (1-based, within `split_lines`) of `text`, cut as the tokenizer breaks tokens: "after",
     both cuts at line starts; "before", both at line ends (the middle starts with the previous line's break)."""
+    from codetune.eval.fim import mask_lines
+
     prefix, middle, suffix = mask_lines(text, line - 1, line - 1, style)
     lead = "" if style == "after" else middle[:len(middle) - len(middle.lstrip("\r\n"))][:2]
     return LineCut(prefix, middle, suffix, lead)
@@ -228,6 +293,8 @@ def masked_line(middle: str, lead: str) -> tuple[str, bool]:
 
 def line_stop(tokenizer: PreTrainedTokenizerBase, prompt_width: int, lead: str, cap: int) -> CompletionStop:
     """Stop a one-row generation once `masked_line` holds a line break (the rest of the middle is other lines)."""
+    from codetune.eval.stopping import CompletionStop
+
     return CompletionStop(tokenizer, prompt_width, rules=[lambda text: masked_line(text, lead)[1]], caps=[cap])
 
 
@@ -332,6 +399,8 @@ STOP_REASONS = {"complete": "the line ended", "cap": "cut at --max_new_tokens={}
 
 def main_generate(argv: Sequence[str]) -> int:
     args = build_generate_parser().parse_args(list(argv))
+    from codetune.finished_run import load_run_config, load_tuned_tokenizer
+
     mode = _generate_mode(args)
     target = read_infill_target(args.infill) if mode == INFILL else None
     device = _device(args.device)
@@ -410,6 +479,8 @@ def _generation_settings(args: argparse.Namespace, config: RunConfig) -> dict[st
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name not in DEVICES:
         raise ConfigError(f"--device {name!r}: use one of {', '.join(DEVICES)}.")
     if name == "cuda" and not torch.cuda.is_available():
@@ -436,6 +507,8 @@ def build_merge_parser() -> argparse.ArgumentParser:
 
 def main_merge(argv: Sequence[str]) -> int:
     args = build_merge_parser().parse_args(list(argv))
+    from codetune.finished_run import load_run_config, trained_on_4bit
+
     if args.dtype not in MERGE_DTYPES:
         raise ConfigError(f"--dtype {args.dtype!r}: use one of {', '.join(MERGE_DTYPES)} (a merged model is not "
                           f"re-quantized; load it in 4-bit with BitsAndBytesConfig if you need that).")

@@ -274,6 +274,25 @@ def test_a_directory_that_is_not_an_export_is_not_replaced(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize(("first", "then"), [("gguf", "ollama"), ("ollama", "vllm"), ("vllm", "gguf")])
+def test_re_export_replaces_only_what_exports_wrote_and_refuses_to_delete_a_users_file(run_dir, tmp_path, first,
+                                                                                         then):
+    out = tmp_path / "lora"
+    assert run_main("export", str(run_dir), "--to", first, "--out", str(out))[0] == 0
+    (out / "notes.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    status, _, stderr = run_main("export", str(run_dir), "--to", then, "--out", str(out))
+    assert status == 2 and "Traceback" not in stderr
+    assert (f"--out {str(out)!r} holds 1 file or folder that no earlier `codetune export` wrote there: notes.txt; "
+            f"replacing the directory would delete it. Move it out of {out}, or give another --out.") in stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing deleted, nothing written"
+    (out / "notes.txt").unlink()
+    # Another target's files replace the first one's: every file there was an export's.
+    assert run_main("export", str(run_dir), "--to", then, "--out", str(out))[0] == 0
+    assert json.loads((out / "codetune_export.json").read_text())["output_files"] == sorted(
+        p.name for p in out.iterdir())
+
+
 @pytest.mark.parametrize("target", ["gguf", "ollama", "vllm"])
 def test_non_finite_weights_are_refused_and_nothing_is_written(run_dir, tmp_path, target):
     run = copy_run(run_dir, tmp_path / "run")
@@ -478,3 +497,9 @@ def test_export_starts_without_lightning_peft_or_transformers(run_dir, tmp_path,
     from test_startup import imported_by
 
     assert imported_by("export", str(run_dir), "--to", target, "--out", str(tmp_path / target)) == ["torch"]
+
+
+def test_export_help_imports_no_training_stack():
+    from test_startup import imported_by
+
+    assert imported_by("export", "--help") == []

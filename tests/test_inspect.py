@@ -91,7 +91,7 @@ def test_bad_extension_names_the_flag(fixture_repo, capsys):
     assert main(["inspect", str(fixture_repo), "--extensions", "rs"]) == 2
     assert "--extensions ['rs'] are not supported" in capsys.readouterr().err
     assert main(["inspect", str(fixture_repo), "--tokenizer", str(fixture_repo / "no-such-model")]) == 2
-    assert f"--tokenizer {str(fixture_repo / 'no-such-model')!r}: no tokenizer could be loaded" in capsys.readouterr().err
+    assert f"--tokenizer {str(fixture_repo / 'no-such-model')!r}: no such directory" in capsys.readouterr().err
 
 
 def test_inspect_never_imports_the_training_stack(fixture_repo):
@@ -166,3 +166,72 @@ def test_inspect_reports_the_fim_samples_fit_would_make(fixture_repo, tmp_path, 
         k: fit[k] for k in ("pieces", "fim", "psm", "spm", "rate")}
     assert main(["inspect", str(fixture_repo), "--cache_dir", str(tmp_path / "cache"), "--seq_len", "64"]) == 0
     assert f"{fit['fim']} of {fit['pieces']} training pieces become FIM samples" in capsys.readouterr().out
+
+
+# -- what inspect says while it works, and what it leaves on disk -------------------------------------------------
+
+
+def test_the_token_cache_is_reported_with_what_it_holds_and_what_was_added(fixture_repo, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    report = inspect_json(capsys, str(fixture_repo), "--cache_dir", str(cache))
+    entry = report["token_cache"]
+    directory = Path(entry["dir"])
+    assert directory.parent == cache / "tokens"
+    # 4 bytes a token id, plus the tokenizer's line-break table that the FIM plan keeps beside them.
+    held = 4 * report["totals"]["tokens"] + (directory / "newlines.npy").stat().st_size
+    assert entry["bytes"] == entry["bytes_added"] == held
+    assert main(["inspect", str(fixture_repo), "--cache_dir", str(cache), "--json"]) == 0
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)["token_cache"]
+    assert (again["bytes"], again["bytes_added"], again["hits"]) == (held, 0, 13)
+    assert captured.err == "", "--json: stdout is the report; stderr says nothing when the cache did not grow"
+
+    fresh = tmp_path / "fresh"
+    assert main(["inspect", str(fixture_repo), "--cache_dir", str(fresh), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"codetune inspect: {fresh}/tokens/") and err.count("\n") == 1
+    assert f"holds {held / 1e6:.1f} MB ({held / 1e6:.1f} MB added now;" in err and "--cache_dir none" in err
+    assert main(["inspect", str(fixture_repo), "--cache_dir", str(fresh)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].startswith(f"Token cache: {fresh}/tokens/") and "nothing added now" in \
+        captured.out.splitlines()[-1]
+    assert captured.err == "", "stderr is not a terminal here: no status line"
+
+
+def test_the_status_line_tells_each_step_and_how_far_tokenizing_is(fixture_repo, tmp_path, monkeypatch):
+    import codetune.inspect as inspect
+    from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH,
+                                     scan_repository)
+    from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
+
+    monkeypatch.setattr(inspect, "TOKENIZE_CHUNK_BYTES", 1)  # a chunk per file
+    told: list[str] = []
+    args = (fixture_repo, DEFAULT_EXTENSIONS, [], DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, "tiny",
+            str(tmp_path / "cache"))
+    report = inspect.inspect_repository(*args, status=told.append)
+    assert told[0] == f"scanning {fixture_repo}"
+    kept = [f.rel_path for f in scan_repository(fixture_repo, DEFAULT_EXTENSIONS).files]
+    assert told[1].startswith(f"training the 'tiny' tokenizer on {len(split_paths(kept, DEFAULT_VAL_FRACTION)[0])} "
+                              f"files (0.0 MB)")
+    assert [t.split(" files")[0] for t in told[2:-1]] == [f"tokenizing: {i} / 13" for i in range(13)]
+    assert told[-1] == "planning the fill-in-the-middle samples"
+    told.clear()
+    assert inspect.inspect_repository(*args, status=told.append)["totals"] == report["totals"]
+    assert told[-2].startswith("tokenizing: 12 / 13 files (") and told[-2].endswith(", 12 from the cache")
+
+
+def test_the_status_line_is_drawn_on_a_terminal_and_erased(fixture_repo, tmp_path, capsys, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import codetune.inspect as inspect
+
+    monkeypatch.setattr(inspect, "TOKENIZE_CHUNK_BYTES", 1)
+    terminal = io.StringIO()
+    stderr = Console(file=terminal, force_terminal=True, width=200)
+    assert inspect.main([str(fixture_repo), "--cache_dir", "none", "--json"], stderr=stderr) == 0
+    drawn = terminal.getvalue()
+    assert "codetune inspect: scanning" in drawn and "codetune inspect: tokenizing: 12 / 13 files" in drawn
+    assert drawn.endswith("\x1b[2K") or drawn.rstrip("\r\n").endswith("\x1b[2K"), "the line is erased at the end"
+    assert json.loads(capsys.readouterr().out)["token_cache"]["dir"] is None

@@ -83,6 +83,20 @@ def test_rerun_replaces_its_own_output_but_never_a_foreign_directory(fixture_rep
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
+def test_rerun_refuses_to_delete_a_file_added_to_its_output(fixture_repo, in_tmp, capsys):
+    out = in_tmp / "prepared"
+    assert main(prepare_args(fixture_repo, out, in_tmp)) == 0
+    written = sorted(p.name for p in out.iterdir())
+    (out / "train_subset.npy").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(prepare_args(fixture_repo, out, in_tmp)) == 2
+    err = capsys.readouterr().err
+    assert (f"--out {str(out)!r} holds 1 file or folder that no earlier `codetune prepare` wrote there: "
+            f"train_subset.npy; replacing the directory would delete it.") in err and "Traceback" not in err
+    assert (out / "train_subset.npy").read_bytes() == b"mine"
+    assert json.loads((out / "data_report.json").read_text())["output_files"] == written
+
+
 def test_missing_out_is_one_clear_error(fixture_repo, in_tmp, capsys):
     args = prepare_args(fixture_repo, in_tmp / "x", in_tmp)
     i = args.index("--out")

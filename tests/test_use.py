@@ -163,6 +163,22 @@ def test_merge_replaces_an_earlier_merge_but_refuses_a_foreign_directory(run_dir
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
+def test_merge_refuses_to_delete_files_added_to_an_earlier_merge(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    (out / "README.md").write_text("my model card")
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.csv").write_text("1,2\n")
+    capsys.readouterr()
+    assert main(["merge", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--out {str(out)!r} holds 2 files or folders that no earlier `codetune merge` wrote there: README.md, "
+            f"eval/; replacing the directory would delete them. Move them out of {out}, or give another --out.") in err
+    assert (out / "README.md").read_text() == "my model card" and (out / "eval" / "scores.csv").is_file()
+    assert json.loads((out / "codetune_merge.json").read_text())["output_files"] == written
+
+
 def test_generate_prints_the_greedy_completion_of_base_plus_adapter(run_dir, reference, tokenizer, capsys):
     prompts = PROMPTS[:2]
     expected = [p + tokenizer.decode(greedy(reference, prompt_ids(tokenizer, p)), skip_special_tokens=True)
@@ -186,7 +202,7 @@ def test_sampling_is_seeded_per_prompt_and_continues_the_prompt(run_dir, referen
     """Each prompt's completion is what base + adapter samples after that prompt's ids with the global RNG seeded
     by --seed just before: the second of two prompts gets what it gets alone. Seeds 3 and 4 sample different
     completions, and neither is the greedy one."""
-    from codetune.use import load_run_config
+    from codetune.finished_run import load_run_config
 
     temperature, new_tokens = 1.5, 8
     top_p = load_run_config(run_dir).top_p  # not given: the run's generation.top_p
@@ -241,7 +257,8 @@ def test_bad_runs_are_one_clear_error(run_dir, tmp_path, capsys, command):
     cases = {
         "does not exist": tmp_path / "missing",
         "has no config.yaml": tmp_path / "empty",
-        "did not finish. Resume it with `make resume RUN=": copy_run(run_dir, tmp_path / "unfinished", adapter=False),
+        "has no adapter/: the run did not finish. Resume it with: codetune fit --config":
+            copy_run(run_dir, tmp_path / "unfinished", adapter=False),
     }
     nan_run = copy_run(run_dir, tmp_path / "diverged")
     weights = nan_run / "adapter" / "adapter_model.safetensors"
@@ -311,6 +328,7 @@ def test_generate_and_merge_refuse_a_local_base_changed_since_training(run_dir, 
 def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monkeypatch):
     """The hub cannot be reached here, so the loaders are stand-ins that record what they were asked for."""
     import codetune.use as use
+    from codetune.finished_run import load_run_config, load_tuned_tokenizer
 
     run = copy_run(run_dir, tmp_path / "run")
     config_path = run / "config.yaml"
@@ -328,13 +346,13 @@ def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monk
         asked["model"] = (source, kwargs)
         raise Loaded
 
-    monkeypatch.setattr(use, "load_causal_lm", fake_load_causal_lm)
+    monkeypatch.setattr("codetune.model.loading.load_causal_lm", fake_load_causal_lm)
     monkeypatch.setattr("codetune.data.tokens.load_tokenizer",
                         lambda source, *a, **kwargs: asked.setdefault("tokenizer", (source, kwargs)))
-    config = use.load_run_config(run)
+    config = load_run_config(run)
     with pytest.raises(Loaded):
         use.load_tuned_model(config, torch.device("cpu"), torch.float32, quantize=False)
-    use.load_tuned_tokenizer(config)
+    load_tuned_tokenizer(config)
     assert asked["model"] == ("org/coder", {"revision": commit})
     assert asked["tokenizer"][0] == "org/coder" and asked["tokenizer"][1]["revision"] == commit
 
@@ -465,7 +483,8 @@ def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, refere
 
 
 def test_infill_header_path_is_relative_to_the_runs_repo_and_old_runs_have_none(run_dir, tmp_path, monkeypatch):
-    from codetune.use import InfillTarget, header_path, load_run_config
+    from codetune.finished_run import load_run_config
+    from codetune.use import InfillTarget, header_path
 
     repo = run_dir.parent.parent / "repo"
     inside = InfillTarget(str(repo / "src" / "nested" / "lib.rs"), 1, "")
@@ -543,8 +562,9 @@ def test_float16_generation_scales_the_residual_stream_as_training_did(run_dir, 
     from dataclasses import replace
 
     import codetune.use as use
+    from codetune.finished_run import load_run_config
 
-    config = use.load_run_config(run_dir)
+    config = load_run_config(run_dir)
     assert config.float16_residual_scale == 32
     model = use.load_tuned_model(config, torch.device("cpu"), torch.float16, quantize=False)
     decoder = model.get_base_model().model
@@ -554,3 +574,78 @@ def test_float16_generation_scales_the_residual_stream_as_training_did(run_dir, 
     assert (logits(model, ids) - expected).abs().max() <= 2e-2 * expected.abs().max()
     off = use.load_tuned_model(replace(config, float16_residual_scale=1), torch.device("cpu"), torch.float16, False)
     assert not hasattr(off.get_base_model().model, "_codetune_residual_scale")
+
+
+# -- what the commands print besides their answer ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_help_imports_no_training_stack(command):
+    """`--help` (and a bad flag) answer before torch, transformers, peft or bitsandbytes are imported: they take
+    seconds, and importing bitsandbytes may log a notice."""
+    from test_startup import imported_by
+
+    assert imported_by(command, "--help") == []
+
+
+def test_loading_the_tuned_model_hides_two_library_notices_and_nothing_else(run_dir, monkeypatch, caplog):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` (a real FutureWarning here); bitsandbytes logs
+    that its `kernels` package is missing when it is imported on a CPU with AVX512-BF16, which this test emulates: the
+    base loader logs that record as bitsandbytes' import does, with another record and another FutureWarning that
+    must still show."""
+    import logging
+    import warnings
+
+    import codetune.model.loading as loading
+    import codetune.use as use
+    from codetune.finished_run import load_run_config
+
+    real = loading.load_causal_lm
+
+    def loader_importing_bitsandbytes(*args, **kwargs):
+        bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+                    "`pip install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+        bnb.warning("another bitsandbytes notice")
+        warnings.warn("another FutureWarning", FutureWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_causal_lm", loader_importing_bitsandbytes)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        use.load_tuned_model(load_run_config(run_dir), torch.device("cpu"), torch.float32, quantize=False)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")] == [
+        "another bitsandbytes notice"]
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]
+
+
+# Run as `python -c`: watches the moment bitsandbytes is imported, and asks whether its logger would drop the notice
+# it logs then on a CPU with AVX512-BF16 (this one may have none), built as bitsandbytes builds it.
+WATCH_BITSANDBYTES_IMPORT = """\
+import importlib.abc, logging, sys
+dropped = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "bitsandbytes":
+            logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+            notice = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."
+            record = logger.makeRecord(logger.name, logging.WARNING, "ops.py", 1, notice,
+                                       (ModuleNotFoundError("No module named 'kernels'"),), None)
+            dropped.append(not logger.filter(record))
+sys.meta_path.insert(0, Watch())
+from codetune.__main__ import main
+status = main(sys.argv[1:])
+print(status, dropped, file=sys.stderr)
+"""
+
+
+def test_generate_prints_its_completion_and_no_library_notice(run_dir):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    result = subprocess.run([sys.executable, "-c", WATCH_BITSANDBYTES_IMPORT, "generate", str(run_dir), "--prompt",
+                             "fn", "--max_new_tokens", "2", "--device", "cpu"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=300)
+    assert result.stdout.startswith("fn") and result.stderr == "0 [True]\n", result.stderr
