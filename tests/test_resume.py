@@ -198,12 +198,14 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     assert (segment["status"], segment["start_step"], segment["end_step"]) == ("interrupted", 0, stopped_at)
     training = manifest["phase_results"]["phase_4_training"]
     assert training["status"] == "interrupted" and "error" not in training
-    assert training["interrupted"].startswith(f"{signum.name} at step {stopped_at}: checkpoint ")
+    assert training["interrupted"].startswith(f"{signum.name} during training at step {stopped_at}: checkpoint ")
     # The epoch of the stop (epoch 1) was not evaluated: only the base's and epoch 0's evals ran. (Stopped after
     # epoch 1's last step, the resume continues at epoch 2 and evaluates epoch 1 first: asserted below.)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.jsonl", "epoch_0.jsonl"]
     command = f"codetune fit --config {run_dir / 'config.yaml'} --ckpt_path last"
-    assert command in out and f"make resume RUN={run_dir}" in out, out[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith(f"codetune: {signum.name}")]
+    assert line.startswith(f"codetune: {signum.name} during training, at step {stopped_at}: kept ")
+    assert line.endswith(f"Continue with: {command}"), err[-2000:]
 
     # The printed command, as `python -m codetune`.
     resumed = subprocess.run([sys.executable, "-m", *command.split()], env=subprocess_env(),
