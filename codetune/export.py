@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from codetune.errors import ConfigError
 from codetune.run import (EXPORT_MARKER, Manifest, atomic_save_dir, replaceable_output_dir, utc_now,
                           write_output_marker)
+from codetune.run_dir import relative_to_run
 
 if TYPE_CHECKING:
     import numpy as np
@@ -479,9 +480,10 @@ def export_run(config: RunConfig, target: str, out: Path, outtype: str = "f32", 
         write_output_marker(tmp, EXPORT_MARKER, {"source_run": str(config.run_dir.resolve()), "format": target,
                                                  "base_model": config.name_or_path, "exported_at": utc_now(),
                                                  "files": files})
-    record_export(config.run_dir, {"format": target, "out": str(out.resolve()), "started_at": started,
-                                   "wall_s": round(time.perf_counter() - start, 3), "files": files,
-                                   **exported.details})
+    # Relative to the run when inside it (the default, RUN/export/<to>): the run can move with its exports.
+    record_export(config.run_dir, {"format": target, "out": relative_to_run(out, config.run_dir),
+                                   "started_at": started, "wall_s": round(time.perf_counter() - start, 3),
+                                   "files": files, **exported.details})
     return exported
 
 

@@ -255,12 +255,13 @@ def test_every_export_is_recorded_in_the_manifest_and_replaces_its_own_entry(run
     assert phase["status"] == "completed"
     assert [e["format"] for e in phase["exports"]] == ["vllm", "gguf"]
     for entry in phase["exports"]:
-        assert Path(entry["out"]) == (run / "export" / entry["format"]).resolve()
+        assert entry["out"] == f"export/{entry['format']}"  # relative: the run moves with its exports
+        out = run / entry["out"]
         files = {f["file"]: f for f in entry["files"]}
-        on_disk = sorted(p.name for p in Path(entry["out"]).iterdir() if p.name != "codetune_export.json")
+        on_disk = sorted(p.name for p in out.iterdir() if p.name != "codetune_export.json")
         assert sorted(files) == on_disk
         for name, record in files.items():
-            path = Path(entry["out"]) / name
+            path = out / name
             assert record == {"file": name, "bytes": path.stat().st_size, "sha256": sha256(path)}
     assert phase["exports"][1]["tensor_types"] == {"f32": 30} and phase["exports"][0]["max_lora_rank"] == 8
 

@@ -51,8 +51,8 @@ class WindowBatchSampler(DistributedSampler):
 
     With `epoch_source` (the data module passes the trainer's `current_epoch`), each pass asks it for its epoch
     and Lightning's `set_epoch` calls are ignored: resumed from a checkpoint written at an epoch's end, Lightning
-    numbers the next pass one too high (it counts the finished epoch's end twice), which would train another
-    epoch's order than the uninterrupted run's.
+    (2.6) calls `set_epoch(current_epoch + 1)` before the next pass, which would train another epoch's order than
+    the uninterrupted run's.
     """
 
     def __init__(self, n_windows: int, batch_size: int, shuffle: bool, seed: int, num_replicas: int = 1,
