@@ -46,7 +46,7 @@ from rich.table import Table
 from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
                                  scan_argument_problems, scan_repository)
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
-from codetune.data.languages import RUST_CONFIG, language_table, recommend_config
+from codetune.data.languages import RUST_CONFIG, language_table, no_code_problem, recommend_config
 from codetune.errors import ConfigError, exit_status
 
 NO_TOKENIZER = "none"
@@ -178,6 +178,8 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
         "rust_share_of_code_lines": round(advice.rust_share, 4),
         "recommended_config": advice.config,
         "recommendation_reason": advice.reason,
+        # What `codetune fit` would refuse this repository for (None: it has code to train on).
+        "no_code": no_code_problem(scan.files),
         "token_cache": cache,
         "fim": fim,
         "wall_s": {"scan": round(scan_s, 3), "tokenize": round(tokenize_s, 3)},
@@ -302,6 +304,18 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(_secrets_table(report))
     if report["fim"] is not None:
         console.print(_fim_line(report), soft_wrap=True)
+    if report["no_code"]:
+        console.print(f"[bold red]No source code:[/] {report['no_code']}, so `codetune fit` refuses this "
+                      f"repository. Point it at the source tree, or add your languages' extensions with "
+                      f"--extensions.", soft_wrap=True, highlight=False)
+    else:
+        _print_recommendation(report, console)
+    if report["token_cache"] is not None:
+        console.print(f"Token cache: {_cache_line(report['token_cache'])}", soft_wrap=True, highlight=False)
+
+
+def _print_recommendation(report: dict[str, Any], console: Console) -> None:
+    """The config to train with and the command that does it."""
     # soft_wrap: a command wrapped at the terminal width could not be pasted.
     console.print(f"Recommended config: [bold]{report['recommended_config']}[/bold] "
                   f"({report['recommendation_reason']})", soft_wrap=True)
@@ -310,8 +324,6 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   soft_wrap=True, highlight=False)
     target = "train-rust" if report["recommended_config"] == RUST_CONFIG else "train"
     console.print(f"  make {target} REPO={repo}   (from the codetune checkout)", soft_wrap=True, highlight=False)
-    if report["token_cache"] is not None:
-        console.print(f"Token cache: {_cache_line(report['token_cache'])}", soft_wrap=True, highlight=False)
 
 
 def _cache_line(cache: dict[str, Any]) -> str:

@@ -235,3 +235,15 @@ def test_the_status_line_is_drawn_on_a_terminal_and_erased(fixture_repo, tmp_pat
     assert "codetune inspect: scanning" in drawn and "codetune inspect: tokenizing: 12 / 13 files" in drawn
     assert drawn.endswith("\x1b[2K") or drawn.rstrip("\r\n").endswith("\x1b[2K"), "the line is erased at the end"
     assert json.loads(capsys.readouterr().out)["token_cache"]["dir"] is None
+
+
+def test_a_repository_without_code_is_said_to_be_refused_by_fit(tmp_path, capsys):
+    repo = tmp_path / "docs"
+    repo.mkdir()
+    (repo / "README.md").write_text("# notes\n")
+    assert main(["inspect", str(repo), "--tokenizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "No source code: the scan kept 1 file, README.md (markdown)" in out
+    assert "`codetune fit` refuses this repository" in out and "Recommended config" not in out
+    report = inspect_json(capsys, str(repo), "--tokenizer", "none")
+    assert report["no_code"].startswith("the scan kept 1 file, README.md")
