@@ -56,6 +56,8 @@ SECRET_LOCATIONS_JSON = 20  # per kind in --json
 # Texts tokenized per call: large enough that the tokenizer's threads share out each batch, small enough that the
 # count on the status line moves every second or so on a large repository.
 TOKENIZE_CHUNK_BYTES = 8 << 20
+# The scan's status line is redrawn after this many files are read (a redraw costs more than reading a small file).
+SCAN_STATUS_EVERY = 200
 Status = Callable[[str], None]
 """Told what inspect is doing now, e.g. 'tokenizing: 1,200 / 45,000 files (9.1 / 310.0 MB)'."""
 
@@ -129,6 +131,12 @@ def status_line(console: Console) -> Iterator[Status]:
         yield lambda text: progress.update(task, description=f"codetune inspect: {text}", refresh=True)
 
 
+def _scan_progress(status: Status, repo: Path, done: int, total: int) -> None:
+    """The scan's status: files read of the candidates the walk found (every SCAN_STATUS_EVERY, and the last)."""
+    if done % SCAN_STATUS_EVERY == 0 or done == total:
+        status(f"scanning {repo}: read {done} / {total} files")
+
+
 def _no_status(text: str) -> None:
     """A `Status` that shows nothing."""
 
@@ -151,7 +159,8 @@ def inspect_repository(repo: Path, extensions: Sequence[str], ignore_patterns: S
         raise ConfigError(f"REPO {str(repo)!r} {what}. Give the path of your repository's root directory.")
     started = time.perf_counter()
     status(f"scanning {repo}")
-    scan = scan_repository(repo.expanduser(), extensions, ignore_patterns, max_file_bytes, max_line_length)
+    scan = scan_repository(repo.expanduser(), extensions, ignore_patterns, max_file_bytes, max_line_length,
+                           on_read=lambda done, total: _scan_progress(status, repo, done, total))
     scan_s = time.perf_counter() - started
     started = time.perf_counter()
     counted = _count_tokens(scan, tokenizer, cache_dir, trust_remote_code, status)

@@ -210,10 +210,12 @@ def test_the_status_line_tells_each_step_and_how_far_tokenizing_is(fixture_repo,
             str(tmp_path / "cache"))
     report = inspect.inspect_repository(*args, status=told.append)
     assert told[0] == f"scanning {fixture_repo}"
+    read = told[1].removeprefix(f"scanning {fixture_repo}: read ").removesuffix(" files").split(" / ")
+    assert read[0] == read[1] and int(read[0]) >= 13  # the last file read (every candidate, kept or skipped)
     kept = [f.rel_path for f in scan_repository(fixture_repo, DEFAULT_EXTENSIONS).files]
-    assert told[1].startswith(f"training the 'tiny' tokenizer on {len(split_paths(kept, DEFAULT_VAL_FRACTION)[0])} "
+    assert told[2].startswith(f"training the 'tiny' tokenizer on {len(split_paths(kept, DEFAULT_VAL_FRACTION)[0])} "
                               f"files (0.0 MB)")
-    assert [t.split(" files")[0] for t in told[2:-1]] == [f"tokenizing: {i} / 13" for i in range(13)]
+    assert [t.split(" files")[0] for t in told[3:-1]] == [f"tokenizing: {i} / 13" for i in range(13)]
     assert told[-1] == "planning the fill-in-the-middle samples"
     told.clear()
     assert inspect.inspect_repository(*args, status=told.append)["totals"] == report["totals"]

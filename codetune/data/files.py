@@ -75,7 +75,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,6 +328,7 @@ def scan_repository(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     redact: bool = True,
+    on_read: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Walk `repo` and return its source files with the given extensions, filtered and redacted.
 
@@ -340,6 +341,7 @@ def scan_repository(
         max_file_bytes: larger files are skipped as `too_large`.
         max_line_length: a file with a longer line is skipped as `minified`.
         redact: replace secrets in kept files (`secrets.redact_secrets`).
+        on_read: told (files read, candidate files) after each file is read, for a progress display.
 
     Raises:
         ValueError: an argument is invalid (all problems are listed in one message).
@@ -355,8 +357,10 @@ def scan_repository(
     files: list[SourceFile] = []
     found: list[SecretLocation] = []
     kept_hashes: set[str] = set()
-    for candidate in sorted(candidates, key=lambda c: c.rel_path):
+    for done, candidate in enumerate(sorted(candidates, key=lambda c: c.rel_path), start=1):
         raw = _read_at_most(candidate.path, max_file_bytes + 1)
+        if on_read is not None:
+            on_read(done, len(candidates))
         sha256 = hashlib.sha256(raw).hexdigest()
         if sha256 in kept_hashes:
             text, reason = None, SKIP_DUPLICATE
