@@ -91,6 +91,12 @@ class InterruptCheckpoint(Callback):
       cannot join that save, so the run keeps its last periodic checkpoint (``--checkpoint_every_n_steps``).
     - Once the run is stopping, later signals are ignored.
 
+    It also writes ``last.ckpt`` at the end of each epoch's last step and of the run's last step, before their
+    validation and evaluations. A checkpoint written after them (Lightning's own at an epoch's end) does not resume
+    exactly: restored from it, Lightning 2.6 calls ``set_epoch`` one too high before the next pass, which then trains
+    another epoch's order than the uninterrupted run; one written at the step boundary does. A stop during the
+    validation or the evaluation that follows keeps that checkpoint, whose weights are the current ones.
+
     During training this replaces Lightning's own SIGTERM handler, which would run the epoch's validation, raise
     ``SIGTERMException`` (exit status 0, as if the run had succeeded) and write no checkpoint.
 
@@ -184,8 +190,17 @@ class InterruptCheckpoint(Callback):
         self.install(trainer)
 
     @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stepping()
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._stepping()
+
+    def _stepping(self) -> None:
+        """From an epoch's start, and from each step's end to the next one (fetching the batch, the batch-start
+        hooks of every callback), the run is in its steps: a first signal waits for the next step's end."""
         self._in_step, self._where = True, "during training"
 
     @override
@@ -193,9 +208,12 @@ class InterruptCheckpoint(Callback):
                            batch_idx: int) -> None:
         # One optimizer step is one batch (manual optimization): its end is a step boundary on every rank.
         requested = trainer.strategy.reduce_boolean_decision(self.request.requested, all=False)
-        self._in_step, self._where = False, "between two steps"
         if not requested:
+            if self._checkpoint is not None and _ends_an_epoch_or_the_run(trainer, batch_idx):
+                trainer.save_checkpoint(self._checkpoint)
+            self._stepping()
             return
+        self._in_step = False
         self.request.stopping = True
         if self._checkpoint is not None:
             trainer.save_checkpoint(self._checkpoint)
@@ -204,19 +222,20 @@ class InterruptCheckpoint(Callback):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._where = "during validation"
+            self._in_step, self._where = False, "during validation"
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._where = "between two steps"
+        if not trainer.sanity_checking:
+            self._stepping()  # back to the steps (a validation inside an epoch), or on to the epoch's end
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._where = "during the epoch's evaluation"
+        self._in_step, self._where = False, "during the epoch's evaluation"
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._where = "while saving the final checkpoint and the adapter"
+        self._in_step, self._where = False, "while saving the final checkpoint and the adapter"
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -257,6 +276,13 @@ class InterruptCheckpoint(Callback):
         if self._saved_step is not None and _existing(self._checkpoint):
             return self._checkpoint, self._saved_step
         return None, None
+
+
+def _ends_an_epoch_or_the_run(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the step that just ended is its epoch's last or the run's (by --trainer.max_steps, or asked to stop:
+    the manifest callback asks at max_steps, so that the final weights are validated)."""
+    return (batch_idx + 1 >= trainer.num_training_batches or trainer.should_stop
+            or 0 < trainer.max_steps <= trainer.global_step)
 
 
 def stop_line(exception: TrainingInterrupted, run_dir: Path, kept: tuple[Path | None, int | None]) -> str:

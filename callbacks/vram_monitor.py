@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
 from codetune.errors import ConfigError
+from codetune.run import CONFIG_NAME
 from codetune.vram import VRAMPeaks, VRAMReading, nvml_pci_bus_id, reading_metrics, vram_summary
 
 # (row label, summary key) of the table printed at the end of training.
@@ -215,14 +217,16 @@ class VRAMMonitor(Callback):
 
 def _cpu_was_chosen(trainer: L.Trainer) -> bool:
     """Whether the trainer runs on the CPU because the user asked for it, rather than for want of a GPU. Lightning
-    resolves `accelerator="auto"` without keeping what was asked, so that is read from the LightningCLI config when
-    there is one; a CPU trainer while CUDA is available can only have been asked for."""
+    resolves `accelerator="auto"` without keeping what was asked, so that is read from the config the run saved
+    (`codetune fit` writes config.yaml before it builds anything); a CPU trainer while CUDA is available can only
+    have been asked for."""
     if trainer.strategy.root_device.type != "cpu":
         return False
     if torch.cuda.is_available():
         return True
-    configs = [cb.config for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)]
-    return any(str(config.get("trainer", {}).get("accelerator")) == "cpu" for config in configs)
+    saved = Path(trainer.default_root_dir) / CONFIG_NAME
+    config = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    return isinstance(config, dict) and str((config.get("trainer") or {}).get("accelerator")) == "cpu"
 
 
 def _peaks_table(summary: dict[str, Any]) -> Table:

@@ -47,7 +47,7 @@ from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, DiskFullError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
-from codetune.run import CONFIG_NAME, Manifest, atomic_write_text, default_run_name
+from codetune.run import CONFIG_NAME, MANIFEST_NAME, Manifest, atomic_write_text, default_run_name
 from codetune.run_dir import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
                               resume_checkpoint, resumed_run_dir)
 from codetune.tensorboard import EpochlessTensorBoardLogger
@@ -110,15 +110,17 @@ class CodetuneCLI(LightningCLI):
                             help="Train a new run in an existing --run_name, deleting that run's checkpoints, "
                                  "logs, adapter and manifest first.")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=25,
-                            help="Write checkpoints/last.ckpt every N optimizer steps (0: none during training; one is "
-                                 "still written at its end and on Ctrl-C). A killed run resumes from it with "
-                                 "--ckpt_path last.")
+                            help="Write checkpoints/last.ckpt every N optimizer steps (0: none but those at each "
+                                 "epoch's last step, the run's last step and a stop). A killed run resumes from it "
+                                 "with --ckpt_path last.")
         parser.add_lightning_class_args(GenerationEval, "generation")
         parser.add_lightning_class_args(OOMBackoff, "oom_backoff")
         parser.add_lightning_class_args(VRAMMonitor, "vram")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # No version counter: both checkpoint callbacks must overwrite one last.ckpt, not write last-v1.ckpt.
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+        # No version counter: every checkpoint writer must overwrite one last.ckpt, not write last-v1.ckpt. No last.ckpt
+        # from this callback by default: the interrupt callback writes it at each epoch's last step, before the
+        # epoch's validation; one written after it does not resume exactly (callbacks/interrupt.py).
+        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.save_top_k": 0,
                              "checkpoint.enable_version_counter": False})
         # The module prints its own one-line summary (trainable of total parameters); Lightning's table adds
         # a FLOPs column of zeros and the metric objects.
@@ -196,6 +198,7 @@ class CodetuneCLI(LightningCLI):
         try:
             if rank_zero_only.rank == 0:
                 lock, created = open_run_dir(self.run_dir, self.resuming, self.config[self.subcommand].overwrite_run)
+                say_if_killed(self.run_dir)
                 os.environ[RUN_DIR_ENV] = str(self.run_dir.resolve())
                 self._save_config()
                 begin_manifest(self.run_dir)
@@ -281,6 +284,21 @@ def run_directory(config: Namespace) -> Path:
     configs = [str(path) for path in (config.get("config") or []) if path is not None]
     resumed = resumed_run_dir(config.ckpt_path, config.run_name, config.runs_dir, configs)
     return resumed or Path(config.runs_dir).expanduser() / (config.run_name or default_run_name())
+
+
+def say_if_killed(run_dir: Path) -> None:
+    """One line when the run this process now holds was left `running` by a process that is gone (kill -9, a power
+    cut): it resumes from its last whole checkpoint, which the manifest names."""
+    if not (run_dir / MANIFEST_NAME).is_file():
+        return
+    manifest = Manifest(run_dir)
+    if manifest.data.get("status") != "running":
+        return
+    last = next((s for s in reversed(manifest.segments) if s.get("last_checkpoint")), None)
+    kept = (f"its last checkpoint, {last['last_checkpoint']} (step {last['end_step']})" if last
+            else "no checkpoint (it starts again from step 0)")
+    print(f"codetune: {run_dir} was killed while it trained (its manifest still said running); resuming from "
+          f"{kept}.", file=sys.stderr, flush=True)
 
 
 def check_trains_something(trainer: Namespace) -> None:

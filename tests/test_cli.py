@@ -101,7 +101,9 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     # config.yaml is the resolved config, the flags of this run in it, and the manifest records that same config.
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config == manifest["config"] and config["trainer"]["max_steps"] == STEPS
-    assert config["run_name"] == "t" and config["data"]["batch_size"] == 2 and config["model"]["name_or_path"] == "tiny"
+    assert config["data"]["batch_size"] == 2 and config["model"]["name_or_path"] == "tiny"
+    # Nothing that names this run: alone, the config re-runs as a new run (tests/test_never_lost.py).
+    assert config["run_name"] is None and config["trainer"]["default_root_dir"] is None and manifest["run_name"] == "t"
     # One samples file per eval (the base, then each epoch end, the stopped third one included), each with the
     # same prompts: the demo's 12 repo prompts, the default 16 FIM prompts and the config's language prompts.
     samples = {p.name: [json.loads(line) for line in p.read_text().splitlines()]

@@ -72,11 +72,18 @@ def test_measured_peaks_in_gb_against_a_plan_in_gib():
     assert "plan_ratio" not in gpu_check.memory_figures({}, {"predicted_peak_gib": 5.4})
 
 
+def model_dir_for_parsing(path: Path) -> None:
+    """A model directory as far as parsing fit's flags looks at it (its config.json names the architecture)."""
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "llama"}')
+
+
 def test_a_fit_goes_through_the_cli_with_the_common_flags_and_the_recorder(tmp_path):
     from codetune.cli import build_cli
 
     mode = gpu_check.dry_mode(6.0)
     (tmp_path / "corpus").mkdir()
+    model_dir_for_parsing(tmp_path / "model")
     ctx = gpu_check.Context(mode=mode, work=tmp_path, model_dir=tmp_path / "model", corpus=tmp_path / "corpus",
                             context_bytes=0)
     spec = gpu_check.FitSpec("x", gpu_check.RUST_CONFIG, overrides={"model.lora_dropout": "0.0"}, steps=2)
@@ -100,6 +107,7 @@ def test_the_common_flags_turn_every_generation_off_but_keep_the_base_held_out_l
     from callbacks.generation_eval import GenerationEval
     from codetune.cli import build_cli
 
+    model_dir_for_parsing(tmp_path / "model")
     ctx = gpu_check.Context(mode=gpu_check.dry_mode(6.0), work=tmp_path, model_dir=tmp_path / "model",
                             corpus=tmp_path, context_bytes=0)
     # The shipped YAMLs ask for language prompts and the callback's defaults for repo and FIM prompts: the flags

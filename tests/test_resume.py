@@ -81,6 +81,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fixture_r
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
+    assert (f"codetune: {killed_dir} was killed while it trained (its manifest still said running); resuming from "
+            f"its last checkpoint, checkpoints/last.ckpt (step 6).") in resumed.stderr
 
     # The same windows at every step (each once per epoch), and the same final weights.
     assert samples(killed_dir) == samples(runs / "full")
@@ -203,7 +205,7 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_printed_command_resumes_e
     # epoch 1's last step, the resume continues at epoch 2 and evaluates epoch 1 first: asserted below.)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.jsonl", "epoch_0.jsonl"]
     command = f"codetune fit --config {run_dir / 'config.yaml'} --ckpt_path last"
-    (line,) = [line for line in err.splitlines() if line.startswith(f"codetune: {signum.name}")]
+    (line,) = [line for line in err.splitlines() if line.startswith(f"codetune: {signum.name} during")]
     assert line.startswith(f"codetune: {signum.name} during training, at step {stopped_at}: kept ")
     assert line.endswith(f"Continue with: {command}"), err[-2000:]
 

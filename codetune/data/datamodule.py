@@ -413,18 +413,13 @@ class CodeDataModule(L.LightningDataModule):
         replicas, rank = self._replicas()
         sampler_class = EpochTaggedBatchSampler if fim_epochs is not None else WindowBatchSampler
         sampler = sampler_class(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
-                                num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step,
-                                epoch_source=self._current_epoch if shuffle and self.trainer is not None else None)
+                                num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
         # Its own generator: creating an iterator must not draw from the global RNG, which dropout uses
         # (a resumed run restores that RNG and must see the same draws).
         return DataLoader(WindowDataset(windows), sampler=sampler, batch_size=None,
                           collate_fn=WindowCollator(windows, self.packing, fim_epochs),
                           num_workers=self.hparams.num_workers,
                           generator=torch.Generator().manual_seed(self.hparams.seed))
-
-    def _current_epoch(self) -> int:
-        """The epoch the trainer is in: what a training pass's order and FIM cuts are drawn for."""
-        return self.trainer.current_epoch
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer  # None until the data module is attached to a trainer

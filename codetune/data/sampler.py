@@ -14,7 +14,7 @@ module keeps `(epoch, steps done)` in its `state_dict`, so a checkpoint holds th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -48,16 +48,10 @@ class WindowBatchSampler(DistributedSampler):
     It is a `DistributedSampler` so that Lightning neither wraps it in one of its own (it shards
     itself, which DistributedSampler cannot do without repeating or dropping windows) nor forgets to
     call `set_epoch` on it. Use it as a DataLoader's `sampler` with `batch_size=None`.
-
-    With `epoch_source` (the data module passes the trainer's `current_epoch`), each pass asks it for its epoch
-    and Lightning's `set_epoch` calls are ignored: resumed from a checkpoint written at an epoch's end, Lightning
-    (2.6) calls `set_epoch(current_epoch + 1)` before the next pass, which would train another epoch's order than
-    the uninterrupted run's.
     """
 
     def __init__(self, n_windows: int, batch_size: int, shuffle: bool, seed: int, num_replicas: int = 1,
-                 rank: int = 0, epoch: int = 0, start_step: int = 0,
-                 epoch_source: Callable[[], int] | None = None) -> None:
+                 rank: int = 0, epoch: int = 0, start_step: int = 0) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         # The parent's fields (num_samples, total_size) describe its own padding scheme and are unused here.
@@ -66,13 +60,8 @@ class WindowBatchSampler(DistributedSampler):
         self.batch_size = batch_size
         self.epoch = epoch
         self.start_step = start_step
-        self.epoch_source = epoch_source
 
     def set_epoch(self, epoch: int) -> None:
-        if self.epoch_source is None:
-            self._enter(epoch)
-
-    def _enter(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.start_step = epoch, 0
 
@@ -81,8 +70,6 @@ class WindowBatchSampler(DistributedSampler):
         return steps_per_epoch(self.n_windows, self.batch_size, self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.epoch_source is not None:
-            self._enter(self.epoch_source())
         order = epoch_order(self.n_windows, self.seed, self.epoch, self.shuffle)
         start, self.start_step = self.start_step, 0  # a skip applies to the resumed epoch only
         return rank_batches(order, self.batch_size, self.num_replicas, self.rank, start)
@@ -93,6 +80,5 @@ class EpochTaggedBatchSampler(WindowBatchSampler):
     that epoch's fill-in-the-middle cuts (`codetune.data.fim.FimEpochs`), in whichever process it runs."""
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        batches = super().__iter__()  # enters this pass's epoch first
         epoch = self.epoch
-        return ((epoch, batch) for batch in batches)
+        return ((epoch, batch) for batch in super().__iter__())

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
@@ -816,9 +817,12 @@ def _grad_scaler_enabled(trainer: L.Trainer) -> bool:
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
-    """The newest checkpoint any ModelCheckpoint wrote (the CLI can run two that share last.ckpt)."""
-    paths = {path for cb in trainer.checkpoint_callbacks for path in (cb.last_model_path, cb.best_model_path)
-             if path and Path(path).is_file()}
+    """The newest checkpoint in any ModelCheckpoint's folder (the CLI runs two that share last.ckpt, which the
+    interrupt callback writes too, at each epoch's last step)."""
+    candidates = [path for cb in trainer.checkpoint_callbacks for path in (cb.last_model_path, cb.best_model_path)]
+    candidates += [str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+                   for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    paths = {path for path in candidates if path and Path(path).is_file()}
     return max(paths, key=lambda path: Path(path).stat().st_mtime) if paths else None
 
 

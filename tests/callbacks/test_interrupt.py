@@ -45,7 +45,7 @@ class FakeTrainer(SimpleNamespace):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
         super().__init__(global_step=0, default_root_dir=str(tmp_path), is_global_zero=True, saved=[],
                          checkpoint_callbacks=[checkpoint], datamodule=None, world_size=1, ckpt_path=None,
-                         sanity_checking=False,
+                         sanity_checking=False, num_training_batches=100, should_stop=False, max_steps=-1,
                          strategy=SimpleNamespace(launcher=None, reduce_boolean_decision=self._vote,
                                                   checkpoint_io=AtomicCheckpointIO()))
         self.others_voted = others_voted
@@ -192,3 +192,17 @@ def test_the_stop_line_says_what_was_kept_and_what_continues(tmp_path):
                      f"--ckpt_path last")
     older = stop_line(TrainingInterrupted(signal.SIGINT, 9, None), run, (run / "checkpoints" / "last.ckpt", 5))
     assert "kept " + str(run / "checkpoints" / "last.ckpt") + " (step 5); steps 6-9 were not saved." in older
+
+
+def test_the_last_step_of_an_epoch_or_of_the_run_is_checkpointed_before_its_validation(tmp_path, previous_handlers):
+    callback, trainer = started(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    trainer.num_training_batches, trainer.global_step = 4, 3
+    callback.on_train_batch_end(trainer, None, None, None, 2)
+    assert trainer.saved == []
+    trainer.global_step = 4
+    callback.on_train_batch_end(trainer, None, None, None, 3)  # the epoch's last batch
+    trainer.global_step, trainer.max_steps = 6, 6
+    callback.on_train_batch_end(trainer, None, None, None, 1)  # the run's last step, mid-epoch
+    assert trainer.saved == [(last, 4), (last, 6)]
+    callback.teardown(trainer, None, "fit")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -99,7 +99,8 @@ class RecordingLogger:
 
 def cuda_trainer(*loggers: RecordingLogger) -> SimpleNamespace:
     return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_step=0,
-                           loggers=list(loggers), is_global_zero=True, callbacks=[])
+                           loggers=list(loggers), is_global_zero=True, callbacks=[],
+                           default_root_dir="/nonexistent-run")
 
 
 def drive(monitor: VRAMMonitor, trainer: SimpleNamespace, steps: range) -> None:
@@ -376,29 +377,22 @@ def test_real_fit_logs_every_n_steps_and_a_resumed_fit_keeps_the_peaks(monkeypat
     assert resumed.summary()["readings"] == 3 + 2
 
 
-class ConfigHolder(SaveConfigCallback):
-    """LightningCLI's config callback, saving nothing."""
-
-    def save_config(self, trainer, pl_module, stage) -> None:
-        pass
-
-
-def cli_fit(monitor: VRAMMonitor, accelerator: str) -> L.Trainer:
-    """A CPU fit as LightningCLI runs it: its SaveConfigCallback holds the config the user gave."""
-    from jsonargparse import Namespace
-
-    saver = ConfigHolder(None, Namespace(trainer=Namespace(accelerator=accelerator)), save_to_log_dir=False)
+def cli_fit(monitor: VRAMMonitor, accelerator: str, run_dir: Path) -> L.Trainer:
+    """A CPU fit as `codetune fit` runs it: the run's config.yaml, written first, holds what the user gave."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(f"trainer:\n  accelerator: {accelerator}\n")
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, saver])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+                        default_root_dir=str(run_dir))
     trainer.fit(TinyModule())
     return trainer
 
 
-def test_a_cpu_run_the_user_chose_is_not_warned_about(recwarn, monkeypatch):
+def test_a_cpu_run_the_user_chose_is_not_warned_about(recwarn, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     chosen = VRAMMonitor()
-    cli_fit(chosen, "cpu")  # --trainer.accelerator cpu: the demo
+    cli_fit(chosen, "cpu", tmp_path / "chosen")  # --trainer.accelerator cpu: the demo
     assert off_warnings(recwarn) == [] and chosen.enabled is False and "runs on cpu" in chosen.disabled_reason
     # --trainer.accelerator auto that found no GPU: the user expected one, and is told why there are no figures.
-    cli_fit(VRAMMonitor(), "auto")
+    cli_fit(VRAMMonitor(), "auto", tmp_path / "auto")
     assert len(off_warnings(recwarn)) == 1

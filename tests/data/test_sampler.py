@@ -62,15 +62,3 @@ def test_rank_out_of_range_is_refused():
     with pytest.raises(ValueError, match="rank 2"):
         WindowBatchSampler(5, 2, shuffle=True, seed=0, num_replicas=2, rank=2)
 
-
-def test_with_an_epoch_source_each_pass_takes_its_epoch_from_it_not_from_set_epoch():
-    trainer_epoch = [1]
-    resumed = WindowBatchSampler(12, 4, shuffle=True, seed=0, epoch=1, epoch_source=lambda: trainer_epoch[0])
-    fresh = WindowBatchSampler(12, 4, shuffle=True, seed=0)
-    # Resumed at an epoch's end, Lightning calls set_epoch one too high before the pass.
-    resumed.set_epoch(2)
-    fresh.set_epoch(1)
-    assert list(resumed) == list(fresh)
-    trainer_epoch[0] = 2
-    fresh.set_epoch(2)
-    assert list(resumed) == list(fresh)
