@@ -219,10 +219,18 @@ class InterruptCheckpoint(Callback):
             trainer.save_checkpoint(self._checkpoint)
         raise TrainingInterrupted(self.request.signum(), trainer.global_step, checkpoint=self._checkpoint)
 
+    def _leave_steps(self, trainer: L.Trainer, where: str) -> None:
+        """The run leaves its steps for `where`: a signal that waited for a step's end that will not come now
+        stops it here."""
+        self._in_step, self._where = False, where
+        if self.request.requested and not self.request.stopping:
+            self.request.stopping = True
+            raise TrainingInterrupted(self.request.signum(), trainer.global_step, checkpoint=None, where=where)
+
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._in_step, self._where = False, "during validation"
+            self._leave_steps(trainer, "during validation")
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -231,11 +239,11 @@ class InterruptCheckpoint(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._in_step, self._where = False, "during the epoch's evaluation"
+        self._leave_steps(trainer, "during the epoch's evaluation")
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._in_step, self._where = False, "while saving the final checkpoint and the adapter"
+        self._leave_steps(trainer, "while saving the final checkpoint and the adapter")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -206,3 +206,15 @@ def test_the_last_step_of_an_epoch_or_of_the_run_is_checkpointed_before_its_vali
     callback.on_train_batch_end(trainer, None, None, None, 1)  # the run's last step, mid-epoch
     assert trainer.saved == [(last, 4), (last, 6)]
     callback.teardown(trainer, None, "fit")
+
+
+def test_a_signal_waiting_for_a_step_that_will_not_come_stops_the_run_where_it_leaves_its_steps(tmp_path,
+                                                                                                previous_handlers):
+    callback, trainer = started(tmp_path)
+    trainer.global_step = 5
+    callback.on_validation_end(trainer, None)  # the final validation ended: back "in the steps" until the epoch ends
+    signal.raise_signal(signal.SIGTERM)  # waits for a step's end
+    with pytest.raises(TrainingInterrupted) as stop:
+        callback.on_train_epoch_end(trainer, None)  # no step comes: it stops here
+    assert stop.value.where == "during the epoch's evaluation" and stop.value.code == 143
+    callback.teardown(trainer, None, "fit")
