@@ -181,10 +181,11 @@ class CodetuneCLI(LightningCLI):
     def _run_dir_arguments(self, config: Namespace) -> dict:
         """The trainer's run directory and logger, and the --checkpoint callback's folder, all inside the run."""
         arguments = {"default_root_dir": str(self.run_dir)}
-        if self.config[self.subcommand].trainer.logger in (None, True):
+        given = self.config[self.subcommand]
+        if run_default_logger(given.trainer.logger):
             arguments["logger"] = EpochlessTensorBoardLogger(save_dir=str(self.run_dir), name=TENSORBOARD_DIR,
                                                              version="", default_hp_metric=False)
-        if self.config[self.subcommand].checkpoint.dirpath is None:
+        if given.checkpoint.dirpath is None or another_runs_folder(given.checkpoint.dirpath, self.run_dir):
             config.checkpoint.dirpath = os.path.realpath(self.run_dir / CHECKPOINTS_DIR)
         return arguments
 
@@ -284,6 +285,27 @@ def run_directory(config: Namespace) -> Path:
     configs = [str(path) for path in (config.get("config") or []) if path is not None]
     resumed = resumed_run_dir(config.ckpt_path, config.run_name, config.runs_dir, configs)
     return resumed or Path(config.runs_dir).expanduser() / (config.run_name or default_run_name())
+
+
+def run_default_logger(logger: object) -> bool:
+    """Whether --trainer.logger is the run's own TensorBoard logger: unset, or as a config.yaml of an earlier
+    codetune wrote it out (with that run's absolute save_dir, which must not receive this run's events)."""
+    if logger in (None, True):
+        return True
+    if not isinstance(logger, Namespace):
+        return False
+    init = logger.get("init_args") or Namespace()
+    return (logger.get("class_path") == "codetune.tensorboard.EpochlessTensorBoardLogger"
+            and init.get("name") == TENSORBOARD_DIR)
+
+
+def another_runs_folder(dirpath: str, run_dir: Path) -> bool:
+    """Whether --checkpoint.dirpath is another run's checkpoints/ folder, as a config.yaml of an earlier codetune
+    wrote it out (the run it names, or the place it was moved from): this run keeps its checkpoints in its own."""
+    folder = Path(dirpath).expanduser()
+    if folder.name != CHECKPOINTS_DIR or folder.resolve().parent == run_dir.resolve():
+        return False
+    return (folder.parent / MANIFEST_NAME).is_file() or not folder.parent.exists()
 
 
 def say_if_killed(run_dir: Path) -> None:

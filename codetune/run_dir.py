@@ -132,17 +132,17 @@ def killed_note(run_dir: Path) -> str:
 
 
 def resumed_run_dir(ckpt_path: str | None, run_name: str | None, runs_dir: str, configs: list[str]) -> Path | None:
-    """The run a `--ckpt_path` resumes: `--runs_dir`/`--run_name` when the name is given, else the run directory
-    whose config.yaml was given with `--config` (the last one), else the run that holds the checkpoint file.
-    None when not resuming."""
+    """The run a `--ckpt_path` resumes: the run directory whose config.yaml was given with `--config` (the last
+    one; wherever it was moved, and whatever run name an older config.yaml still holds), else
+    `--runs_dir`/`--run_name`, else the run that holds the checkpoint file. None when not resuming."""
     if ckpt_path is None:
         return None
-    if run_name:
-        return Path(runs_dir).expanduser() / run_name
     for config in reversed(configs):
         directory = Path(config).expanduser().resolve().parent
         if (directory / MANIFEST_NAME).is_file():
             return directory
+    if run_name:
+        return Path(runs_dir).expanduser() / run_name
     checkpoint = Path(ckpt_path).expanduser()
     if checkpoint.is_file() and checkpoint.resolve().parent.name == CHECKPOINTS_DIR:
         directory = checkpoint.resolve().parent.parent

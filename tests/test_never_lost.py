@@ -266,3 +266,27 @@ def test_a_full_disk_gives_one_message_a_true_manifest_and_a_resumable_last_chec
     assert resume(run_dir) == 0
     assert manifest(run_dir)["status"] == "completed"
     assert_same_adapter(run_dir, runs / "ref")
+
+
+def test_a_copied_run_whose_config_names_the_original_resumes_in_the_copy_and_leaves_the_original(reference):
+    """A config.yaml as codetune wrote it before runs named nothing of themselves: the run's name and absolute
+    paths into it. Copied elsewhere and resumed, the copy trains and the original is not written to."""
+    import yaml
+
+    repo, runs = reference
+    original = runs / "ref"
+    copy = runs.parent / "copies" / "legacy"
+    shutil.copytree(original, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["run_name"] = "ref"
+    config["trainer"]["default_root_dir"] = str(original)
+    config["trainer"]["logger"] = {"class_path": "codetune.tensorboard.EpochlessTensorBoardLogger", "init_args": {
+        "save_dir": str(original), "name": "tensorboard", "version": "", "default_hp_metric": False}}
+    config["checkpoint"]["dirpath"] = str(original / "checkpoints")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    before = snapshot(original)
+    assert resume(copy, "--trainer.max_steps", str(STEPS + 2)) == 0
+    assert snapshot(original) == before
+    data = manifest(copy)
+    assert data["status"] == "completed" and data["segments"][-1]["end_step"] == STEPS + 2
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS + 2
