@@ -89,6 +89,8 @@ class CodetuneCLI(LightningCLI):
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Whether --run_name was typed, not read from a --config: a resume goes where the command line says.
+        self.run_name_typed = any(a == "--run_name" or str(a).startswith("--run_name=") for a in args or ())
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
@@ -145,7 +147,7 @@ class CodetuneCLI(LightningCLI):
             return
         check_trains_something(config.trainer)
         self.resuming = config.ckpt_path is not None
-        self.run_dir = run_directory(config)
+        self.run_dir = run_directory(config, self.run_name_typed)
         self.checkpoint = resume_checkpoint(config.ckpt_path, self.run_dir) if self.resuming else None
         if rank_zero_only.rank == 0 and not self.resuming:
             check_new_run_dir(self.run_dir, config.overwrite_run)
@@ -273,9 +275,9 @@ def evaluations_last(callbacks: list) -> None:
     callbacks[:] = others + evaluations + [c for c in callbacks if isinstance(c, ModelCheckpoint)]
 
 
-def run_directory(config: Namespace) -> Path:
-    """The directory this fit trains in: the resumed run's (found from its config.yaml, see
-    `codetune.run_dir.resumed_run_dir`), else `--runs_dir`/`--run_name`; a rank started by DDP's launcher takes
+def run_directory(config: Namespace, run_name_typed: bool) -> Path:
+    """The directory this fit trains in: the resumed run's (see `codetune.run_dir.resumed_run_dir`; a --run_name
+    typed on the command line names it), else `--runs_dir`/`--run_name`; a rank started by DDP's launcher takes
     rank zero's."""
     if rank_zero_only.rank != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
@@ -283,7 +285,7 @@ def run_directory(config: Namespace) -> Path:
         raise ConfigError(f"--ckpt_path {config.ckpt_path}: codetune resumes a run from `last` (its "
                           f"checkpoints/last.ckpt) or from a .ckpt file.")
     configs = [str(path) for path in (config.get("config") or []) if path is not None]
-    resumed = resumed_run_dir(config.ckpt_path, config.run_name, config.runs_dir, configs)
+    resumed = resumed_run_dir(config.ckpt_path, config.run_name, config.runs_dir, configs, run_name_typed)
     return resumed or Path(config.runs_dir).expanduser() / (config.run_name or default_run_name())
 
 

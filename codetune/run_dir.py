@@ -131,12 +131,16 @@ def killed_note(run_dir: Path) -> str:
 # -- choosing and opening the run directory ----------------------------------------------------------------
 
 
-def resumed_run_dir(ckpt_path: str | None, run_name: str | None, runs_dir: str, configs: list[str]) -> Path | None:
-    """The run a `--ckpt_path` resumes: the run directory whose config.yaml was given with `--config` (the last
-    one; wherever it was moved, and whatever run name an older config.yaml still holds), else
-    `--runs_dir`/`--run_name`, else the run that holds the checkpoint file. None when not resuming."""
+def resumed_run_dir(ckpt_path: str | None, run_name: str | None, runs_dir: str, configs: list[str],
+                    run_name_typed: bool = False) -> Path | None:
+    """The run a `--ckpt_path` resumes: `--runs_dir`/`--run_name` when the name was typed on the command line (a
+    checkpoint file may start a new run there), else the run directory whose config.yaml was given with `--config`
+    (the last one; wherever it was moved, and whatever run name an older config.yaml still holds), else the name
+    a config holds, else the run that holds the checkpoint file. None when not resuming."""
     if ckpt_path is None:
         return None
+    if run_name and run_name_typed:
+        return Path(runs_dir).expanduser() / run_name
     for config in reversed(configs):
         directory = Path(config).expanduser().resolve().parent
         if (directory / MANIFEST_NAME).is_file():

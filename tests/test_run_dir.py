@@ -92,8 +92,11 @@ def test_the_resumed_run_is_the_one_whose_config_is_given_wherever_it_moved(tmp_
     (moved / "config.yaml").write_text("{}")
     given = [str(tmp_path / "base.yaml"), str(moved / "config.yaml")]
     assert resumed_run_dir("last", None, "runs", given) == moved.resolve()
-    # The config's own run wins over a name (an older config.yaml holds the name of the run it was written in).
+    # The config's own run wins over a name a config holds (an older config.yaml names the run it was written in),
+    # not over one typed on the command line.
     assert resumed_run_dir("last", "named", str(tmp_path / "runs"), given) == moved.resolve()
+    assert resumed_run_dir("last", "named", str(tmp_path / "runs"), given, run_name_typed=True) == \
+        tmp_path / "runs" / "named"
     assert resumed_run_dir("last", "named", str(tmp_path / "runs"), given[:1]) == tmp_path / "runs" / "named"
     assert resumed_run_dir(None, None, "runs", given) is None  # not resuming
     (moved / "checkpoints").mkdir()
