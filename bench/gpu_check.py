@@ -194,7 +194,6 @@ COMMON_FIT_FLAGS = {
 }
 DTYPE_FLAG = "model.dtype"
 DROPOUT_FLAG = "model.lora_dropout"
-INJECT_OOM_ENV = "CODETUNE_INJECT_OOM"
 
 # Dense (no sparsity) 16-bit tensor-core peaks, TFLOP/s, matched by a fragment of the CUDA device name, in order.
 DENSE_16BIT_PEAK_TFLOPS = (
@@ -942,6 +941,8 @@ def section_oom(ctx: Context) -> list[Row]:
 
 
 def _oom_row(ctx: Context, check: str) -> Row:
+    from codetune.backoff import INJECT_OOM_ENV
+
     no_dropout = {DROPOUT_FLAG: "0.0"}
     full = FitSpec("b-oom", RUST_CONFIG, overrides=no_dropout, steps=ctx.mode.oom_steps)
     micro = int(full.settings()["data.batch_size"])

@@ -838,14 +838,14 @@ def format_plan(plan: MemoryPlan, free_bytes: int | None = None, after_load: boo
     if plan.training.device == "cpu":
         return format_ram_plan(plan, free_bytes)
     lines = [_plan_header(plan)]
-    lines += [f"  {TERM_LABELS[name]:<22} {_gib(size):>8} GiB" for name, size in plan.terms().items()]
-    lines.append(f"  {'peak':<22} {_gib(plan.total):>8} GiB  (* only the largest counts)")
+    lines += [f"  {TERM_LABELS[name]:<22} {gib(size):>8} GiB" for name, size in plan.terms().items()]
+    lines.append(f"  {'peak':<22} {gib(plan.total):>8} GiB  (* only the largest counts)")
     if free_bytes is not None:
         needed = plan.required_free_bytes(after_load)
         verdict = "fits" if needed <= free_bytes else "does NOT fit"
         state = "free with the model loaded" if after_load else "free"
-        lines.append(f"  {verdict} in {_gib(free_bytes)} GiB {state}: needs {_gib(needed)} GiB with the "
-                     f"{ALLOCATOR_MARGIN:.0%} allocator margin (expandable segments; {_gib(free_bytes - needed)} "
+        lines.append(f"  {verdict} in {gib(free_bytes)} GiB {state}: needs {gib(needed)} GiB with the "
+                     f"{ALLOCATOR_MARGIN:.0%} allocator margin (expandable segments; {gib(free_bytes - needed)} "
                      f"GiB left)")
     return "\n".join(lines)
 
@@ -861,7 +861,7 @@ def format_ram_plan(plan: MemoryPlan, available_bytes: int | None = None) -> str
     if available_bytes is not None:
         needed = plan.required_ram_bytes()
         verdict = "fits" if needed <= available_bytes else "does NOT fit"
-        lines.append(f"  {verdict} in {_gib(available_bytes)} GiB of available RAM: needs {_gib(needed)} GiB once the "
+        lines.append(f"  {verdict} in {gib(available_bytes)} GiB of available RAM: needs {gib(needed)} GiB once the "
                      f"model is loaded (what is left to allocate x{CPU_RSS_FACTOR:g} + "
                      f"{CPU_RSS_OVERHEAD_BYTES // 2**20} MiB for the heap)")
     return "\n".join(lines)
@@ -900,7 +900,8 @@ def _dtype_label(training: TrainingShape) -> str:
     return "fp32" if training.compute_dtype_bytes == FP32 else "16-bit autocast"
 
 
-def _gib(size: int) -> str:
+def gib(size: int) -> str:
+    """`size` bytes in GiB with two decimals, as every plan line shows them."""
     return f"{size / GiB:.2f}"
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from codetune.errors import ConfigError, exit_status
 from codetune.model.kernels import parse_capability
-from codetune.memory_plan import (ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, MicroBatchChoice,
+from codetune.memory_plan import (ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, MicroBatchChoice, gib,
                                   ModelShape, format_plan, largest_fitting, plan_for_card, plan_memory,
                                   training_shape_for)
 
@@ -235,13 +235,13 @@ def plan_report(shape: ModelShape, model: Any, data: Any, free_bytes: int,
 
     `model` / `data` hold the `--model.*` / `--data.*` settings (fit's parsed namespaces).
     """
-    from codetune.data.datamodule import _check_batch
+    from codetune.data.datamodule import check_batch
     from codetune.model.kernels import attention_plan
     from codetune.model.loading import precision_for, resolve_dtype, resolve_quantization
     from codetune.model.optim import resolve_optimizer
 
     # The data module checks these in __init__, which the plan does not run.
-    _check_batch(data.batch_size, data.gradient_accumulation_steps, data.effective_batch_size)
+    check_batch(data.batch_size, data.gradient_accumulation_steps, data.effective_batch_size)
     quantized = resolve_quantization(model.quantization, cuda_available=True)
     dtype = resolve_dtype(model.dtype, "cuda", capability)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -293,13 +293,13 @@ def format_report(report: dict[str, Any]) -> str:
     setting = report["gradient_checkpointing_setting"]
     on = "on" if report["gradient_checkpointing"] else "off"
     if setting == "auto":
-        why = f"auto: without it the step needs {_gib(report['without_checkpointing_bytes'])} GiB"
+        why = f"auto: without it the step needs {gib(report['without_checkpointing_bytes'])} GiB"
     else:
         why = f"--model.gradient_checkpointing {str(setting).lower()}"
     scaled = (f", residual stream scaled by 1/{report['float16_residual_scale']}"
               if report["float16_residual_scale"] and report["float16_residual_scale"] > 1 else "")
     lines = [f"codetune plan: {report['model']} ({report['model_config']}); {', '.join(report['configs'])}",
-             f"card: {_gib(report['free_bytes'])} GiB free ({report['free_source']}), compute capability "
+             f"card: {gib(report['free_bytes'])} GiB free ({report['free_source']}), compute capability "
              f"{report['capability']} ({report['capability_source']})",
              f"trains in {report['dtype']} ({report['precision']}{scaled})",
              f"attention: {report['attention']['description']}",
@@ -315,13 +315,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"largest micro-batch that fits: {largest['micro_batch_size']} x "
                      f"{largest['gradient_accumulation_steps']} accumulation (checkpointing "
                      f"{'on' if largest['gradient_checkpointing'] else 'off'}, needs "
-                     f"{_gib(largest['required_free_bytes'])} GiB); `--data.batch_size auto "
+                     f"{gib(largest['required_free_bytes'])} GiB); `--data.batch_size auto "
                      f"--data.effective_batch_size {report['effective_batch_size']}` picks it")
     return "\n".join(lines)
-
-
-def _gib(size: int) -> str:
-    return f"{size / GiB:.2f}"
 
 
 def _json_ready(report: dict[str, Any]) -> dict[str, Any]:

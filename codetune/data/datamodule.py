@@ -164,7 +164,7 @@ class CodeDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        _check_batch(batch_size, gradient_accumulation_steps, effective_batch_size)
+        check_batch(batch_size, gradient_accumulation_steps, effective_batch_size)
         _check_positive(seq_len=seq_len)
         problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
         if problems:
@@ -507,7 +507,7 @@ def _existing_dir(repo: str | None) -> Path:
     return path
 
 
-def _check_batch(batch_size: int | str, accumulation: int, effective: int | None) -> None:
+def check_batch(batch_size: int | str, accumulation: int, effective: int | None) -> None:
     if batch_size == "auto":
         if effective is None or effective < 1:
             raise ConfigError(f"--data.batch_size auto needs --data.effective_batch_size N (windows per optimizer "

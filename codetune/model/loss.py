@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from codetune.data.packing import IGNORE_INDEX
+
 
 
 def causal_lm_loss_sum(

@@ -887,7 +887,7 @@ def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[d
 
 def _count_targets(labels: torch.Tensor) -> torch.Tensor:
     # The loss predicts labels[:, 1:]; the first column is never a target.
-    return (labels[:, 1:] != -100).sum()
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def _validate(rank, alpha, dropout, lr, warmup, micro_batch, chunk) -> None:
