@@ -1167,7 +1167,7 @@ def section_use(ctx: Context) -> list[Row]:
 
 
 def _generate_row(ctx: Context, run: FitResult) -> Row:
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     _set_cap(ctx, None)
     prompt = "def analyze_"
@@ -1188,7 +1188,7 @@ def _merge_row(ctx: Context, run: FitResult) -> Row:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     dtype_name = "bfloat16" if ctx.cuda else "float32"
     dtype = getattr(torch, dtype_name)

@@ -1,6 +1,6 @@
 """`codetune`: LightningCLI for training, plus the run directory conventions.
 
-`main(args=None)` is the entry point (tests call `main(["fit", "--config", ...])`). Configs compose
+`run_fit(args)` is `codetune fit` (`codetune.__main__.main` dispatches every command to its module). Configs compose
 with repeated `--config`; every knob is a typed `__init__` parameter of the data module
 (`--data.*`), the module (`--model.*`), the trainer (`--trainer.*`) or a callback
 (`--generation.*`, `--oom_backoff.*`, `--vram.*`, `--checkpoint.*`). The last line a training command prints is its run directory.
@@ -531,13 +531,6 @@ def _instantiate_cli(args: Sequence[str] | None, cli_class: type[CodetuneCLI], r
     )
 
 
-def main(args: Sequence[str] | None = None) -> int:
-    """Entry point of every command (`inspect` and `prepare` included); returns the exit status."""
-    from codetune.__main__ import main as dispatch
-
-    return dispatch(args)
-
-
 def run_fit(args: list[str]) -> int:
     """`codetune fit ...` (args start with `fit`): trains, then prints the run directory as the last line."""
     cli = build_cli(args)
@@ -545,6 +538,3 @@ def run_fit(args: list[str]) -> int:
         print(cli.trainer.default_root_dir, flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

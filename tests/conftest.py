@@ -131,7 +131,7 @@ def train_fixture_run(tmp: Path, name: str, *extra: str) -> Path:
 
     from test_cli import fit_args
 
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     repo = write_fixture_repo(tmp / "repo")
     with contextlib.redirect_stdout(io.StringIO()):

@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from codetune.cli import main
+from codetune.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "training_config.yaml")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from codetune.cli import CodetuneCLI, main, resolve_config_args, shipped_configs
+from codetune.cli import CodetuneCLI, resolve_config_args, shipped_configs
+from codetune.__main__ import main
 from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -197,7 +197,7 @@ def test_compare_never_imports_the_training_stack(tmp_path):
 
 
 def test_lightning_cli_entry_forwards_compare(tmp_path, capsys):
-    from codetune.cli import main as cli_main
+    from codetune.__main__ import main as cli_main
 
     a = write_run(tmp_path / "a", manifest("a", 2.0))
     assert cli_main(["compare", str(a), str(a), "--json"]) == 0

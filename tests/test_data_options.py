@@ -47,7 +47,7 @@ def concat_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     from conftest import write_fixture_repo
     from test_cli import fit_args
 
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     tmp = tmp_path_factory.mktemp("data-options")
     repo = write_fixture_repo(tmp / "repo", n_copies=2)

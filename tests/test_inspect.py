@@ -104,7 +104,7 @@ def test_inspect_never_imports_the_training_stack(fixture_repo):
 
 
 def test_lightning_cli_entry_forwards_inspect(fixture_repo, capsys):
-    from codetune.cli import main as cli_main
+    from codetune.__main__ import main as cli_main
 
     assert cli_main(["inspect", str(fixture_repo), "--json", "--tokenizer", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["files"] == 13

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.generation_eval import GenerationEval
-from codetune.cli import main
+from codetune.__main__ import main
 from codetune.data.datamodule import CodeDataModule
 from codetune.model.module import CodeLoRAModule
 from conftest import fit_command, subprocess_env, write_fixture_repo

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from codetune.__main__ import main as package_main
-from codetune.cli import main as cli_main
+from codetune.__main__ import main as cli_main
 from codetune.memory_plan import (ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, GiB, ModelShape, TrainingShape,
                                   plan_memory)
 from codetune.plan import parse_fit_config, parse_size, plan_report

@@ -264,7 +264,7 @@ def test_a_tiny_run_resumed_after_its_repository_changed_keeps_the_tokenizer_it_
     from conftest import write_fixture_repo
     from test_cli import fit_args
 
-    from codetune.cli import main
+    from codetune.__main__ import main
     from codetune.data.datamodule import CodeDataModule
 
     repo, runs = write_fixture_repo(tmp_path / "repo"), tmp_path / "runs"

@@ -25,7 +25,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from codetune.cli import main
+from codetune.__main__ import main
 
 PROMPTS = ["fn process", "    pub fn add(&mut self", "def analyze_", "class Energy"]
 NEW_TOKENS = 16

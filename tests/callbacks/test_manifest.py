@@ -47,7 +47,7 @@ EVAL_S = 1000.0  # what each generation eval takes on the faked clock: a big eva
 
 
 def test_training_time_excludes_the_generation_eval(tmp_path, fixture_repo, monkeypatch):
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     import callbacks.generation_eval
 

@@ -19,7 +19,8 @@ import codetune.model.module as module_lib
 from callbacks.oom_backoff import OOMBackoff
 from callbacks.vram_monitor import VRAMMonitor
 from codetune.backoff import InjectedOOM, accumulation_steps, halved
-from codetune.cli import build_cli, main
+from codetune.cli import build_cli
+from codetune.__main__ import main
 from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import PY_FILE, RUST_FILE, write_fixture_repo
 
-from codetune.cli import main
+from codetune.__main__ import main
 from codetune.data.datamodule import CodeDataModule
 from codetune.data.files import SKIP_CODETUNE_OUTPUT
 from codetune.errors import ConfigError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import codetune.model.module as module_lib
-from codetune.cli import main
+from codetune.__main__ import main
 from codetune.memory_plan import GiB
 from codetune.model.tiny import build_tiny_model, train_tokenizer
 

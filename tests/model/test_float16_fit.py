@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.cli import main
+from codetune.__main__ import main
 from codetune.model.module import non_finite_base_message, precision_fixes
 
 FP16_MAX = 65504.0

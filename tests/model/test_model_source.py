@@ -68,7 +68,7 @@ def test_hub_ids_and_tiny_are_left_to_loading(tmp_path, monkeypatch, value):
 
 
 def test_fit_and_prepare_refuse_an_empty_model_directory_before_writing_anything(tmp_path, capsys):
-    from codetune.cli import main
+    from codetune.__main__ import main
 
     from conftest import DEMO_CONFIGS
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import codetune.model.module as module_lib
-from codetune.cli import derived_precision, main
+from codetune.cli import derived_precision
+from codetune.__main__ import main
 from codetune.errors import ConfigError
 from codetune.model.loading import check_precision, resolve_dtype
 
