@@ -23,7 +23,7 @@ from transformers import StoppingCriteriaList
 from typing_extensions import override
 
 from codetune.backoff import is_out_of_memory
-from codetune.compare import EVAL_METRICS, RATE_METRICS, delta, format_change, format_value, verdict
+from codetune.eval.report import EVAL_METRICS, RATE_METRICS, delta, format_change, format_value, verdict
 from codetune.data.fim import FimTokens, line_cut_style
 from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError

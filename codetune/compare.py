@@ -29,28 +29,15 @@ from rich.table import Table
 from rich.text import Text
 
 from codetune.errors import ConfigError, exit_status
+from codetune.eval.report import (EVAL_METRICS, LOWER, MISSING, RATE_METRICS, delta, format_change, format_value,
+                                  verdict)
 from codetune.run import MANIFEST_NAME
 from codetune.run_dir import live_status
 
-MISSING = "—"
-LOWER, HIGHER = "lower", "higher"
 # The CLI derives these from --run_name and --runs_dir (see CodetuneCLI.before_instantiate_classes):
 # they differ between any two runs by construction and say where a run wrote, not how it trained.
 IGNORED_CONFIG_KEYS = ("run_name", "runs_dir", "trainer.default_root_dir", "checkpoint.dirpath",
                        "trainer.logger.init_args.save_dir")
-# The generation eval's metrics (manifest key, label, better); callbacks/generation_eval.py reads them too.
-EVAL_METRICS = (
-    ("perplexity", "held-out perplexity", LOWER),
-    ("next_line_exact_match", "next-line exact match", HIGHER),
-    ("chrf", "completion chrF", HIGHER),
-    ("syntax_valid", "syntax-valid completions", HIGHER),
-    ("fim_exact_match", "FIM line exact match", HIGHER),
-    ("fim_chrf", "FIM block chrF", HIGHER),
-    ("fim_syntax_valid", "FIM syntax-valid files", HIGHER),
-)
-# The eval metrics that are rates on 0..1: shown with three decimals in every column (0.063 -> 0.013, -0.050).
-RATE_METRICS = frozenset({"next_line_exact_match", "chrf", "syntax_valid", "fim_exact_match", "fim_chrf",
-                          "fim_syntax_valid"})
 # phase_5_evaluation keys and how the table names them; tuned - base is better in the metric's direction.
 EVAL_STAGES = (("base", "base"), ("final", "tuned"), ("delta", "tuned-base"))
 
@@ -243,22 +230,6 @@ def metric_value(manifest: Mapping[str, Any], row: Row) -> Any:
     return value if isinstance(value, (str, int, float)) else None
 
 
-def delta(value: Any, baseline: Any) -> int | float | None:
-    """value - baseline for two finite numbers (booleans are not numbers here), else None."""
-    if not (_is_number(value) and _is_number(baseline)):
-        return None
-    return value - baseline
-
-
-def verdict(change: int | float | None, better: str | None) -> str | None:
-    """Whether a change is "better", "worse" or "same" in a row with a direction; None without either."""
-    if change is None or better is None:
-        return None
-    if change == 0:
-        return "same"
-    return "better" if (change > 0) == (better == HIGHER) else "worse"
-
-
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as dotted keys (`model.lora_rank`); lists and empty dicts stay whole values."""
     flat: dict[str, Any] = {}
@@ -289,10 +260,6 @@ def config_diff(configs: Sequence[Mapping[str, Any] | None],
             diff.append({"key": key, "values": [None if f is None else f.get(key) for f in flats],
                          "missing": [i for i, f in enumerate(flats) if f is None or key not in f]})
     return diff
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_safe(value: Any) -> Any:
@@ -363,46 +330,6 @@ def _is_rate(row: Mapping[str, Any]) -> bool:
     """Whether a metric row (of `compare_runs`) holds an eval rate: phase_5_evaluation.<stage>.<rate metric>."""
     path = row["source"].split(".")
     return path[:2] == ["phase_results", "phase_5_evaluation"] and path[-1] in RATE_METRICS
-
-
-def format_value(value: Any, rate: bool = False) -> str:
-    """A value as a person reads it: integers with thousands separators, a `rate` (0..1) with three decimals,
-    other numbers with four significant digits (whole numbers from 1,000 up), never in exponent notation."""
-    if value is None:
-        return MISSING
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if rate:
-        return f"{value:.3f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return _significant(value, 4, sign="")
-
-
-def format_change(change: int | float, rate: bool = False) -> str:
-    """A change with its sign: as `format_value` shows the values, with three significant digits for
-    numbers below 1,000; 0 has no sign."""
-    if change == 0:
-        return format_value(change, rate=rate)
-    if rate:
-        return f"{change:+.3f}"
-    if isinstance(change, int):
-        return f"{change:+,}"
-    return _significant(change, 3, sign="+")
-
-
-def _significant(value: float, digits: int, sign: str) -> str:
-    """`value` to `digits` significant digits in fixed-point notation (whole from 1,000 up, with separators)."""
-    if not math.isfinite(value):
-        return f"{value:{sign}}"
-    if value == 0:
-        return "0"
-    decimals = max(digits - 1 - math.floor(math.log10(abs(value))), 0)
-    if abs(round(value, decimals)) >= 1000:  # 999.96 rounds up to 1,000
-        return f"{value:{sign},.0f}"
-    # Fixed-point, then trailing zeros dropped: 2.730 reads as 2.73, as the %g spelling did.
-    text = f"{value:{sign}.{decimals}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def format_config_value(value: Any) -> str:

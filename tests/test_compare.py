@@ -231,7 +231,7 @@ def test_two_trained_runs_compare_end_to_end(tmp_path, capsys):
     from conftest import write_fixture_repo
     from test_cli import fit_args
 
-    from codetune.compare import format_change, format_value
+    from codetune.eval.report import format_change, format_value
 
     repo = write_fixture_repo(tmp_path / "repo")
     runs = tmp_path / "runs"
@@ -274,13 +274,13 @@ def test_two_trained_runs_compare_end_to_end(tmp_path, capsys):
     (30.2712, False, "30.27"), (1e-7, False, "0.0000001"), (12_345, False, "12,345"), (None, False, "—"),
 ])
 def test_values_read_without_exponents_and_rates_have_three_decimals(value, rate, shown):
-    from codetune.compare import format_value
+    from codetune.eval.report import format_value
 
     assert format_value(value, rate=rate) == shown
 
 
 def test_changes_have_a_sign_and_the_values_precision():
-    from codetune.compare import format_change
+    from codetune.eval.report import format_change
 
     assert [format_change(c) for c in (-390.6268, 0.0123456, -2066.2, 50, 0.0)] == ["-391", "+0.0123", "-2,066",
                                                                                    "+50", "0"]

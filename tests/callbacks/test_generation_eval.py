@@ -189,7 +189,7 @@ def test_comparison_table_marks_improvements_and_reads_well():
     assert rows["syntax-valid completions"] == ["0.500", "0.500", "0.000"]
     # Lower perplexity and higher scores are green, a drop in a score red.
     from callbacks.generation_eval import change_cell
-    from codetune.compare import HIGHER, LOWER
+    from codetune.eval.report import HIGHER, LOWER
 
     assert "green" in change_cell(-90.0, LOWER) and "green" in change_cell(0.2, HIGHER)
     assert "red" in change_cell(-0.1, HIGHER) and "red" in change_cell(5.0, LOWER)
