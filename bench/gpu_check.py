@@ -97,7 +97,7 @@ d. **Packed-window isolation at batch > 1**, through the module's own decoder pa
    3e-2, fp32: 1e-4), for sdpa, eager, and flash_attention_2 when `flash_attn` imports; a control run with
    positions that run across files (concat packing) must differ by more, or the row is "inconclusive".
 e. **`codetune generate`** (NF4 on CUDA) and **`codetune merge`** on a trained run of section a, through
-   `codetune.cli.main`; the merged model's logits equal the unquantized base + adapter's (bf16: within
+   `codetune.__main__.main`; the merged model's logits equal the unquantized base + adapter's (bf16: within
    2e-2 of their scale; fp32: 1e-4), and the adapter moves them by at least 3 times that ("inconclusive"
    otherwise: a merge that dropped the update would pass too). The merge itself runs on the CPU, by design.
 f. **GPU tests**: `pytest -m gpu tests/gpu` (CUDA only).

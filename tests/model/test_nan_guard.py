@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 import codetune.cli as cli_lib
+from codetune.__main__ import main
 import codetune.model.module as module_lib
 from codetune.errors import NonFiniteLossError, NonFiniteWeightsError
 from codetune.model.loading import apply_lora
@@ -96,7 +97,7 @@ class _AtError(Callback):
 def run_main(args: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = cli_lib.main(args)
+        status = main(args)
     return status, err.getvalue()
 
 
