@@ -17,7 +17,7 @@ from rich.console import Console
 from typing_extensions import override
 
 from codetune.checkpoint_io import listen_to_saves
-from codetune.run import CONFIG_NAME
+from codetune.run import CONFIG_NAME, resume_command
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -296,24 +296,13 @@ def _ends_an_epoch_or_the_run(trainer: L.Trainer, batch_idx: int) -> bool:
 def stop_line(exception: TrainingInterrupted, run_dir: Path, kept: tuple[Path | None, int | None]) -> str:
     """The one line an interrupted run ends with: where it stopped, what was kept, the command that continues."""
     checkpoint, step = kept
-    config = run_dir / CONFIG_NAME
     stopped = f"codetune: {exception.signal_name} {exception.where}, at step {exception.step}"
     if checkpoint is not None:
         lost = f"; steps {step + 1}-{exception.step} were not saved" if step is not None and step < exception.step else ""
-        return (f"{stopped}: kept {checkpoint} (step {step}){lost}. Continue with: codetune fit --config {config} "
-                f"--ckpt_path last")
+        return f"{stopped}: kept {checkpoint} (step {step}){lost}. Continue with: {resume_command(run_dir)}"
     nothing = "no step was trained" if exception.step == 0 else "no checkpoint holds its steps"
-    return (f"{stopped}: {nothing}; kept {config} and the manifest. Start it again with: codetune fit --config "
-            f"{config} --ckpt_path last")
-
-
-def resume_hint(run_dir: Path, checkpoint: Path | None) -> str:
-    """What the user runs next: the resume command when a checkpoint exists, otherwise a fresh start."""
-    config = run_dir / CONFIG_NAME
-    if checkpoint is None:
-        return f"codetune: no checkpoint to resume from; train again with: codetune fit --config {config} --ckpt_path last"
-    return (f"codetune: resume with: codetune fit --config {config} --ckpt_path last   "
-            f"(or: make resume RUN={run_dir})")
+    return (f"{stopped}: {nothing}; kept {run_dir / CONFIG_NAME} and the manifest. Start it again with: "
+            f"{resume_command(run_dir)}")
 
 
 def _existing(path: Path | None) -> Path | None:

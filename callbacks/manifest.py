@@ -146,8 +146,7 @@ class ManifestWriter(Callback):
         if self.manifest is not None:
             self.manifest.start_phase("phase_4_training")
             # The checkpoint is known (and loaded) by now; without one, earlier segments were another run.
-            self.manifest.start_segment(resumed_from=relative_to_run(trainer.ckpt_path, self.run_dir)
-                                        if trainer.ckpt_path else None)
+            self.manifest.start_segment(resumed_from=self._resumed_from(trainer))
             self.manifest.update_segment(start_step=trainer.global_step, end_step=trainer.global_step,
                                          training_minutes=0.0)
             resumed = f" (resumed at step {trainer.global_step})" if trainer.ckpt_path else ""
@@ -157,6 +156,10 @@ class ManifestWriter(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # The segment's time as the checkpoint holds it; recorded once the file is whole (_checkpoint_saved).
         self._pending_minutes = self._training_minutes(trainer)
+
+    def _resumed_from(self, trainer: L.Trainer) -> str | None:
+        """The checkpoint this process resumed from, relative to the run (None: a fresh start)."""
+        return relative_to_run(trainer.ckpt_path, self.run_dir) if trainer.ckpt_path else None
 
     def _checkpoint_saved(self, path: Path, step: int) -> None:
         """What a later resume will start from: if this process is killed, its segment ends here."""
@@ -202,8 +205,7 @@ class ManifestWriter(Callback):
         val_loss = pl_module.held_out_loss()  # on every rank: each computes its share
         self._final_minutes = 0.0
         if self.manifest is not None:
-            self.manifest.start_segment(resumed_from=relative_to_run(trainer.ckpt_path, self.run_dir)
-                                        if trainer.ckpt_path else None)
+            self.manifest.start_segment(resumed_from=self._resumed_from(trainer))
             self.manifest.update_segment(start_step=trainer.global_step, end_step=trainer.global_step,
                                          training_minutes=0.0)
             self._finish_training(trainer, 0.0, val_loss=val_loss, train_loss=self._train_loss)

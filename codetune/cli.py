@@ -47,7 +47,7 @@ from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, DiskFullError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
-from codetune.run import CONFIG_NAME, MANIFEST_NAME, Manifest, atomic_write_text, default_run_name
+from codetune.run import CONFIG_NAME, MANIFEST_NAME, Manifest, atomic_write_text, default_run_name, resume_command
 from codetune.run_dir import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
                               resume_checkpoint, resumed_run_dir)
 from codetune.tensorboard import EpochlessTensorBoardLogger
@@ -318,7 +318,7 @@ def say_if_killed(run_dir: Path) -> None:
     manifest = Manifest(run_dir)
     if manifest.data.get("status") != "running":
         return
-    last = next((s for s in reversed(manifest.segments) if s.get("last_checkpoint")), None)
+    last = manifest.last_checkpoint()
     kept = (f"its last checkpoint, {last['last_checkpoint']} (step {last['end_step']})" if last
             else "no checkpoint (it starts again from step 0)")
     print(f"codetune: {run_dir} was killed while it trained (its manifest still said running); resuming from "
@@ -336,9 +336,8 @@ def check_trains_something(trainer: Namespace) -> None:
 def kept_and_continue(run_dir: Path) -> str:
     """What a run stopped by a full disk kept (its last whole checkpoint, as the manifest says) and the command
     that continues it once there is space."""
-    segments = Manifest(run_dir).segments if run_dir.is_dir() else []
-    last = next((s for s in reversed(segments) if s.get("last_checkpoint")), None)
-    resume = f"codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last"
+    last = Manifest(run_dir).last_checkpoint() if run_dir.is_dir() else None
+    resume = resume_command(run_dir)
     if last is None:
         return f"No checkpoint was written; once there is space, start the run again with: {resume}"
     return (f"The last good checkpoint, {run_dir / last['last_checkpoint']} (step {last['end_step']}), is kept: once "

@@ -23,7 +23,7 @@ import yaml
 from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
 from codetune.model.tiny import TINY_NAME
-from codetune.run import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME
+from codetune.run import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME, resume_command
 from codetune.run_dir import live_status, read_holder
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def unfinished(run_dir: Path) -> str:
         holder = read_holder(run_dir)
         return (f"it is still training (process {holder.get('pid')} on {holder.get('host')}). Wait for it to "
                 f"finish.")
-    resume = f"codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last"
+    resume = resume_command(run_dir)
     if status == "killed":
         return (f"it was killed while training (its manifest still says running, and no process holds it). "
                 f"Resume it with: {resume}")

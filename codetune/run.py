@@ -218,6 +218,11 @@ def foreign_entries(directory: Path, recorded: set[str], prefix: str = "") -> li
     return foreign
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir` from its last checkpoint (or, without one, from its start)."""
+    return f"codetune fit --config {Path(run_dir) / CONFIG_NAME} --ckpt_path last"
+
+
 def default_run_name() -> str:
     return datetime.now().strftime("run-%Y%m%d-%H%M%S")
 
@@ -321,6 +326,10 @@ class Manifest:
         self.segments.append({"segment": len(self.segments) + 1, "status": "running", "started_at": utc_now(),
                               "resumed_from": resumed_from})
         self.write()
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        """The newest segment that recorded a whole checkpoint (`last_checkpoint`, `end_step`), or None."""
+        return next((s for s in reversed(self.segments) if s.get("last_checkpoint")), None)
 
     def update_segment(self, **values: Any) -> None:
         """Progress of the current segment; `training_time_minutes` becomes the sum over segments."""

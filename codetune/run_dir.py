@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from codetune.errors import ConfigError
-from codetune.run import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME, utc_now
+from codetune.run import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME, resume_command, utc_now
 
 LOCK_NAME = ".lock"
 CHECKPOINTS_DIR = "checkpoints"
@@ -122,12 +122,6 @@ def live_status(run_dir: Path, manifest: dict[str, Any]) -> str:
     return "killed" if status == "running" and not held(run_dir) else status
 
 
-def killed_note(run_dir: Path) -> str:
-    """What a killed run keeps and how it continues, for the messages of the commands that find one."""
-    return (f"{run_dir} was killed while training (its manifest still says running, and no process holds it). "
-            f"Resume it with: codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last")
-
-
 # -- choosing and opening the run directory ----------------------------------------------------------------
 
 
@@ -185,7 +179,7 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     if held(run_dir):
         raise RunInUseError(in_use_message(run_dir, read_holder(run_dir)))
     raise ConfigError(f"--run_name {run_dir.name}: {run_dir} already holds {_what_is_there(run_dir)}. Resume it "
-                      f"with `codetune fit --config {run_dir / CONFIG_NAME} --ckpt_path last`, give this run "
+                      f"with `{resume_command(run_dir)}`, give this run "
                       f"another --run_name, or pass --overwrite_run true to replace it.")
 
 
