@@ -136,7 +136,7 @@ def _check_sample(check: FimCheck, tokenizer, row: np.ndarray, span: tuple[int, 
 
 def prepare(repo: Path, out: Path, extensions: list[str], seq_len: int, fim_rate: float, spm_rate: float,
             cache_dir: Path, model: str = "tiny") -> None:
-    from codetune.prepare import main as prepare_main
+    from codetune.commands.prepare import main as prepare_main
 
     prepare_main(["--model.name_or_path", model, "--data.repo", str(repo), "--data.extensions", json.dumps(extensions),
                   "--data.seq_len", str(seq_len), "--data.fim_rate", str(fim_rate), "--data.fim_spm_rate", str(spm_rate),
@@ -178,7 +178,8 @@ def main() -> int:
 def qwen2_split_model(repo: Path, extensions: list[str], directory: Path) -> str:
     """A model directory (a tiny config, no weights: prepare reads only the config) whose tokenizer is the tiny BPE
     trained on `repo` with Qwen2's pre-split, for how a Qwen tokenizer's tokens break around line breaks."""
-    from codetune.model.tiny import QWEN2_SPLIT, padded_vocab_size, tiny_config, train_tokenizer
+    from codetune.data.tokenizer import QWEN2_SPLIT, train_tokenizer
+    from codetune.model.tiny import padded_vocab_size, tiny_config
 
     tokenizer = train_tokenizer([f.text for f in scan_repository(repo, extensions).files], split_pattern=QWEN2_SPLIT)
     tokenizer.save_pretrained(directory)

@@ -56,7 +56,7 @@ t. **The Turing path on this card**: the Rust config at its own micro-batch (4 x
 
 a. **Training** with `configs/training_config_rust.yaml` (4 x 4096, NF4, r16, checkpointing, 8-bit AdamW)
    and `configs/training_config.yaml` (8 x 2048), each as shipped on the whole card and on the
-   emulated card at the largest micro-batch the VRAM plan fits (`codetune.memory_plan.
+   emulated card at the largest micro-batch the VRAM plan fits (`codetune.memory.plan.
    largest_micro_batch`, effective batch kept; the default config with checkpointing on when nothing fits
    without, as the README advises). Figures: peak allocated, reserved and NVML-used memory (the
    manifest's `phase_4_training.vram`, read every step from the first training step on) against the plan
@@ -614,7 +614,7 @@ def _quiet_output():
 def flops_per_token(model_config: dict[str, Any], seq_len: int, lora_rank: int, lora_targets: Sequence[str],
                     checkpointing: bool, chunked_loss: bool) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per trained token of a frozen-base LoRA step (formula in the module docstring)."""
-    from codetune.memory_plan import lora_parameter_count
+    from codetune.memory.plan import lora_parameter_count
 
     shape = model_shape(model_config)
     linear = shape.num_hidden_layers * sum(i * o for i, o, _ in shape.projections().values())
@@ -647,7 +647,7 @@ def relative_difference(a: float, b: float) -> float:
 def plan_cap_between(small_plan_bytes: int, large_plan_bytes: int, measured_over_planned: float = 1.0) -> int:
     """An allocator cap halfway between two plans. Each plan counts the CUDA context, which the allocator's cap
     does not; the rest is scaled by what a measured run held per planned byte (1.0 before any measurement)."""
-    from codetune.memory_plan import CUDA_CONTEXT_BYTES
+    from codetune.memory.plan import CUDA_CONTEXT_BYTES
 
     return int(measured_over_planned * ((small_plan_bytes + large_plan_bytes) / 2 - CUDA_CONTEXT_BYTES))
 
@@ -663,7 +663,7 @@ def model_shape(model_config: dict[str, Any]):
     """The memory plan's `ModelShape` of a Qwen2 config given as a dict (a config.json's contents)."""
     from transformers import Qwen2Config
 
-    from codetune.memory_plan import ModelShape
+    from codetune.memory.plan import ModelShape
 
     return ModelShape.from_config(Qwen2Config.from_dict(model_config))
 
@@ -674,7 +674,7 @@ def model_shape(model_config: dict[str, Any]):
 def planned_shape(spec: FitSpec, mode: Mode, capability: tuple[int, int] | None):
     """The `TrainingShape` the module would plan for this run (production's resolution of 'auto', and its mapping
     of the module's settings to a plan)."""
-    from codetune.memory_plan import training_shape_for
+    from codetune.memory.plan import training_shape_for
     from codetune.model.loading import resolve_dtype, resolve_quantization
     from codetune.model.optim import resolve_optimizer
 
@@ -697,7 +697,7 @@ def planned_shape(spec: FitSpec, mode: Mode, capability: tuple[int, int] | None)
 def fit_on_card(spec: FitSpec, ctx: Context, capability) -> tuple[FitSpec, str]:
     """The spec at the largest micro-batch the plan fits on the emulated card (checkpointing turned on when
     nothing fits without it), and a note of what was chosen."""
-    from codetune.memory_plan import largest_micro_batch, largest_micro_batch_with_checkpointing_choice
+    from codetune.memory.plan import largest_micro_batch, largest_micro_batch_with_checkpointing_choice
 
     shape = model_shape(ctx.mode.model_config)
     # The whole (empty) card: the plan holds the CUDA context itself, which the allocator cap leaves out.
@@ -941,7 +941,7 @@ def section_oom(ctx: Context) -> list[Row]:
 
 
 def _oom_row(ctx: Context, check: str) -> Row:
-    from codetune.backoff import INJECT_OOM_ENV
+    from codetune.memory.backoff import INJECT_OOM_ENV
 
     no_dropout = {DROPOUT_FLAG: "0.0"}
     full = FitSpec("b-oom", RUST_CONFIG, overrides=no_dropout, steps=ctx.mode.oom_steps)
@@ -952,7 +952,7 @@ def _oom_row(ctx: Context, check: str) -> Row:
                         overrides={**no_dropout, "data.batch_size": str(half),
                                    "data.gradient_accumulation_steps": str(accumulation)})
     if ctx.cuda:
-        from codetune.memory_plan import plan_memory
+        from codetune.memory.plan import plan_memory
 
         shape = model_shape(ctx.mode.model_config)
         capability = torch.cuda.get_device_capability(0)
@@ -1120,7 +1120,7 @@ def isolation_errors(module, windows, device: torch.device, dtype: torch.dtype) 
 
 
 def _isolation_row(ctx: Context, windows, attn: str, check: str) -> Row:
-    from codetune.memory_plan import DEFAULT_LORA_TARGETS
+    from codetune.memory.plan import DEFAULT_LORA_TARGETS
     from codetune.model.loading import apply_lora, keep_adapter_input_dtype, load_causal_lm
     from codetune.model.module import CodeLoRAModule
 
@@ -1290,7 +1290,7 @@ def build_model_dir(mode: Mode, texts: Sequence[str], directory: Path) -> dict[s
     """The randomly initialised Qwen2 of `mode` and a tokenizer trained on `texts`, saved for `from_pretrained`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from codetune.model.tiny import train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(texts, vocab_size=mode.tokenizer_vocab)
     # The tokenizer's special ids (a hub config names Qwen's own, which this tokenizer does not have).
@@ -1321,7 +1321,7 @@ def cuda_context_bytes() -> int:
 
 
 def setup(mode: Mode, work: Path, corpus_roots: Sequence[Path]) -> tuple[Context, Row]:
-    from codetune.allocator import allocator_record
+    from codetune.memory.allocator import allocator_record
 
     started = time.perf_counter()
     context = cuda_context_bytes() if not mode.dry_run else 0
@@ -1384,7 +1384,7 @@ def render(rows: Sequence[Row], title: str) -> None:
 
 def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
     """The rows and `meta` as JSON, replacing `path` whole (a temporary sibling, then a rename)."""
-    from codetune.run import atomic_write_text
+    from codetune.storage import atomic_write_text
 
     document = {**meta, "rows": [row.__dict__ for row in rows]}
     atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
@@ -1456,7 +1456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from codetune.allocator import set_allocator_default
+    from codetune.memory.allocator import set_allocator_default
 
     # The fits run in this process, not through `codetune`'s entry point: the allocator is set here, before CUDA.
     set_allocator_default()

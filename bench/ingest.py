@@ -64,7 +64,7 @@ from codetune.data.fim import DEFAULT_FIM_RATE, FimEpochs, NewlineTable, find_fi
 from codetune.data.packing import Windows, pack_samples, pack_windows, whole_placements
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_cached
-from codetune.model.tiny import train_tokenizer
+from codetune.data.tokenizer import train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Rust crate sources that `apt-get install librust-serde-json-dev` installs with their dependencies.

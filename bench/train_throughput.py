@@ -127,7 +127,8 @@ def write_corpus(texts: dict[str, str], copies: int, directory: Path) -> None:
 
 def build_model_dir(texts: list[str], seq_len: int, directory: Path) -> tuple[Any, Any]:
     """The tiny Llama and its tokenizer (trained on `texts`), saved where both frameworks load them."""
-    from codetune.model.tiny import build_tiny_model, train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
 
     tokenizer = train_tokenizer(texts)
     model = build_tiny_model(tokenizer, seed=0, max_position_embeddings=max(seq_len, 4096))

@@ -22,7 +22,7 @@ from rich.table import Table
 from transformers import StoppingCriteriaList
 from typing_extensions import override
 
-from codetune.backoff import is_out_of_memory
+from codetune.memory.backoff import is_out_of_memory
 from codetune.eval.report import EVAL_METRICS, RATE_METRICS, delta, format_change, format_value, verdict
 from codetune.data.fim import FimTokens, line_cut_style
 from codetune.data.tokens import pad_token_id
@@ -33,7 +33,7 @@ from codetune.eval.fim import (FimPrompt, fim_chrf, fim_exact_match, fim_prompts
                                generated_middle, holds_middle)
 from codetune.eval.prompts import RepoPrompt, repo_prompts
 from codetune.eval.stopping import CompletionStop, Rule, sample_complete
-from codetune.run import atomic_write_text
+from codetune.storage import atomic_write_text
 
 SAMPLES_DIR = "samples"
 FIM_MAX_PREFIX_CHARS, FIM_MAX_SUFFIX_CHARS = 1500, 800
@@ -151,7 +151,7 @@ class GenerationEval(Callback):
     (language) tokens each, in batches of ``batch_size`` (left-padded), within ``max_seconds`` when
     set; an out-of-memory error halves the batch and retries, and at batch 1 the eval of that epoch is
     skipped with a warning (recorded in the manifest) rather than ending the run. cuBLAS and cuDNN workspace
-    allocation failures count as out of memory (``codetune.backoff.is_out_of_memory``); any other
+    allocation failures count as out of memory (``codetune.memory.backoff.is_out_of_memory``); any other
     error ends the run.
 
     Under DDP every rank computes its share of the base model's held-out loss (one collective), then

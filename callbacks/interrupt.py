@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from typing_extensions import override
 
-from codetune.checkpoint_io import listen_to_saves
-from codetune.run import CONFIG_NAME, resume_command
+from codetune.run.checkpoint_io import listen_to_saves
+from codetune.storage import CONFIG_NAME
+from codetune.run.manifest import resume_command
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

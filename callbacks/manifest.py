@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 from typing_extensions import override
 
-from callbacks.generation_eval import GenerationEval
-from callbacks.interrupt import TrainingInterrupted
-from codetune.allocator import allocator_record
-from codetune.checkpoint_io import listen_to_saves
+from codetune.callbacks.generation_eval import GenerationEval
+from codetune.callbacks.interrupt import TrainingInterrupted
+from codetune.memory.allocator import allocator_record
+from codetune.run.checkpoint_io import listen_to_saves
 from codetune.errors import ConfigError, DiskFullError
-from codetune.run import ADAPTER_DIR, MANIFEST_NAME, Manifest, git_commit, package_versions, utc_now
-from codetune.run_dir import relative_to_run
+from codetune.storage import ADAPTER_DIR, MANIFEST_NAME, utc_now
+from codetune.run.manifest import Manifest, git_commit, package_versions
+from codetune.run.directory import relative_to_run
 
 SHOWN_BEFORE_TRAINING = ("phase_1_scan", "phase_2_tokenize", "phase_3_model")
 
@@ -39,7 +40,7 @@ class ManifestWriter(Callback):
       hub id, the fingerprint of a local directory; ``codetune/model/revision.py``), quantization,
       dtype, gradient checkpointing, fully trained layers, trainable and total parameters, and
       ``cuda_allocator`` (the allocator variable torch reads, its value, whether expandable segments
-      are on and who chose them: ``codetune/allocator.py``);
+      are on and who chose them: ``codetune/memory/allocator.py``);
     - ``phase_4_training``: ``training_stats`` with ``final_train_loss``, ``final_val_loss``,
       ``final_perplexity``, optimizer steps, epochs, tokens trained; plus what any other callback
       returns from a ``manifest_results()`` method (``oom_backoffs``, ``peak_vram_gb``...);
@@ -131,7 +132,7 @@ class ManifestWriter(Callback):
             "attention": pl_module.attention_plan.record() if pl_module.attention_plan else None,
             "float16_residual_scaling": pl_module.float16_scaling.manifest() if pl_module.float16_scaling else None,
             "vram_plan": pl_module.vram_plan,
-            # The configuration torch's CUDA allocator reads from the environment (codetune/allocator.py).
+            # The configuration torch's CUDA allocator reads from the environment (codetune/memory/allocator.py).
             "cuda_allocator": allocator_record(),
             "trainable_parameters": trainable,
             "total_parameters": total,

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
 from typing_extensions import override
 
-from codetune.backoff import INJECT_OOM_ENV, InjectedOOM, accumulation_steps, halved, oom_at_minimum_message
-from callbacks.vram_monitor import VRAMMonitor
+from codetune.memory.backoff import INJECT_OOM_ENV, InjectedOOM, accumulation_steps, halved, oom_at_minimum_message
+from codetune.callbacks.vram_monitor import VRAMMonitor
 from codetune.errors import ConfigError, OutOfMemoryAtMinimumError
 
 

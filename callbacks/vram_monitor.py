@@ -16,8 +16,8 @@ from rich.table import Table
 from typing_extensions import override
 
 from codetune.errors import ConfigError
-from codetune.run import CONFIG_NAME
-from codetune.vram import VRAMPeaks, VRAMReading, nvml_pci_bus_id, reading_metrics, vram_summary
+from codetune.storage import CONFIG_NAME
+from codetune.memory.vram import VRAMPeaks, VRAMReading, nvml_pci_bus_id, reading_metrics, vram_summary
 
 # (row label, summary key) of the table printed at the end of training.
 _TABLE_ROWS = (
@@ -32,7 +32,7 @@ class VRAMMonitor(Callback):
 
     Each reading takes NVML's used and total memory and GPU utilisation (what ``nvidia-smi`` shows,
     CUDA context and other processes included) and torch's allocated, reserved and peak-allocated
-    memory for the same device (see ``codetune/vram.py`` for what each one counts). Readings are
+    memory for the same device (see ``codetune/memory/vram.py`` for what each one counts). Readings are
     taken when ``trainer.global_step`` is a multiple of ``log_every_n_steps`` and at the end of every
     training epoch, so a run shorter than ``log_every_n_steps`` still has its peaks. Every rank
     watches its own device; the logger, the table and the manifest show rank zero's.

@@ -2,7 +2,7 @@
 
 `codetune --help` and an unknown command are answered here, from the standard library alone (no torch,
 no Lightning: they take seconds to import). Every command first gets the CUDA allocator's configuration
-(`codetune.allocator`), which must be in the environment before torch is imported. Each command imports
+(`codetune.memory.allocator`), which must be in the environment before torch is imported. Each command imports
 only what it uses: `inspect` and `compare` start without Lightning, peft or bitsandbytes; `fit`, `prepare`
 and `plan` need Lightning's parser and the real classes' signatures; `generate` and `merge` need torch and peft; `export` torch, safetensors and gguf.
 """
@@ -13,7 +13,7 @@ import difflib
 import sys
 from collections.abc import Callable, Sequence
 
-from codetune.allocator import set_allocator_default
+from codetune.memory.allocator import set_allocator_default
 
 COMMANDS = {
     "fit": "Fine-tune a model on a repository with QLoRA; the last line printed is the run directory.",
@@ -43,7 +43,7 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every command; returns the exit status (2 for a usage error, as argparse)."""
-    # Before any command imports torch, whose allocator reads it once (codetune/allocator.py).
+    # Before any command imports torch, whose allocator reads it once (codetune/memory/allocator.py).
     set_allocator_default()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
@@ -71,27 +71,27 @@ def _command(name: str) -> Callable[[list[str]], int]:
     from codetune.errors import exit_status
 
     if name == "inspect":
-        from codetune.inspect import run
+        from codetune.commands.inspect_repo import run
 
         return run
     if name == "compare":
-        from codetune.compare import run
+        from codetune.commands.compare import run
 
         return run
     if name == "plan":
-        from codetune.plan import main as plan
+        from codetune.commands.plan import main as plan
 
         return plan
     if name == "prepare":
-        from codetune.prepare import main as prepare
+        from codetune.commands.prepare import main as prepare
 
         return lambda args: exit_status(lambda: prepare(args), "codetune prepare")
     if name == "export":
-        from codetune.export import main as export
+        from codetune.commands.export import main as export
 
         return lambda args: exit_status(lambda: export(args), "codetune export")
     if name in ("generate", "merge"):
-        from codetune.use import main_generate, main_merge
+        from codetune.commands.generate import main_generate, main_merge
 
         use = main_generate if name == "generate" else main_merge
         return lambda args: exit_status(lambda: use(args), f"codetune {name}")

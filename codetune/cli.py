@@ -36,21 +36,22 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from callbacks.generation_eval import GenerationEval
-from callbacks.interrupt import InterruptCheckpoint
-from callbacks.manifest import ManifestWriter, begin_manifest
-from callbacks.oom_backoff import OOMBackoff
-from callbacks.random_state import RandomState
-from callbacks.vram_monitor import VRAMMonitor
-from codetune.checkpoint_io import AtomicCheckpointIO
+from codetune.callbacks.generation_eval import GenerationEval
+from codetune.callbacks.interrupt import InterruptCheckpoint
+from codetune.callbacks.manifest import ManifestWriter, begin_manifest
+from codetune.callbacks.oom_backoff import OOMBackoff
+from codetune.callbacks.random_state import RandomState
+from codetune.callbacks.vram_monitor import VRAMMonitor
+from codetune.run.checkpoint_io import AtomicCheckpointIO
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError, DiskFullError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
-from codetune.run import CONFIG_NAME, MANIFEST_NAME, Manifest, atomic_write_text, default_run_name, resume_command
-from codetune.run_dir import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
+from codetune.storage import CONFIG_NAME, MANIFEST_NAME, atomic_write_text
+from codetune.run.manifest import Manifest, default_run_name, resume_command
+from codetune.run.directory import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
                               resume_checkpoint, resumed_run_dir)
-from codetune.tensorboard import EpochlessTensorBoardLogger
+from codetune.run.tensorboard import EpochlessTensorBoardLogger
 
 # The run directory rank zero chose, for the ranks Lightning's DDP launcher starts: they run this command line again
 # (with their rank in the environment), and a default --run_name is a timestamp that would differ.
@@ -276,7 +277,7 @@ def evaluations_last(callbacks: list) -> None:
 
 
 def run_directory(config: Namespace, run_name_typed: bool) -> Path:
-    """The directory this fit trains in: the resumed run's (see `codetune.run_dir.resumed_run_dir`; a --run_name
+    """The directory this fit trains in: the resumed run's (see `codetune.run.directory.resumed_run_dir`; a --run_name
     typed on the command line names it), else `--runs_dir`/`--run_name`; a rank started by DDP's launcher takes
     rank zero's."""
     if rank_zero_only.rank != 0 and os.environ.get(RUN_DIR_ENV):
@@ -297,7 +298,7 @@ def run_default_logger(logger: object) -> bool:
     if not isinstance(logger, Namespace):
         return False
     init = logger.get("init_args") or Namespace()
-    return (logger.get("class_path") == "codetune.tensorboard.EpochlessTensorBoardLogger"
+    return (logger.get("class_path") == "codetune.run.tensorboard.EpochlessTensorBoardLogger"
             and init.get("name") == TENSORBOARD_DIR)
 
 

@@ -2,77 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import textwrap
 from pathlib import Path
 
 import pytest
 
-RUST_FILE = textwrap.dedent('''\
-    use std::collections::HashMap;
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct Counter {
-        counts: HashMap<String, usize>,
-    }
-
-    impl Counter {
-        pub fn new() -> Self {
-            Self { counts: HashMap::new() }
-        }
-
-        pub fn add(&mut self, word: &str) -> usize {
-            let entry = self.counts.entry(word.to_string()).or_insert(0);
-            *entry += 1;
-            *entry
-        }
-
-        pub fn get(&self, word: &str) -> Option<usize> {
-            self.counts.get(word).copied()
-        }
-    }
-    ''')
-
-PY_FILE = textwrap.dedent('''\
-    import math
-
-
-    def analyze_energy(values):
-        """Return the total and the mean of the values."""
-        total = sum(values)
-        return total, total / max(len(values), 1)
-
-
-    class Energy:
-        def __init__(self, joules):
-            self.joules = joules
-
-        def kilojoules(self):
-            return self.joules / 1000.0
-
-        def log_scale(self):
-            return math.log10(self.joules)
-    ''')
-
-
-def write_fixture_repo(root: Path, n_copies: int = 6) -> Path:
-    """A small mixed repository: Rust and Python sources in nested dirs, a .gitignore, build output
-    and a binary file that must be skipped."""
-    (root / "src" / "nested").mkdir(parents=True)
-    (root / "py" / "pkg").mkdir(parents=True)
-    for i in range(n_copies):
-        # Distinct contents (duplicates are skipped), same style.
-        (root / "src" / f"counter_{i}.rs").write_text(RUST_FILE.replace("Counter", f"Counter{i}"))
-        (root / "py" / "pkg" / f"energy_{i}.py").write_text(PY_FILE.replace("Energy", f"Energy{i}"))
-    (root / "src" / "nested" / "lib.rs").write_text("pub mod counter;\npub fn answer() -> u32 {\n    42\n}\n")
-    (root / ".gitignore").write_text("ignored_dir/\n*.log\n")
-    (root / "ignored_dir").mkdir()
-    (root / "ignored_dir" / "secret_plan.py").write_text("print('must not be trained on')\n")
-    (root / "debug.log").write_text("log line\n")
-    (root / "target" / "debug").mkdir(parents=True)
-    (root / "target" / "debug" / "build.rs").write_text("fn built() {}\n")
-    (root / "blob.py").write_bytes(b"\x00\x01\x02binary\x00" * 10)
-    return root
+from helpers import write_fixture_repo
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +23,7 @@ def allocator_variables_restored():
     them, so no test sees what an earlier one's `main` set."""
     import os
 
-    from codetune.allocator import ALLOC_CONF_VARIABLES, DEFAULT_MARKER
+    from codetune.memory.allocator import ALLOC_CONF_VARIABLES, DEFAULT_MARKER
 
     names = (*ALLOC_CONF_VARIABLES, DEFAULT_MARKER)
     before = {name: os.environ.get(name) for name in names}
@@ -106,69 +40,3 @@ def fixture_repo(tmp_path: Path) -> Path:
     return write_fixture_repo(tmp_path / "repo")
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-DEMO_CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-                "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
-
-
-def fit_command(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """`python -m codetune fit` on the demo preset, sized for tests (windows of 64, batches of 2 x 2)."""
-    import sys
-
-    return [sys.executable, "-m", "codetune", "fit", *DEMO_CONFIGS, "--data.repo", str(repo),
-            "--data.cache_dir", str(runs.parent / "token-cache"), "--runs_dir", str(runs), "--run_name", name,
-            "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--generation.max_new_tokens", "4", "--generation.repo_prompts", "2", *extra]
-
-
-def train_fixture_run(tmp: Path, name: str, *extra: str) -> Path:
-    """A tiny run trained in this process on the fixture repository (test_cli's fit_args); its directory."""
-    import contextlib
-    import io
-
-    from test_cli import fit_args
-
-    from codetune.__main__ import main
-
-    repo = write_fixture_repo(tmp / "repo")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(fit_args(repo, tmp / "runs", name, *extra)) == 0
-    return tmp / "runs" / name
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a training subprocess: offline, with tests/ importable (probe callbacks)."""
-    import os
-
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            **extra}
-
-
-@contextlib.contextmanager
-def emulated_card(capability: tuple[int, int]):
-    """codetune's attention sees a CUDA card of `capability` and takes that card's kernel layout (e.g. k/v repeated
-    for the memory-efficient kernel below 8.0); CPU SDPA runs the call, since the CPU has no such kernel to restrict
-    to, so the kernel request is dropped."""
-    from unittest import mock
-
-    import codetune.model.attention as attention_lib
-
-    with mock.patch.object(attention_lib, "device_capability", lambda device: capability), \
-            mock.patch.object(attention_lib, "sdpa_kernel", lambda backends: contextlib.nullcontext()):
-        yield
-
-
-def load_gpu_check():
-    """bench/gpu_check.py as a module (it is a script, not part of the package), loaded once."""
-    import importlib.util
-    import sys
-
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -73,7 +76,7 @@ class SlowRankZeroEval(Callback):
         self.seconds = seconds
 
     def setup(self, trainer, pl_module, stage) -> None:
-        from callbacks.generation_eval import GenerationEval
+        from codetune.callbacks.generation_eval import GenerationEval
 
         if not trainer.is_global_zero:
             return
@@ -103,7 +106,7 @@ class EmulatedCard(Callback):
         rank = trainer.global_rank
 
         def on_a_card(config, quantize, dtype, device):
-            from codetune.memory_plan import GiB, ModelShape, plan_memory
+            from codetune.memory.plan import GiB, ModelShape, plan_memory
 
             cuda = torch.device("cuda")
             training = pl_module._training_shape(self.micro_batch[rank], self.checkpointing[rank], quantize, dtype,
@@ -126,3 +129,105 @@ class EmulatedCard(Callback):
         self.report.update(micro_batch_at_end=pl_module.micro_batch_size, vram_plan=pl_module.vram_plan,
                            checkpointing=pl_module.causal_lm.is_activation_checkpointing)
         (Path(trainer.default_root_dir) / f"card_rank{trainer.global_rank}.json").write_text(json.dumps(self.report))
+
+
+class RankSeededDraws(Callback):
+    """Seeds each rank's torch, numpy and Python generators differently at the start of a fresh run (Lightning seeds
+    every rank alike, so their streams would coincide and any rank's state would do for all), and after every
+    optimizer step appends `[step, draws]` to `draws_rank<r>.jsonl` in the run directory. Loaded by class path
+    (PYTHONPATH=tests)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is None:  # a resumed run's generators are the checkpoint's
+            seed = 1000 + trainer.global_rank
+            torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        draws = [*torch.rand(2).tolist(), float(np.random.rand()), random.random()]
+        with (Path(trainer.default_root_dir) / f"draws_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps([trainer.global_step, draws]) + "\n")
+
+
+class KeepCheckpoint(Callback):
+    """In a fresh run, copies checkpoints/last.ckpt to `step<step>.ckpt` in the run directory before optimizer step
+    `step` + 1, so that a test can resume from that point of a run that went on to its end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is None and trainer.is_global_zero and trainer.global_step == self.step:
+            run_dir = Path(trainer.default_root_dir)
+            shutil.copyfile(run_dir / "checkpoints" / "last.ckpt", run_dir / f"step{self.step}.ckpt")
+
+
+class WaitForFile(Callback):
+    """Waits at the start of training until `go` exists in the run directory (writing `waiting` there first)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        (run_dir / "waiting").write_text("")
+        deadline = time.monotonic() + 300
+        while not (run_dir / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class FillDiskAfter(Callback):
+    """At the end of optimizer step `step` (before that step's checkpoint is written), fills the run directory's
+    file system but for `leave` bytes, when it is a small one (at most 256 MiB)."""
+
+    def __init__(self, step: int, leave: int) -> None:
+        self.step, self.leave = step, leave
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        usage = shutil.disk_usage(trainer.default_root_dir)
+        # Only on the test's small tmpfs: the run resumed elsewhere keeps this callback in its config.
+        if trainer.global_step == self.step and usage.total <= 2**28:
+            free = usage.free
+            with open(Path(trainer.default_root_dir).parent / "filler", "wb") as f:
+                f.write(b"\0" * max(free - self.leave, 0))
+
+
+class BatchLog(Callback):
+    """Writes the training files in window order (`train_files.json`), then appends every training batch the model
+    trained on, with the DataLoader's worker count, to `batches.jsonl` in the run directory."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (Path(trainer.default_root_dir) / "train_files.json").write_text(
+            json.dumps(trainer.datamodule.split_files["train"]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        row = {"step": trainer.global_step, "num_workers": trainer.train_dataloader.num_workers,
+               **{k: v.tolist() for k, v in batch.items()}}
+        with (Path(trainer.default_root_dir) / "batches.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class PauseUntilSignalled(Callback):
+    """In a fresh run, waits before optimizer step `step` + 1 (writing `paused` into the run directory) until the
+    test wrote `signalled` there, right after signalling the process: the signal lands at a known point, and the
+    interrupt's checkpoint is that of step `step` + 1. Loaded by class path from this module (PYTHONPATH=tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is not None or trainer.global_step != self.step:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        (run_dir / "paused").write_text(str(self.step))
+        deadline = time.monotonic() + 120
+        # A signal's Python handler runs as soon as the sleep it interrupts returns, before the file is checked.
+        while not (run_dir / "signalled").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class VocabularyLog(Callback):
+    """Writes the vocabulary the data was tokenized with (and the model trains on) into the run directory, as
+    `vocabulary_fresh.json` or `vocabulary_resumed.json`. Loaded by class path (tests/ is on sys.path)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        assert pl_module.tokenizer is trainer.datamodule.tokenizer
+        kind = "resumed" if trainer.ckpt_path else "fresh"
+        (Path(trainer.default_root_dir) / f"vocabulary_{kind}.json").write_text(
+            json.dumps(trainer.datamodule.tokenizer.get_vocab()))

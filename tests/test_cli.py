@@ -14,19 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from codetune.__main__ import main
+from helpers import DEFAULT, DEMO, fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = str(ROOT / "configs" / "training_config.yaml")
-DEMO = str(ROOT / "configs" / "presets" / "demo.yaml")
-
-
-def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
-            "--data.cache_dir", str(runs.parent / "token-cache"),
-            "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
-            "--data.gradient_accumulation_steps", "2", "--generation.max_new_tokens", "8",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.max_epochs", "100", *extra]
 
 
 # The fixture repository packs into 14 training windows: 4 optimizer steps an epoch (3 batches of 4, then 2).
@@ -57,7 +47,7 @@ def scalar_steps(run_dir: Path, tag: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, str]:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     tmp = tmp_path_factory.mktemp("cli")
     repo = write_fixture_repo(tmp / "repo")
@@ -102,7 +92,7 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config == manifest["config"] and config["trainer"]["max_steps"] == STEPS
     assert config["data"]["batch_size"] == 2 and config["model"]["name_or_path"] == "tiny"
-    # Nothing that names this run: alone, the config re-runs as a new run (tests/test_never_lost.py).
+    # Nothing that names this run: alone, the config re-runs as a new run (tests/multiprocess/test_never_lost.py).
     assert config["run_name"] is None and config["trainer"]["default_root_dir"] is None and manifest["run_name"] == "t"
     # One samples file per eval (the base, then each epoch end, the stopped third one included), each with the
     # same prompts: the demo's 12 repo prompts, the default 16 FIM prompts and the config's language prompts.
@@ -214,7 +204,7 @@ def is_trained_weight(key: str) -> bool:
 
 
 def test_adapter_loads_with_plain_transformers_and_peft(trained_run):
-    from conftest import RUST_FILE
+    from helpers import RUST_FILE
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -290,7 +280,8 @@ def test_window_longer_than_context(tmp_path, fixture_repo, capsys):
     # The tiny model's context is max(seq_len, 4096); a hub-style local model with a short one must refuse.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from codetune.model.tiny import build_tiny_model, train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
 
     tokenizer = train_tokenizer(["fn main() {}\n" * 50], vocab_size=300)
     model = build_tiny_model(tokenizer, max_position_embeddings=32)
@@ -324,10 +315,11 @@ class DecoderLayerCalls(Callback):
 def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing):
     """`make train-rust MODEL=<local dir>`: the real loading path (no 'tiny'), the Rust config's LoRA r16,
     and gradient checkpointing that really recomputes each layer in backward."""
-    from conftest import PY_FILE, RUST_FILE
+    from helpers import PY_FILE, RUST_FILE
 
     from codetune.cli import build_cli
-    from codetune.model.tiny import build_tiny_model, train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
 
     local = tmp_path / "local-model"
     tokenizer = train_tokenizer([RUST_FILE, PY_FILE], vocab_size=512)
@@ -356,10 +348,10 @@ def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing)
 def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, fixture_repo, capsys, monkeypatch):
     """On an emulated card with room for micro-batch 3 but not 6 (habit 12: the CPU trains, the plan is made for
     CUDA with the free memory a card would report), `auto` trains at 3 x 2 accumulation, as
-    `codetune.memory_plan` decides it, and the manifest records the plan of that choice."""
+    `codetune.memory.plan` decides it, and the manifest records the plan of that choice."""
     from dataclasses import replace
 
-    from codetune.memory_plan import (DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, plan_memory,
+    from codetune.memory.plan import (DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, plan_memory,
                                       training_shape_for)
     from codetune.model.module import CodeLoRAModule
 
@@ -415,7 +407,7 @@ def test_batch_size_auto_without_a_card_is_the_whole_batch(monkeypatch):
     """On the CPU there is no card to fit: the optimizer batch is one micro-batch, and the plan is that one's."""
     from types import SimpleNamespace
 
-    from codetune.memory_plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, plan_memory, training_shape_for
+    from codetune.memory.plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, plan_memory, training_shape_for
     from codetune.model.module import CodeLoRAModule
     from codetune.model.tiny import tiny_config
 
@@ -504,7 +496,7 @@ def test_a_tiny_fit_prints_one_line_per_phase_and_no_lightning_chatter(tmp_path,
     import os
     import subprocess
 
-    from conftest import fit_command, subprocess_env
+    from helpers import fit_command, subprocess_env
 
     command = fit_command(fixture_repo, tmp_path / "runs", "quiet", "--trainer.max_steps", "2",
                           "--trainer.enable_progress_bar", "true")

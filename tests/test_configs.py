@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from callbacks.generation_eval import GenerationEval
+from codetune.callbacks.generation_eval import GenerationEval
 from codetune.cli import CodetuneCLI, build_cli
 from codetune.data.datamodule import CodeDataModule
 from codetune.model.module import CodeLoRAModule
@@ -84,8 +84,8 @@ def test_the_rust_config_checkpoints_where_the_plan_alone_would_not():
     config's) turns it off: the choice `fit` makes (`codetune plan` makes the same one, from the same parser)."""
     from transformers import AutoConfig
 
-    from codetune.memory_plan import GiB, ModelShape
-    from codetune.plan import parse_fit_config, plan_report
+    from codetune.memory.plan import GiB, ModelShape
+    from codetune.commands.plan import parse_fit_config, plan_report
 
     qwen = ModelShape.from_config(AutoConfig.from_pretrained(str(CONFIGS.parent / "bench" / "models" /
                                                                  "qwen2.5-coder-1.5b")))

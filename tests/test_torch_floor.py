@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 # Stands in for the installed torch's metadata, then imports the package the way `codetune` does.
 IMPORT_WITH_TORCH = """

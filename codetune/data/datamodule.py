@@ -40,9 +40,9 @@ from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, spl
 from codetune.data.tokens import (CacheStats, load_saved_tiny_tokenizer, load_tokenizer, pad_token_id, tokenize_cached,
                                   tokenize_texts, vocabulary_fingerprint)
 from codetune.errors import ConfigError
-from codetune.model.model_dir import check_model_source
-from codetune.model.tiny import TINY_NAME, saved_tiny_base, tiny_tokenizer_from_json, train_tokenizer
-from codetune.run import BASE_MODEL_DIR
+from codetune.data.model_source import check_model_source
+from codetune.data.tokenizer import TINY_NAME, saved_tiny_base, tiny_tokenizer_from_json, train_tokenizer
+from codetune.storage import BASE_MODEL_DIR
 
 if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
     from transformers import PreTrainedTokenizerBase
@@ -103,7 +103,7 @@ class CodeDataModule(L.LightningDataModule):
             the one the run saved in base_model/, whatever the repository holds now).
         seq_len: Tokens per window.
         batch_size: Micro-batch: windows per forward/backward pass, or 'auto': the largest that the VRAM
-            plan predicts to fit the card (codetune/memory_plan.py), with --data.effective_batch_size.
+            plan predicts to fit the card (codetune/memory/plan.py), with --data.effective_batch_size.
         gradient_accumulation_steps: Micro-batches per optimizer step (effective batch is
             batch_size x gradient_accumulation_steps windows); ignored with batch_size 'auto'.
         effective_batch_size: Windows per optimizer step when batch_size is 'auto' (required then).

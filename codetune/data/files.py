@@ -82,7 +82,7 @@ from pathlib import Path
 import pathspec
 
 from codetune.data.secrets import find_and_redact_secrets, is_secret_file
-from codetune.run import EXPORT_MARKER, MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
+from codetune.storage import EXPORT_MARKER, MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
 
 SKIP_IGNORED = "ignored"
 SKIP_EXTENSION = "extension"

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
-from codetune.run import atomic_write_bytes
+from codetune.storage import atomic_write_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

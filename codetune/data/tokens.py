@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from codetune.errors import ConfigError
-from codetune.model.model_dir import (TOKENIZER_FILE, bad_model_dir_message, check_model_source, local_model_dir,
+from codetune.data.model_source import (TOKENIZER_FILE, bad_model_dir_message, check_model_source, local_model_dir,
                                       tokenizer_problem)
-from codetune.model.tiny import TINY_NAME, tiny_tokenizer, train_tokenizer
-from codetune.run import atomic_write_bytes
+from codetune.data.tokenizer import TINY_NAME, tiny_tokenizer, train_tokenizer
+from codetune.storage import atomic_write_bytes
 
 if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
     from transformers import PreTrainedTokenizerBase

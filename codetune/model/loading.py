@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import SafetensorError
 
 from codetune.errors import ConfigError
-from codetune.model.model_dir import bad_model_dir_message, check_model_source, local_model_dir
+from codetune.data.model_source import bad_model_dir_message, check_model_source, local_model_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

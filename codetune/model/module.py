@@ -38,10 +38,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
-from codetune.backoff import accumulation_steps, halved, is_out_of_memory
+from codetune.memory.backoff import accumulation_steps, halved, is_out_of_memory
 from codetune.errors import (ConfigError, NonFiniteActivationsError, NonFiniteLossError, NonFiniteWeightsError,
                              OutOfMemoryAtMinimumError)
-from codetune.memory_plan import (CPU_RSS_FACTOR, CPU_RSS_OVERHEAD_BYTES, DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape,
+from codetune.memory.plan import (CPU_RSS_FACTOR, CPU_RSS_OVERHEAD_BYTES, DEFAULT_LORA_TARGETS, MemoryPlan, ModelShape,
                                   TrainingShape, available_ram_bytes,
                                   format_plan, optimizer_state_bytes, plan_for_card, plan_memory,
                                   training_shape_for)
@@ -54,11 +54,12 @@ from codetune.model.loading import (NATIVE_BF16_CAPABILITY, DType, Quantization,
                                     keep_adapter_input_dtype, load_causal_lm, quiet_weight_bars, resolve_dtype,
                                     resolve_quantization)
 from codetune.model.loss import IGNORE_INDEX, causal_lm_loss_sum
-from codetune.model.model_dir import check_model_source
+from codetune.data.model_source import check_model_source
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
-from codetune.model.tiny import TINY_NAME, build_tiny_model
-from codetune.run import BASE_MODEL_DIR, atomic_save_dir
+from codetune.data.tokenizer import TINY_NAME
+from codetune.model.tiny import build_tiny_model
+from codetune.storage import BASE_MODEL_DIR, atomic_save_dir
 
 
 class CodeLoRAModule(L.LightningModule):
@@ -272,7 +273,7 @@ class CodeLoRAModule(L.LightningModule):
 
     def _plan_memory(self, config, quantize: bool, dtype: torch.dtype,
                      device: torch.device) -> tuple[dict[str, Any] | None, bool]:
-        """The predicted peak of one step (codetune/memory_plan.py), made once, and whether gradient checkpointing
+        """The predicted peak of one step (codetune/memory/plan.py), made once, and whether gradient checkpointing
         is on. `--data.batch_size auto` takes its micro-batch from it and `--model.gradient_checkpointing auto`
         its choice. The card's free memory (on the CPU: the available RAM) is read now, with the weights and
         adapters loaded, so it is compared with what training will still allocate (`fits_after_load`), not with
@@ -481,7 +482,7 @@ class CodeLoRAModule(L.LightningModule):
 
     def backward_with_backoff(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gradients of one optimizer batch, summed over ranks; after an OOM on any rank, every rank drops its
-        partial gradients and runs the same batch again at half the micro-batch (see codetune/backoff.py).
+        partial gradients and runs the same batch again at half the micro-batch (see codetune/memory/backoff.py).
         Returns the mean token loss of the whole (all ranks') optimizer batch."""
         # Every rank divides by the target count of all ranks together, and the gradients are then summed: the
         # gradient is the global token mean's, whatever each rank holds (an empty tail batch included).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.generation_eval import Completion, GenerationEval, Request, comparison_table
+from codetune.callbacks.generation_eval import Completion, GenerationEval, Request, comparison_table
 from codetune.cli import build_cli
 from codetune.eval.prompts import RepoPrompt
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     tmp = tmp_path_factory.mktemp("eval")
     repo = write_fixture_repo(tmp / "repo")
@@ -49,7 +49,7 @@ def test_tuning_improves_held_out_completion_and_perplexity(evaluated_run):
 @pytest.fixture(scope="module")
 def infilling_run(tmp_path_factory) -> Path:
     """A run that learns to infill its fixture: many FIM samples in PSM order, long enough for the tiny model."""
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     tmp = tmp_path_factory.mktemp("fim")
     repo = write_fixture_repo(tmp / "repo", n_copies=24)
@@ -188,7 +188,7 @@ def test_comparison_table_marks_improvements_and_reads_well():
     assert rows["completion chrF"] == ["0.063", "0.013", "-0.050"]
     assert rows["syntax-valid completions"] == ["0.500", "0.500", "0.000"]
     # Lower perplexity and higher scores are green, a drop in a score red.
-    from callbacks.generation_eval import change_cell
+    from codetune.callbacks.generation_eval import change_cell
     from codetune.eval.report import HIGHER, LOWER
 
     assert "green" in change_cell(-90.0, LOWER) and "green" in change_cell(0.2, HIGHER)
@@ -256,7 +256,7 @@ def test_a_budget_hit_fixes_the_prompt_set_that_every_later_eval_scores(monkeypa
     callback = GenerationEval(prompts=["def analyze_"], batch_size=1, max_seconds=25)
     callback._repo_prompts = [_prompt(i) for i in range(4)]
     clock = _Clock(batch_seconds=10)
-    monkeypatch.setattr("callbacks.generation_eval.perf_counter", clock)
+    monkeypatch.setattr("codetune.callbacks.generation_eval.perf_counter", clock)
     monkeypatch.setattr(callback, "_generate_batch", clock.generate_batch)
     module = type("M", (), {"device": torch.device("cpu")})()
     trainer = type("T", (), {"default_root_dir": str(tmp_path), "loggers": [], "global_step": 0})()
@@ -301,7 +301,7 @@ def test_without_a_budget_every_prompt_is_generated(monkeypatch, tmp_path):
     callback = GenerationEval(prompts=["fn process"], batch_size=2)
     callback._repo_prompts = [_prompt(i) for i in range(3)]
     clock = _Clock(batch_seconds=1000)
-    monkeypatch.setattr("callbacks.generation_eval.perf_counter", clock)
+    monkeypatch.setattr("codetune.callbacks.generation_eval.perf_counter", clock)
     monkeypatch.setattr(callback, "_generate_batch", clock.generate_batch)
     module = type("M", (), {"device": torch.device("cpu")})()
     trainer = type("T", (), {"default_root_dir": str(tmp_path), "loggers": [], "global_step": 0})()
@@ -312,7 +312,7 @@ def test_without_a_budget_every_prompt_is_generated(monkeypatch, tmp_path):
 
 
 def test_a_stopped_completion_is_judged_as_cut_on_its_scored_part():
-    from callbacks.generation_eval import _judged_for_syntax
+    from codetune.callbacks.generation_eval import _judged_for_syntax
 
     truth = "    x = 1\n    return x\n"
     # Stopped once complete, or run on past that: the same two lines are judged, as a cut text.
@@ -329,14 +329,14 @@ def test_a_stopped_completion_is_judged_as_cut_on_its_scored_part():
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
     """The embedded tiny tokenizer (it has Qwen's FIM sentinels), trained on the fixture sources."""
-    from codetune.model.tiny import train_tokenizer
-    from conftest import PY_FILE, RUST_FILE
+    from codetune.data.tokenizer import train_tokenizer
+    from helpers import PY_FILE, RUST_FILE
 
     return train_tokenizer([RUST_FILE, PY_FILE], vocab_size=400)
 
 
 def _held_out() -> list[tuple[str, str, str]]:
-    from conftest import PY_FILE, RUST_FILE
+    from helpers import PY_FILE, RUST_FILE
 
     return ([(f"src/c{i}.rs", "rust", RUST_FILE.replace("Counter", f"C{i}")) for i in range(2)]
             + [(f"py/e{i}.py", "python", PY_FILE.replace("Energy", f"E{i}")) for i in range(2)])
@@ -469,7 +469,7 @@ def test_no_fim_prompts_without_fim_sentinels_and_no_warning(tmp_path, tiny_toke
 
 
 def test_fim_samples_are_written_and_tagged(tmp_path, tiny_tokenizer):
-    from callbacks.generation_eval import _markdown, sample_tags
+    from codetune.callbacks.generation_eval import _markdown, sample_tags
 
     callback, _, _ = _fim_run(tmp_path, tiny_tokenizer, repo_prompts=2, fim_prompts=4)
     samples = [json.loads(line) for line in (tmp_path / "samples" / "base.jsonl").read_text().splitlines()]
@@ -501,7 +501,7 @@ def test_a_budget_hit_in_the_fim_prompts_fixes_the_fim_set_too(monkeypatch, tmp_
     callback._fim_prompts = [_fim_prompt(i) for i in range(4)]
     callback._fim_tokens = FimTokens("qwen", 5, 6, 7, "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
     clock = _Clock(batch_seconds=10)
-    monkeypatch.setattr("callbacks.generation_eval.perf_counter", clock)
+    monkeypatch.setattr("codetune.callbacks.generation_eval.perf_counter", clock)
     monkeypatch.setattr(callback, "_generate_batch", clock.generate_batch)
     module = type("M", (), {"device": torch.device("cpu")})()
     trainer = type("T", (), {"default_root_dir": str(tmp_path), "loggers": [], "global_step": 0})()
@@ -558,7 +558,7 @@ def test_tiny_model_infills_stop_at_the_masked_lines_and_score_as_full_runs(tiny
     """Through the real generate path: sentinels are single tokens, every row stops once it holds its mask's
     lines (a random model that never ends: EOS made unlikely, line breaks likelier), and the FIM scores equal
     those of the same greedy run taken to its cap."""
-    from callbacks.generation_eval import _fim_metrics
+    from codetune.callbacks.generation_eval import _fim_metrics
     from codetune.data.fim import find_fim_tokens
     from codetune.eval.fim import fim_prompts, holds_middle
     from codetune.model.tiny import build_tiny_model

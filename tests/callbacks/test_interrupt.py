@@ -1,5 +1,5 @@
 """InterruptCheckpoint without a subprocess: what each signal asks for, the vote at the step boundary, the handlers
-put back. tests/test_resume.py sends real signals to a training process and resumes it."""
+put back. tests/multiprocess/test_resume.py sends real signals to a training process and resumes it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.interrupt import InterruptCheckpoint, InterruptRequest, TrainingInterrupted, stop_line
-from codetune.checkpoint_io import AtomicCheckpointIO
+from codetune.callbacks.interrupt import InterruptCheckpoint, InterruptRequest, TrainingInterrupted, stop_line
+from codetune.run.checkpoint_io import AtomicCheckpointIO
 
 
 def test_in_a_step_the_first_signal_waits_the_second_stops_now_later_ones_are_ignored():

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.generation_eval import GenerationEval
-from callbacks.interrupt import TrainingInterrupted
-from callbacks.manifest import ManifestWriter
-from codetune.run import MANIFEST_NAME, Manifest
-from conftest import ROOT
+from codetune.callbacks.generation_eval import GenerationEval
+from codetune.callbacks.interrupt import TrainingInterrupted
+from codetune.callbacks.manifest import ManifestWriter
+from codetune.storage import MANIFEST_NAME
+from codetune.run.manifest import Manifest
+from helpers import ROOT
 
 
 def loaded_module(**extra) -> SimpleNamespace:
@@ -49,7 +50,7 @@ EVAL_S = 1000.0  # what each generation eval takes on the faked clock: a big eva
 def test_training_time_excludes_the_generation_eval(tmp_path, fixture_repo, monkeypatch):
     from codetune.__main__ import main
 
-    import callbacks.generation_eval
+    import codetune.callbacks.generation_eval
 
     clock = {"offset": 0.0}
     real = time.perf_counter
@@ -58,8 +59,8 @@ def test_training_time_excludes_the_generation_eval(tmp_path, fixture_repo, monk
         return real() + clock["offset"]
 
     monkeypatch.setattr(time, "perf_counter", fake_clock)
-    if hasattr(callbacks.generation_eval, "perf_counter"):  # imported by name: the eval's own clock
-        monkeypatch.setattr(callbacks.generation_eval, "perf_counter", fake_clock)
+    if hasattr(codetune.callbacks.generation_eval, "perf_counter"):  # imported by name: the eval's own clock
+        monkeypatch.setattr(codetune.callbacks.generation_eval, "perf_counter", fake_clock)
     generate = GenerationEval._generate
 
     def slow_generate(self, *args, **kwargs):

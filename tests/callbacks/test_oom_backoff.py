@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import codetune.data.datamodule as datamodule_lib
 import codetune.model.module as module_lib
-from callbacks.oom_backoff import OOMBackoff
-from callbacks.vram_monitor import VRAMMonitor
-from codetune.backoff import InjectedOOM, accumulation_steps, halved
+from codetune.callbacks.oom_backoff import OOMBackoff
+from codetune.callbacks.vram_monitor import VRAMMonitor
+from codetune.memory.backoff import InjectedOOM, accumulation_steps, halved
 from codetune.cli import build_cli
 from codetune.__main__ import main
 from codetune.errors import ConfigError
@@ -90,7 +90,7 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     return write_fixture_repo(tmp_path_factory.mktemp("oom") / "repo")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.random_state import RandomState
+from codetune.callbacks.random_state import RandomState
 
 
 def draws() -> tuple:
@@ -35,7 +35,7 @@ def test_round_trip_through_a_weights_only_checkpoint_restores_every_generator()
 
 def test_each_rank_gets_its_own_generators_back():
     # Streams that differ per rank: restoring any one rank's state on every rank would show (the end-to-end run
-    # under DDP is tests/test_ddp.py::test_a_resume_under_ddp_gives_every_rank_its_own_random_generators_back).
+    # under DDP is tests/multiprocess/test_ddp.py::test_a_resume_under_ddp_gives_every_rank_its_own_random_generators_back).
     ranks, expected = [], []
     for seed in (10, 11):
         torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)

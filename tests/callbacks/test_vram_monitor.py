@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.vram_monitor import VRAMMonitor
+from codetune.callbacks.vram_monitor import VRAMMonitor
 from codetune.errors import ConfigError
-from codetune.vram import VRAMPeaks, VRAMReading, nvml_pci_bus_id, reading_metrics, vram_summary
+from codetune.memory.vram import VRAMPeaks, VRAMReading, nvml_pci_bus_id, reading_metrics, vram_summary
 
 GB = 10**9
 OFF = "VRAMMonitor is off"

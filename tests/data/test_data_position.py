@@ -17,7 +17,7 @@ def fake_trainer(epoch: int, steps_done: int, world_size: int = 1, rank: int = 0
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     tmp = tmp_path_factory.mktemp("position")
     repo = write_fixture_repo(tmp / "repo")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_fixture_repo
+from helpers import write_fixture_repo
 
 from codetune.data.datamodule import CodeDataModule
 from codetune.data.packing import Windows

@@ -355,9 +355,9 @@ def test_codetune_output_is_pruned_by_its_markers_wherever_it_is(tmp_path: Path)
 
 def test_codetune_output_markers_are_the_names_codetune_writes() -> None:
     from codetune.data.files import CODETUNE_OUTPUT_MARKERS
-    from codetune.prepare import REPORT_NAME
-    from codetune.run import MANIFEST_NAME
-    from codetune.export import EXPORT_MARKER
-    from codetune.use import MERGE_MARKER
+    from codetune.commands.prepare import REPORT_NAME
+    from codetune.storage import MANIFEST_NAME
+    from codetune.commands.export import EXPORT_MARKER
+    from codetune.commands.generate import MERGE_MARKER
 
     assert set(CODETUNE_OUTPUT_MARKERS) == {MANIFEST_NAME, REPORT_NAME, MERGE_MARKER, EXPORT_MARKER}

@@ -17,8 +17,8 @@ from codetune.data.fim import (FimCut, NewlineTable, epoch_cut, fim_sample, find
                                pieces, training_samples)
 from codetune.data.packing import IGNORE_INDEX, pack_samples, window_labels
 from codetune.errors import ConfigError
-from codetune.model.tiny import QWEN2_SPLIT, train_tokenizer
-from conftest import PY_FILE, RUST_FILE
+from codetune.data.tokenizer import QWEN2_SPLIT, train_tokenizer
+from helpers import PY_FILE, RUST_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = 2
@@ -171,7 +171,7 @@ def test_line_cut_style_follows_the_tokenizer(tiny):
 
 
 def test_fim_samples_with_qwens_split_are_well_formed(fixture_repo, tmp_path):
-    from codetune.prepare import write_prepared
+    from codetune.commands.prepare import write_prepared
 
     bench = fim_check_module()
     directory = tmp_path / "qwen"

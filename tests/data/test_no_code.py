@@ -11,7 +11,7 @@ import pytest
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 
-from conftest import PY_FILE
+from helpers import PY_FILE
 
 
 def _datamodule(repo: Path, tmp_path: Path, **settings) -> CodeDataModule:

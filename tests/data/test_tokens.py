@@ -9,7 +9,7 @@ import pytest
 from codetune.data import tokens
 from codetune.data.tokens import TokenCache, load_tokenizer, tokenize_cached, tokenize_texts
 from codetune.errors import ConfigError
-from codetune.model.tiny import train_tokenizer
+from codetune.data.tokenizer import train_tokenizer
 
 TEXTS = ["fn main() {\n    println!(\"hi\");\n}\n", "def f(x):\n    return x * 2\n", "pub struct S { a: u32 }\n"]
 

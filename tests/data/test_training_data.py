@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import PY_FILE, RUST_FILE, write_fixture_repo
+from helpers import PY_FILE, RUST_FILE, write_fixture_repo
 
 from codetune.__main__ import main
 from codetune.data.datamodule import CodeDataModule

@@ -11,7 +11,7 @@ import pytest
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
 
-from conftest import write_fixture_repo
+from helpers import write_fixture_repo
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from codetune.eval.fim import (FimPrompt, fim_chrf, fim_exact_match, fim_prompts, fim_syntax_valid,
                                generated_middle, holds_middle)
-from conftest import PY_FILE, RUST_FILE
+from helpers import PY_FILE, RUST_FILE
 
 PYTHON = textwrap.dedent('''\
     import os

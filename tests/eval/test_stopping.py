@@ -8,11 +8,11 @@ import contextlib
 import pytest
 import torch
 
-from callbacks.generation_eval import GenerationEval, Request
+from codetune.callbacks.generation_eval import GenerationEval, Request
 from codetune.eval.metrics import chrf, mean_next_line_exact_match, scored_prefix
 from codetune.eval.prompts import repo_prompts
 from codetune.eval.stopping import sample_complete
-from conftest import PY_FILE, RUST_FILE
+from helpers import PY_FILE, RUST_FILE
 
 
 @pytest.mark.parametrize(("generated", "truth", "expected"), [
@@ -75,7 +75,8 @@ class _TinyModule:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from codetune.model.tiny import build_tiny_model, train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
 
     files = ([(f"src/c{i}.rs", "rust", RUST_FILE.replace("Counter", f"C{i}")) for i in range(3)]
              + [(f"p{i}.py", "python", PY_FILE.replace("Energy", f"E{i}")) for i in range(3)])

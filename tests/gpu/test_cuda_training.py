@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_gpu_check
+from helpers import load_gpu_check
 import torch
 
 from codetune.data.packing import pack_windows
-from codetune.memory_plan import DEFAULT_LORA_TARGETS
+from codetune.memory.plan import DEFAULT_LORA_TARGETS
 from codetune.model.loading import apply_lora, enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.optim import build_optimizer
-from codetune.model.tiny import train_tokenizer
+from codetune.data.tokenizer import train_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -102,7 +102,7 @@ def test_packed_windows_stay_isolated_at_batch_3_on_cuda(qwen_dir, attn):
 
 
 def test_float16_trains_under_a_grad_scaler_with_fp32_lora_weights(tmp_path):
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
     from safetensors.torch import load_file
 
     from codetune.cli import build_cli

@@ -13,16 +13,17 @@ import pytest
 
 import codetune.model.module as module_lib
 from codetune.__main__ import main
-from codetune.memory_plan import GiB
-from codetune.model.tiny import build_tiny_model, train_tokenizer
+from codetune.memory.plan import GiB
+from codetune.data.tokenizer import train_tokenizer
+from codetune.model.tiny import build_tiny_model
 
-from conftest import DEMO_CONFIGS as CONFIGS
-from conftest import ROOT
+from helpers import DEMO_CONFIGS as CONFIGS
+from helpers import ROOT
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     return write_fixture_repo(tmp_path_factory.mktemp("first-hour") / "repo")
 
@@ -81,7 +82,7 @@ def test_a_broken_model_directory_is_one_error_and_leaves_no_run(repo, model_dir
 
 
 def test_a_config_without_model_type_is_named_before_transformers_fails(tmp_path):
-    from codetune.model.model_dir import config_problem
+    from codetune.data.model_source import config_problem
 
     (tmp_path / "config.json").write_text('{"hidden_size": 64}')
     assert config_problem(tmp_path) == ('its config.json has no "model_type" (transformers cannot tell which '
@@ -104,7 +105,7 @@ def test_a_cpu_plan_larger_than_the_ram_stops_before_any_step(repo, tmp_path, ca
 
 
 def test_available_ram_is_linux_mem_available(tmp_path):
-    from codetune.memory_plan import available_ram_bytes
+    from codetune.memory.plan import available_ram_bytes
 
     (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
     assert available_ram_bytes(tmp_path / "meminfo") == 2 * GiB
@@ -114,7 +115,7 @@ def test_available_ram_is_linux_mem_available(tmp_path):
 
 
 def test_a_tiny_cpu_fit_prints_no_loading_noise_and_a_ram_plan(repo, tmp_path):
-    from conftest import subprocess_env
+    from helpers import subprocess_env
 
     args = [sys.executable, "-m", "codetune", *fit_args(repo, tmp_path)]
     result = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"),
@@ -138,7 +139,7 @@ def test_importing_the_module_imports_neither_peft_nor_bitsandbytes():
 
 
 def test_a_cpu_plan_names_ram_in_mib_without_zero_rows():
-    from codetune.memory_plan import ModelShape, TrainingShape, format_plan, plan_memory
+    from codetune.memory.plan import ModelShape, TrainingShape, format_plan, plan_memory
 
     shape = ModelShape(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)

@@ -22,7 +22,8 @@ def massive_base(directory: Path, texts: list[str]) -> Path:
     """The tiny Llama with one massive residual channel: layer 0's MLP writes up to 2e5 into channel 5 on the
     repository's tokens (through one intermediate neuron, as massive activations come from a few), all weights well
     inside float16's range."""
-    from codetune.model.tiny import build_tiny_model, train_tokenizer
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
 
     tokenizer = train_tokenizer(texts, vocab_size=512)
     model = build_tiny_model(tokenizer).eval()
@@ -44,13 +45,13 @@ def massive_base(directory: Path, texts: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    from conftest import PY_FILE, RUST_FILE
+    from helpers import PY_FILE, RUST_FILE
 
     return massive_base(tmp_path_factory.mktemp("massive-base"), [RUST_FILE, PY_FILE] * 4)
 
 
 def fit_args(repo: Path, tmp: Path, base: Path, name: str, *extra: str) -> list[str]:
-    from test_cli import DEFAULT
+    from helpers import DEFAULT
 
     return ["fit", "--config", DEFAULT, "--data.repo", str(repo), "--model.name_or_path", str(base),
             "--runs_dir", str(tmp / "runs"), "--run_name", name, "--data.cache_dir", str(tmp / "token-cache"),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers.integrations.flash_attention as flash_integration
 from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lora_llama
 from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
-from conftest import emulated_card
+from helpers import emulated_card
 from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
 import codetune.model.attention as attention_lib

@@ -172,7 +172,7 @@ def validation_data(repo, seq_len: int) -> CodeDataModule:
 
 
 def test_held_out_loss_is_the_logged_val_loss_for_the_same_weights(tmp_path):
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     torch.manual_seed(0)
     data = validation_data(write_fixture_repo(tmp_path / "repo"), seq_len=32)

@@ -7,7 +7,8 @@ import torch
 
 from codetune.errors import ConfigError
 from codetune.model.loading import apply_lora, load_causal_lm, resolve_quantization
-from codetune.model.tiny import build_tiny_model, train_tokenizer
+from codetune.data.tokenizer import train_tokenizer
+from codetune.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

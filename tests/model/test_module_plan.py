@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from codetune.memory_plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_micro_batch, plan_memory, training_shape_for
+from codetune.memory.plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_micro_batch, plan_memory, training_shape_for
 from codetune.model.module import CodeLoRAModule
 
 QWEN_1_5B = Path(__file__).resolve().parents[2] / "bench" / "models" / "qwen2.5-coder-1.5b"

@@ -20,14 +20,15 @@ from codetune.__main__ import main
 import codetune.model.module as module_lib
 from codetune.errors import NonFiniteLossError, NonFiniteWeightsError
 from codetune.model.loading import apply_lora
-from codetune.model.tiny import build_tiny_model, train_tokenizer
+from codetune.data.tokenizer import train_tokenizer
+from codetune.model.tiny import build_tiny_model
 
 NAN_AT = 5  # optimizer step (trainer.global_step) whose loss is poisoned; checkpoints every 2 steps: 2, 4
 
 
 def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
     """The CLI test's command (demo preset, windows of 64), stopping at step 8 unless `extra` says otherwise."""
-    from test_cli import fit_args as cli_fit_args
+    from helpers import fit_args as cli_fit_args
 
     return cli_fit_args(repo, runs, name, "--trainer.max_steps", "8", *extra)
 
@@ -126,7 +127,7 @@ def after_the_run(run_dir: Path) -> tuple[dict, list[str]]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     return write_fixture_repo(tmp_path_factory.mktemp("nan") / "repo")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codetune.memory_plan import (BNB_MIN_8BIT_SIZE, ModelShape, TrainingShape, optimizer_state_bytes,
+from codetune.memory.plan import (BNB_MIN_8BIT_SIZE, ModelShape, TrainingShape, optimizer_state_bytes,
                                   plan_memory)
 from codetune.model.module import optimizer_oom_message
 from codetune.model.optim import build_optimizer, resolve_optimizer

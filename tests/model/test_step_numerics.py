@@ -24,7 +24,7 @@ CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from conftest import write_fixture_repo
+    from helpers import write_fixture_repo
 
     return write_fixture_repo(tmp_path_factory.mktemp("numerics") / "repo")
 
