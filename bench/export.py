@@ -4,7 +4,7 @@
 
 Each export writes to a temporary directory (the runs' manifests still record it). Prints one row per run and
 target: wall seconds of the whole command (interpreter start and imports included), what it wrote, or the
-first words of its refusal. The goal (issue 15): under 10 s each on CPU for the demo run.
+first words of its refusal. The goal: under 10 s each on CPU for the demo run.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class InterruptCheckpoint(Callback):
     def where(self) -> str:
         """What the run is doing, as the stop line says it."""
         if self._where == "before training" and self._trainer is not None:
-            preparing = getattr(self._trainer.datamodule, "preparing", None)
+            preparing = self._trainer.datamodule.preparing
             return {"phase_1_scan": "while scanning the repository",
                     "phase_2_tokenize": "while tokenizing"}.get(preparing, "while loading the model")
         return self._where

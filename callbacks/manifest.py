@@ -94,7 +94,7 @@ class ManifestWriter(Callback):
             return
         self.manifest = begin_manifest(self.run_dir)
         datamodule = trainer.datamodule
-        repo = Path(getattr(datamodule, "repo", ".")).resolve()
+        repo = Path(datamodule.repo).resolve()
         self.manifest.update(repo=str(repo), repo_git_commit=git_commit(repo), versions=package_versions())
         self._record_prepared(datamodule)
         self.manifest.start_phase("phase_3_model")
@@ -104,7 +104,7 @@ class ManifestWriter(Callback):
         """The data module's phases that ended (the scan, the tokenization), once."""
         if self._prepared_shown:
             return
-        for phase, results in getattr(datamodule, "report", {}).items():
+        for phase, results in datamodule.report.items():
             self.manifest.finish_phase(phase, {k: v for k, v in results.items() if k != "wall_s"},
                                        wall_s=results.get("wall_s", 0.0))
             self._show(phase)
@@ -122,7 +122,7 @@ class ManifestWriter(Callback):
         self.manifest.finish_phase("phase_3_model", {
             "name_or_path": pl_module.hparams.name_or_path,
             # Set by the module when it loads the base; `generate` and `merge` load or check against it.
-            "base_revision": getattr(pl_module, "base_revision", None),
+            "base_revision": pl_module.base_revision,
             "architecture": type(base).__name__,
             "quantized_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
             "dtype": str(base.dtype).replace("torch.", ""),
