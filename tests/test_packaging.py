@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -41,8 +42,15 @@ def test_setup_cfg_lists_every_package_of_the_tree():
 
 @pytest.mark.slow
 def test_the_wheel_installs_callbacks_under_codetune_and_no_top_level_callbacks(tmp_path):
+    # Built from a copy: setuptools' build/ folder in the checkout would keep modules that moved since.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("codetune", "callbacks"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("codetune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("callbacks/")]
