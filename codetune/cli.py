@@ -29,7 +29,7 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ActionConfigFile, Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
@@ -40,6 +40,7 @@ from codetune.callbacks.generation_eval import GenerationEval
 from codetune.callbacks.interrupt import InterruptCheckpoint
 from codetune.callbacks.manifest import ManifestWriter, begin_manifest
 from codetune.callbacks.oom_backoff import OOMBackoff
+from codetune.callbacks.progress_bar import RunProgressBar
 from codetune.callbacks.random_state import RandomState
 from codetune.callbacks.vram_monitor import VRAMMonitor
 from codetune.run.checkpoint_io import AtomicCheckpointIO
@@ -48,9 +49,9 @@ from codetune.errors import ConfigError, DiskFullError
 from codetune.model.loading import cuda_capability, precision_for, resolve_dtype
 from codetune.model.module import CodeLoRAModule
 from codetune.storage import CONFIG_NAME, MANIFEST_NAME, atomic_write_text
-from codetune.run.manifest import Manifest, default_run_name, resume_command
-from codetune.run.directory import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, open_run_dir, remove_new_run,
-                              resume_checkpoint, resumed_run_dir)
+from codetune.run.directory import (CHECKPOINTS_DIR, TENSORBOARD_DIR, check_new_run_dir, kept_and_continue,
+                                    open_run_dir, remove_new_run, resume_checkpoint, resumed_run_dir, say_if_killed)
+from codetune.run.manifest import default_run_name
 from codetune.run.tensorboard import EpochlessTensorBoardLogger
 
 # The run directory rank zero chose, for the ranks Lightning's DDP launcher starts: they run this command line again
@@ -237,36 +238,6 @@ class CodetuneCLI(LightningCLI):
         atomic_write_text(self.run_dir / CONFIG_NAME, text)
 
 
-class RunProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, with the run's real limits and out of the way of the end-of-run lines.
-
-    The description is ``Epoch N/LAST`` when `--trainer.max_epochs` bounds the run, plus ``(max S steps)``
-    when `--trainer.max_steps` does (Lightning's own shows ``Epoch 0/-2`` for a run bounded by steps alone).
-    The bar stops when training ends, so the evaluation table and the phase lines printed after it are not
-    followed by the bar drawn once more; place it first among the callbacks for that.
-    """
-
-    @override
-    def _get_train_description(self, current_epoch: int) -> str:
-        description = f"Epoch {current_epoch}"
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
-            description += f"/{self.trainer.max_epochs - 1}"
-        if self.trainer.max_steps > 0:
-            description += f" (max {self.trainer.max_steps} steps)"
-        # Padded like Lightning's, so the bar does not jump between training and validation.
-        return f"{description:{len(self.validation_description)}}"
-
-    @override
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_progress()
-
-    @override
-    def _stop_progress(self) -> None:
-        # Once: off a terminal, rich prints an empty line at every stop (train end, then teardown).
-        if not self._progress_stopped:
-            super()._stop_progress()
-
-
 def evaluations_last(callbacks: list) -> None:
     """Moves the generation eval after the other callbacks (checkpointing aside, which Lightning keeps last), in
     place: the manifest has started training and the interrupt handler knows an evaluation runs (at the start of
@@ -311,38 +282,12 @@ def another_runs_folder(dirpath: str, run_dir: Path) -> bool:
     return (folder.parent / MANIFEST_NAME).is_file() or not folder.parent.exists()
 
 
-def say_if_killed(run_dir: Path) -> None:
-    """One line when the run this process now holds was left `running` by a process that is gone (kill -9, a power
-    cut): it resumes from its last whole checkpoint, which the manifest names."""
-    if not (run_dir / MANIFEST_NAME).is_file():
-        return
-    manifest = Manifest(run_dir)
-    if manifest.data.get("status") != "running":
-        return
-    last = manifest.last_checkpoint()
-    kept = (f"its last checkpoint, {last['last_checkpoint']} (step {last['end_step']})" if last
-            else "no checkpoint (it starts again from step 0)")
-    print(f"codetune: {run_dir} was killed while it trained (its manifest still said running); resuming from "
-          f"{kept}.", file=sys.stderr, flush=True)
-
-
 def check_trains_something(trainer: Namespace) -> None:
     """A fit that would train no step is refused before anything is built: it would export the untrained adapter."""
     for flag in ("max_epochs", "max_steps"):
         if getattr(trainer, flag) == 0:
             raise ConfigError(f"--trainer.{flag} 0 trains nothing, so the run would end with the untrained adapter. "
                               f"Give at least 1 (or leave it unset).")
-
-
-def kept_and_continue(run_dir: Path) -> str:
-    """What a run stopped by a full disk kept (its last whole checkpoint, as the manifest says) and the command
-    that continues it once there is space."""
-    last = Manifest(run_dir).last_checkpoint() if run_dir.is_dir() else None
-    resume = resume_command(run_dir)
-    if last is None:
-        return f"No checkpoint was written; once there is space, start the run again with: {resume}"
-    return (f"The last good checkpoint, {run_dir / last['last_checkpoint']} (step {last['end_step']}), is kept: once "
-            f"there is space, continue with: {resume}")
 
 
 # -- configs shipped with the package -----------------------------------------------------------------

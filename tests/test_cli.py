@@ -351,8 +351,10 @@ def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, f
     `codetune.memory.plan` decides it, and the manifest records the plan of that choice."""
     from dataclasses import replace
 
-    from codetune.memory.plan import (DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, plan_memory,
-                                      training_shape_for)
+    from codetune.memory.estimate import plan_memory
+    from codetune.memory.search import largest_fitting
+    from codetune.memory.shapes import DEFAULT_LORA_TARGETS, ModelShape, training_shape_for
+    from codetune.memory.units import GiB
     from codetune.model.module import CodeLoRAModule
 
     args = ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(fixture_repo),
@@ -407,7 +409,9 @@ def test_batch_size_auto_without_a_card_is_the_whole_batch(monkeypatch):
     """On the CPU there is no card to fit: the optimizer batch is one micro-batch, and the plan is that one's."""
     from types import SimpleNamespace
 
-    from codetune.memory.plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, plan_memory, training_shape_for
+    from codetune.memory.estimate import plan_memory
+    from codetune.memory.shapes import DEFAULT_LORA_TARGETS, ModelShape, training_shape_for
+    from codetune.memory.units import GiB
     from codetune.model.module import CodeLoRAModule
     from codetune.model.tiny import tiny_config
 
@@ -447,7 +451,7 @@ def test_progress_bar_names_the_runs_limits_and_stops_once():
     from types import SimpleNamespace
     from unittest import mock
 
-    from codetune.cli import RunProgressBar
+    from codetune.callbacks.progress_bar import RunProgressBar
 
     bar = RunProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=3)  # --trainer.max_steps alone

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from codetune.errors import ConfigError
 from codetune.storage import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME, utc_now
-from codetune.run.manifest import resume_command
+from codetune.run.manifest import Manifest, resume_command
 
 LOCK_NAME = ".lock"
 CHECKPOINTS_DIR = "checkpoints"
@@ -248,3 +249,29 @@ def relative_to_run(path: str | Path, run_dir: Path) -> str:
     """`path` as recorded in a run: relative to the run directory when inside it, else as it is (absolute)."""
     resolved, root = Path(path).resolve(), run_dir.resolve()
     return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
+
+
+def say_if_killed(run_dir: Path) -> None:
+    """One line when the run this process now holds was left `running` by a process that is gone (kill -9, a power
+    cut): it resumes from its last whole checkpoint, which the manifest names."""
+    if not (run_dir / MANIFEST_NAME).is_file():
+        return
+    manifest = Manifest(run_dir)
+    if manifest.data.get("status") != "running":
+        return
+    last = manifest.last_checkpoint()
+    kept = (f"its last checkpoint, {last['last_checkpoint']} (step {last['end_step']})" if last
+            else "no checkpoint (it starts again from step 0)")
+    print(f"codetune: {run_dir} was killed while it trained (its manifest still said running); resuming from "
+          f"{kept}.", file=sys.stderr, flush=True)
+
+
+def kept_and_continue(run_dir: Path) -> str:
+    """What a run stopped by a full disk kept (its last whole checkpoint, as the manifest says) and the command
+    that continues it once there is space."""
+    last = Manifest(run_dir).last_checkpoint() if run_dir.is_dir() else None
+    resume = resume_command(run_dir)
+    if last is None:
+        return f"No checkpoint was written; once there is space, start the run again with: {resume}"
+    return (f"The last good checkpoint, {run_dir / last['last_checkpoint']} (step {last['end_step']}), is kept: once "
+            f"there is space, continue with: {resume}")
