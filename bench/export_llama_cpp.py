@@ -89,7 +89,7 @@ def main() -> int:
 
     run = args.run.resolve()
     tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
-    text = (ROOT / "codetune" / "export.py").read_text()
+    text = (ROOT / "codetune" / "export" / "gguf.py").read_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
     pre = args.pre or ("gpt-2" if (run / "base_model").is_dir() else None)
     print(f"# llama.cpp vs peft, {datetime.date.today()}, {os.cpu_count()} CPU cores, run {run.name}, "

@@ -25,70 +25,31 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from codetune.data.files import (DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult,
-                                 SkippedFile, scan_argument_problems, scan_repository)
+from codetune.data.arguments import check_data_arguments, existing_repo
+from codetune.data.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult
 from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens, NewlineTable, TrainingSamples,
                                fim_families_text, find_fim_tokens, training_samples)
-from codetune.data.languages import code_extensions, no_code_problem
-from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements, window_labels
-from codetune.data.sampler import EpochTaggedBatchSampler, WindowBatchSampler, steps_per_epoch
+from codetune.data.loader import evenly_spread, window_loader
+from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements
+from codetune.data.sampler import steps_per_epoch
+from codetune.data.skip_reasons import SkippedFile
 from codetune.data.split import DEFAULT_VAL_FRACTION, no_validation_problem, split_paths
 from codetune.data.tokens import (CacheStats, load_saved_tiny_tokenizer, load_tokenizer, pad_token_id, tokenize_cached,
                                   tokenize_texts, vocabulary_fingerprint)
 from codetune.errors import ConfigError
 from codetune.data.model_source import check_model_source
 from codetune.data.tokenizer import TINY_NAME, saved_tiny_base, tiny_tokenizer_from_json, train_tokenizer
+from codetune.data.training_scan import scan_for_training, scan_report
 from codetune.storage import BASE_MODEL_DIR
 
 if TYPE_CHECKING:  # imported where used: transformers' tokenizer classes are slow to import
     from transformers import PreTrainedTokenizerBase
 
-# Places per secret kind that phase_1_scan names (`secrets_redacted` has the full count).
-SECRET_LOCATIONS_RECORDED = 20
 # Held-out windows a validation runs on by default (the reasoning is in CodeDataModule's docstring).
 DEFAULT_MAX_VAL_WINDOWS = 256
-
-
-class WindowDataset(Dataset):
-    """Window `i` of a split, with its index as the sample id."""
-
-    def __init__(self, windows: Windows) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int | list[int]) -> int | list[int]:
-        # The sampler yields whole batches (lists of indices); the collator turns them into tensors.
-        return index
-
-
-class WindowCollator:
-    """Builds model inputs for a list of window indices, or `(epoch, indices)` with that epoch's FIM cuts
-    (picklable, for worker processes)."""
-
-    def __init__(self, windows: Windows, packing: PackingMode, fim_epochs: FimEpochs | None = None) -> None:
-        self.windows = windows
-        self.packing = packing
-        self.fim_epochs = fim_epochs
-
-    def __call__(self, batch: list[int] | tuple[int, list[int]]) -> dict[str, torch.Tensor]:
-        epoch, indices = batch if isinstance(batch, tuple) else (0, batch)
-        idx = np.asarray(indices, dtype=np.int64)  # an empty list too (a rank with no window in a step)
-        rows = self.fim_epochs.input_ids(epoch) if self.fim_epochs is not None else self.windows.input_ids
-        input_ids = rows[idx]
-        position_ids = self.windows.position_ids[idx]
-        labels = window_labels(input_ids, position_ids, self.windows.n_real[idx], self.packing)
-        return {
-            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
-            "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
-            "labels": torch.from_numpy(labels),
-            "sample_ids": torch.from_numpy(idx.astype(np.int64)),
-        }
 
 
 class CodeDataModule(L.LightningDataModule):
@@ -103,7 +64,7 @@ class CodeDataModule(L.LightningDataModule):
             the one the run saved in base_model/, whatever the repository holds now).
         seq_len: Tokens per window.
         batch_size: Micro-batch: windows per forward/backward pass, or 'auto': the largest that the VRAM
-            plan predicts to fit the card (codetune/memory/plan.py), with --data.effective_batch_size.
+            plan predicts to fit the card (codetune/memory/search.py), with --data.effective_batch_size.
         gradient_accumulation_steps: Micro-batches per optimizer step (effective batch is
             batch_size x gradient_accumulation_steps windows); ignored with batch_size 'auto'.
         effective_batch_size: Windows per optimizer step when batch_size is 'auto' (required then).
@@ -164,24 +125,12 @@ class CodeDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_batch(batch_size, gradient_accumulation_steps, effective_batch_size)
-        _check_positive(seq_len=seq_len)
-        problems = scan_argument_problems(extensions, ignore_patterns, max_file_bytes, max_line_length)
-        if problems:
-            raise ConfigError("; ".join(f"--data.{p}" for p in problems))
-        if seq_len < 2:
-            raise ConfigError(f"--data.seq_len={seq_len}: a window needs at least 2 tokens.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"--data.val_fraction={val_fraction}: use a value in [0, 1), e.g. 0.1.")
-        if max_val_windows is not None and max_val_windows < 1:
-            raise ConfigError(f"--data.max_val_windows={max_val_windows}: must be a positive integer, or null to "
-                              f"validate on every held-out window.")
-        if packing not in ("isolated", "concat"):
-            raise ConfigError(f"--data.packing={packing!r}: use 'isolated' or 'concat'.")
-        for flag, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
-            if rate is not None and not 0.0 <= rate <= 1.0:
-                raise ConfigError(f"--data.{flag}={rate}: use a share in [0, 1], e.g. 0.5.")
-        self.repo = _existing_dir(repo)
+        check_data_arguments(
+            seq_len=seq_len, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+            effective_batch_size=effective_batch_size, extensions=extensions, ignore_patterns=ignore_patterns,
+            val_fraction=val_fraction, max_val_windows=max_val_windows, packing=packing, fim_rate=fim_rate,
+            fim_spm_rate=fim_spm_rate, max_file_bytes=max_file_bytes, max_line_length=max_line_length)
+        self.repo = existing_repo(repo)
         if tokenizer != TINY_NAME:
             # The CLI links --model.name_or_path here (the module checks it as a model, config.json included).
             check_model_source(tokenizer, "--model.name_or_path", tokenizer_only=True)
@@ -329,44 +278,13 @@ class CodeDataModule(L.LightningDataModule):
         return [np.concatenate((separator, ids)) for ids in tokenize_texts(self.tokenizer, [f"{p}\n" for p in paths])]
 
     def _scan(self) -> ScanResult:
-        scan = scan_repository(self.repo, self.hparams.extensions, self.hparams.ignore_patterns,
-                               self.hparams.max_file_bytes, self.hparams.max_line_length)
-        if not scan.files:
-            counts = scan.skip_counts()
-            why = (f"all {sum(counts.values())} candidate files were skipped ({_format_counts(counts)})"
-                   if counts else f"no file has one of the extensions {self.hparams.extensions}")
-            raise ConfigError(
-                f"--data.repo {str(self.repo)!r}: nothing to train on: {why}. Check --data.extensions "
-                f"and --data.ignore_patterns, or run `codetune inspect {self.repo}`."
-            )
-        problem = no_code_problem(scan.files)
-        if problem:
-            raise ConfigError(self._no_code_message(problem, scan.skip_counts()))
-        return scan
-
-    def _no_code_message(self, problem: str, skip_counts: dict[str, int]) -> str:
-        extensions = list(self.hparams.extensions)
-        code = code_extensions(extensions)
-        looked_for = (f"of which {', '.join(code)} are code" if code
-                      else "none of these is a programming language's")
-        skipped = f"; skipped: {_format_counts(skip_counts)}" if skip_counts else ""
-        return (f"--data.repo {str(self.repo)!r}: no source code to train on: {problem}. It looked for "
-                f"--data.extensions {extensions} ({looked_for}){skipped}. A code model learns nothing about your code "
-                f"from prose and config files alone: point --data.repo at the repository's source tree, or add its "
-                f"languages' extensions to --data.extensions (e.g. '.py', '.rs'); `codetune inspect {self.repo}` lists "
-                f"what is kept and skipped.")
+        hp = self.hparams
+        return scan_for_training(self.repo, hp.extensions, hp.ignore_patterns, hp.max_file_bytes, hp.max_line_length)
 
     def _report(self, scan: ScanResult, train_paths, val_paths, train: TrainingSamples, val: TrainingSamples,
                 cache: CacheStats, scan_s: float, tokenize_s: float) -> dict[str, Any]:
         return {
-            "phase_1_scan": {
-                "files_kept": len(scan.files),
-                "files_skipped": scan.skip_counts(),
-                "secrets_redacted": dict(scan.secrets_redacted),
-                "secret_locations": scan.secret_locations(SECRET_LOCATIONS_RECORDED),
-                "lines": int(sum(f.n_lines for f in scan.files)),
-                "wall_s": round(scan_s, 3),
-            },
+            "phase_1_scan": scan_report(scan, scan_s),
             "phase_2_tokenize": {
                 "tokenizer": self.hparams.tokenizer,
                 "train_files": len(train_paths),
@@ -411,15 +329,8 @@ class CodeDataModule(L.LightningDataModule):
     def _loader(self, windows: Windows, shuffle: bool, epoch: int = 0, start_step: int = 0,
                 fim_epochs: FimEpochs | None = None) -> DataLoader:
         replicas, rank = self._replicas()
-        sampler_class = EpochTaggedBatchSampler if fim_epochs is not None else WindowBatchSampler
-        sampler = sampler_class(len(windows), self.optimizer_batch_size, shuffle, self.hparams.seed,
-                                num_replicas=replicas, rank=rank, epoch=epoch, start_step=start_step)
-        # Its own generator: creating an iterator must not draw from the global RNG, which dropout uses
-        # (a resumed run restores that RNG and must see the same draws).
-        return DataLoader(WindowDataset(windows), sampler=sampler, batch_size=None,
-                          collate_fn=WindowCollator(windows, self.packing, fim_epochs),
-                          num_workers=self.hparams.num_workers,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return window_loader(windows, self.packing, self.optimizer_batch_size, shuffle, self.hparams.seed,
+                             self.hparams.num_workers, replicas, rank, epoch, start_step, fim_epochs)
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer  # None until the data module is attached to a trainer
@@ -480,49 +391,3 @@ class CodeDataModule(L.LightningDataModule):
 def _tokens(samples: TrainingSamples) -> int:
     """Tokens of a split's samples: EOS, FIM sentinels and file headers included."""
     return int(sum(map(len, samples.stream)) + sum(map(len, samples.whole)))
-
-
-def evenly_spread(windows: Windows, limit: int | None) -> Windows:
-    """`limit` of `windows` at evenly spaced indices (`i * n // limit`: the first one, then every n/limit-th), in
-    their order; all of them when there are no more than `limit` or it is None. A systematic sample: the windows
-    follow the held-out files, so every stretch of the split is represented in proportion."""
-    n = len(windows)
-    if limit is None or n <= limit:
-        return windows
-    keep = np.arange(limit, dtype=np.int64) * n // limit
-    return Windows(windows.input_ids[keep], windows.position_ids[keep], windows.n_real[keep])
-
-
-def _existing_dir(repo: str | None) -> Path:
-    if repo is None:
-        raise ConfigError("--data.repo is required: the repository to train on, e.g. --data.repo ~/code/project "
-                          "(make train REPO=~/code/project). There is no default, so that a command run from "
-                          "another directory does not train on it; `make demo` passes --data.repo . to train on "
-                          "codetune's own source.")
-    path = Path(repo).expanduser()
-    if not path.exists():
-        raise ConfigError(f"--data.repo {repo!r} does not exist. Point it at your repository's root directory.")
-    if not path.is_dir():
-        raise ConfigError(f"--data.repo {repo!r} is not a directory. Point it at your repository's root directory.")
-    return path
-
-
-def check_batch(batch_size: int | str, accumulation: int, effective: int | None) -> None:
-    if batch_size == "auto":
-        if effective is None or effective < 1:
-            raise ConfigError(f"--data.batch_size auto needs --data.effective_batch_size N (windows per optimizer "
-                              f"step, e.g. 16); got {effective}.")
-        return
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--data.batch_size={batch_size}: must be a positive integer or 'auto'.")
-    _check_positive(gradient_accumulation_steps=accumulation)
-
-
-def _check_positive(**values: int) -> None:
-    bad = [f"--data.{k}={v}" for k, v in values.items() if v < 1]
-    if bad:
-        raise ConfigError(f"{', '.join(bad)}: must be a positive integer.")
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))

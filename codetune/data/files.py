@@ -4,58 +4,17 @@
 path, so two scans of the same tree are identical) and one `SkippedFile` for everything it
 looked at and left out, each with the first reason that applied.
 
-**Walk.** An explicit-stack depth-first walk with `os.scandir`. Symlinks are resolved with
-`os.path.realpath(strict=True)`, which raises on dangling links and on loops instead of hanging:
+**Walk** (`codetune.data.walk`): a depth-first walk that decides by name what to read: the ignore rules
+(the config's patterns, every `.gitignore`, `DEFAULT_IGNORE_PATTERNS`), codetune's own output (run
+directories, `prepare`/`merge`/`export` outputs, a token cache: never training data), symlinks, secret files
+and extensions.
 
-* a directory symlink is never descended. If its target is outside the repository, dangling, or
-  the link's own directory or one of its ancestors (a loop), it is skipped as `symlink_outside`;
-  if its target is elsewhere inside the repository it is skipped as `duplicate`, because the
-  target is walked under its real path.
-* a file symlink to a file inside the repository is read (an identical copy is then dropped as a
-  duplicate), unless the target is a secret file or lies in `.git`; one pointing outside, dangling
-  or looping is `symlink_outside`.
-
-**Ignore rules.** Three layers of gitwildmatch patterns, asked in order; the first layer with a
-matching pattern decides, and a `!pattern` match means "keep":
-
-1. `ignore_patterns` from the config: the user's explicit word, so it overrides the others
-   (`!vendor/` re-includes a default).
-2. Every `.gitignore` in the tree, from the entry's own directory up to the root, each matched
-   against the path relative to its own directory: git's precedence, where the closest file
-   wins and within a file the last matching line wins (`pathspec.GitIgnoreSpec`).
-3. `DEFAULT_IGNORE_PATTERNS`: build output, dependency trees, vendored code, lockfiles.
-
-An ignored directory is pruned, never read, and reported once as its path with a trailing `/`;
-as in git, a file inside an ignored directory cannot be re-included. `.git` is always pruned.
-Not read: `.git/info/exclude` and the user's global excludes file, which would make a scan depend
-on the machine it runs on.
-
-**codetune's own output** is never training data, wherever it is and whatever the ignore rules
-say (a `!pattern` cannot re-include it): a directory is pruned as `codetune_output` when it holds
-one of `CODETUNE_OUTPUT_MARKERS` whose JSON has that marker's key (a run directory's MANIFEST.json,
-`codetune prepare --out`'s data_report.json, `codetune merge --out`'s codetune_merge.json), or when
-it is the `tokens/` directory of a token cache (only `v<format>-<tokenizer fingerprint>/`
-directories, the layout of `codetune.data.tokens`). It is recognised by what codetune writes, not
-by a name such as `runs/`, so any `--runs_dir`, `--out` or `--data.cache_dir` is covered, and it
-costs one look at each directory's entry names, plus a JSON parse where a marker's name appears.
-
-**Filters.** The walk checks names, in this order: ignored, secret file
-(`secrets.is_secret_file`), extension, then symlink target (above) and file type (sockets, FIFOs
-and devices are `binary` and never opened: a FIFO would block the read forever). Every remaining
-file is read, in sorted path order, and checked in this order: duplicate (SHA-256 of the raw
-bytes equals that of a file kept earlier in sorted order), too large (more than
-`max_file_bytes`), binary (a NUL byte in the first 8 KiB, git's own test), not_utf8 (text that
-does not decode, see below), empty (whitespace only), minified (a line longer than
-`max_line_length`, or an average line longer than a quarter of it), generated (a generator's
-marker in the first 2 KiB, see `GENERATED_MARKER`).
-
-**Decoding rule.** UTF-8, strictly. If that fails, the file is decoded with `errors="replace"`
-and kept if the replacement characters that decoding introduced number less than 1% of its
-bytes (a Latin-1 accent in a comment), otherwise it is skipped as `not_utf8` (Latin-1 or
-Windows-1252 prose, Shift-JIS, truncated UTF-8): text, but not in the encoding a tokenizer expects.
-UTF-16 has a NUL in every ASCII character, so it is `binary` by the NUL test, as in git. A
-leading byte-order mark is dropped and CRLF line ends become LF, so `text` and `n_lines` do not
-depend on the platform that wrote the file; `sha256` is always that of the original bytes.
+**Filters.** The walk checks names, in this order: ignored, secret file (`secrets.is_secret_file`), extension,
+then symlink target and file type. Every remaining file is read, in sorted path order, and checked in this
+order: duplicate (SHA-256 of the raw bytes equals that of a file kept earlier in sorted order), then what its
+bytes say (`codetune.data.file_checks`): too large, binary, not_utf8, empty, minified, generated. Each left-out
+entry is one `SkippedFile` (`codetune.data.skip_reasons`) with the first reason that applied. A kept file's
+text is decoded UTF-8 with LF line ends; `sha256` is always that of the original bytes.
 
 **Secrets.** Unless `redact=False`, every kept file's text goes through
 `secrets.find_and_redact_secrets`; the counts per kind are summed in `ScanResult.secrets_redacted`
@@ -71,92 +30,16 @@ standard library, 1,734 `.py` files (31 MB), in 0.8 s.
 """
 
 import hashlib
-import json
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pathspec
-
-from codetune.data.secrets import find_and_redact_secrets, is_secret_file
-from codetune.storage import EXPORT_MARKER, MANIFEST_NAME, MERGE_MARKER, PREPARE_MARKER
-
-SKIP_IGNORED = "ignored"
-SKIP_EXTENSION = "extension"
-SKIP_SECRET_FILE = "secret_file"
-SKIP_BINARY = "binary"
-SKIP_NOT_UTF8 = "not_utf8"
-SKIP_TOO_LARGE = "too_large"
-SKIP_MINIFIED = "minified"
-SKIP_GENERATED = "generated"
-SKIP_DUPLICATE = "duplicate"
-SKIP_SYMLINK = "symlink_outside"
-SKIP_EMPTY = "empty"
-SKIP_CODETUNE_OUTPUT = "codetune_output"
-
-# A directory codetune wrote holds one of these files, a JSON object that always has the given key.
-CODETUNE_OUTPUT_MARKERS: dict[str, str] = {
-    MANIFEST_NAME: "phase_results",  # a run directory (codetune.run.Manifest)
-    PREPARE_MARKER: "phase_1_scan",  # codetune prepare --out
-    MERGE_MARKER: "source_run",  # codetune merge --out
-    EXPORT_MARKER: "source_run",  # codetune export --out
-}
-# <cache_dir>/tokens/<CACHE_FORMAT>-<32 hex digits of the tokenizer fingerprint>/ (codetune.data.tokens).
-TOKEN_CACHE_DIR = "tokens"
-_TOKEN_CACHE_ENTRY = re.compile(r"v\d+-[0-9a-f]{32}")
-
-DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
-    # version control, build output and caches
-    ".git/",
-    ".hg/",
-    ".svn/",
-    "target/",
-    "build/",
-    "dist/",
-    "out/",
-    "__pycache__/",
-    "*.egg-info/",
-    ".eggs/",
-    ".tox/",
-    ".nox/",
-    ".mypy_cache/",
-    ".pytest_cache/",
-    ".ruff_cache/",
-    ".cache/",
-    ".next/",
-    ".gradle/",
-    "coverage/",
-    "htmlcov/",
-    # dependencies and code written by someone else
-    "node_modules/",
-    ".venv/",
-    "venv/",
-    "vendor/",
-    "third_party/",
-    "third-party/",
-    "site-packages/",
-    # compiled or minified artefacts
-    "*.rlib",
-    "*.rmeta",
-    "*.min.js",
-    "*.min.css",
-    "*.map",
-    # lockfiles: long, machine-written, nothing to learn
-    "Cargo.lock",
-    "package-lock.json",
-    "yarn.lock",
-    "pnpm-lock.yaml",
-    "poetry.lock",
-    "uv.lock",
-    "Pipfile.lock",
-    "composer.lock",
-    "Gemfile.lock",
-    "flake.lock",
-    "go.sum",
-)
+from codetune.data.file_checks import text_or_skip_reason
+from codetune.data.secrets import find_and_redact_secrets
+from codetune.data.skip_reasons import SKIP_DUPLICATE, SkippedFile
+from codetune.data.walk import IgnoreRules, walk_repository
 
 # What a run trains on unless --data.extensions says otherwise: code, plus the configs and docs
 # that sit next to it in most repositories.
@@ -216,18 +99,6 @@ LANGUAGE_BY_EXTENSION: dict[str, str] = {
     ".r": "r",
 }
 
-# Case-sensitive on purpose: "do not edit" in prose is common, the upper-case form is a generator's.
-GENERATED_MARKER = re.compile(
-    r"@generated|DO NOT EDIT|Code generated by|[Aa]utomatically generated by|[Aa]uto-generated by"
-)
-
-BINARY_SNIFF_BYTES = 8192
-GENERATED_SNIFF_CHARS = 2048
-MAX_INVALID_UTF8_FRACTION = 0.01
-
-_DEFAULT_SPEC = pathspec.GitIgnoreSpec.from_lines(DEFAULT_IGNORE_PATTERNS)
-_UTF8_REPLACEMENT = "\ufffd".encode()
-
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -243,15 +114,6 @@ class SourceFile:
     """Hex SHA-256 of the original raw bytes: the cache and deduplication key."""
     n_lines: int
     """Number of lines of `text` (a final line without a newline counts)."""
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file or pruned directory (path ending in `/`) that was left out, and why."""
-
-    rel_path: str
-    reason: str
-    """One of the `SKIP_*` constants."""
 
 
 @dataclass(frozen=True)
@@ -293,34 +155,6 @@ class ScanResult:
         return dict(sorted(locations.items()))
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A file that passed the name checks: where it is reported and where its bytes are."""
-
-    rel_path: str
-    path: str
-
-
-@dataclass(frozen=True)
-class _IgnoreRules:
-    """The three layers of ignore patterns; see the module docstring for their precedence."""
-
-    config: pathspec.GitIgnoreSpec
-    defaults: pathspec.GitIgnoreSpec
-
-    def is_ignored(
-        self, rel_path: str, is_dir: bool, gitignores: tuple[tuple[str, pathspec.GitIgnoreSpec], ...]
-    ) -> bool:
-        # A trailing slash is how gitwildmatch tells a directory from a file ("target/" vs "target").
-        path = rel_path + "/" if is_dir else rel_path
-        layers = (("", self.config), *reversed(gitignores), ("", self.defaults))
-        for base, spec in layers:
-            include = spec.check_file(path[len(base) :]).include
-            if include is not None:
-                return include
-        return False
-
-
 def scan_repository(
     repo: Path,
     extensions: Sequence[str],
@@ -351,8 +185,7 @@ def scan_repository(
     wanted = _check_arguments(extensions, ignore_patterns, max_file_bytes, max_line_length)
     if not os.path.isdir(repo):
         raise NotADirectoryError(f"repository {str(repo)!r} is not a directory")
-    rules = _IgnoreRules(pathspec.GitIgnoreSpec.from_lines(ignore_patterns), _DEFAULT_SPEC)
-    candidates, skipped = _walk(os.path.realpath(repo), rules, wanted)
+    candidates, skipped = walk_repository(os.path.realpath(repo), IgnoreRules.of(ignore_patterns), wanted)
 
     files: list[SourceFile] = []
     found: list[SecretLocation] = []
@@ -384,53 +217,6 @@ def scan_repository(
 def language_for(rel_path: str) -> str:
     """Language of a file, from its extension (raises KeyError for an unknown extension)."""
     return LANGUAGE_BY_EXTENSION[os.path.splitext(rel_path)[1].lower()]
-
-
-def is_binary(raw: bytes) -> bool:
-    """Git's test: a NUL byte in the first 8 KiB."""
-    return b"\x00" in raw[:BINARY_SNIFF_BYTES]
-
-
-def decode_source(raw: bytes) -> str | None:
-    """Decode the bytes of a file that is not binary (`is_binary`) per the module's decoding rule; None
-    means "not UTF-8 text"."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        # U+FFFD already present in the file is content, not a decoding error.
-        n_invalid = text.count("\ufffd") - raw.count(_UTF8_REPLACEMENT)
-        if n_invalid >= MAX_INVALID_UTF8_FRACTION * len(raw):
-            return None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
-
-
-def text_or_skip_reason(
-    raw: bytes, max_file_bytes: int, max_line_length: int
-) -> tuple[str | None, str | None]:
-    """`(text, None)` for file bytes worth training on, else `(None, reason)`."""
-    if len(raw) > max_file_bytes:
-        return None, SKIP_TOO_LARGE
-    if is_binary(raw):
-        return None, SKIP_BINARY
-    text = decode_source(raw)
-    if text is None:
-        return None, SKIP_NOT_UTF8
-    reason = text_skip_reason(text, max_line_length)
-    return (None, reason) if reason else (text, None)
-
-
-def text_skip_reason(text: str, max_line_length: int) -> str | None:
-    """Why decoded text is not worth training on (empty, minified, generated), or None."""
-    if not text.strip():
-        return SKIP_EMPTY
-    line_lengths = list(map(len, text.split("\n")))
-    # An average line over a quarter of the limit catches minifiers that wrap at a fixed width.
-    if max(line_lengths) > max_line_length or len(text) > len(line_lengths) * max_line_length / 4:
-        return SKIP_MINIFIED
-    if GENERATED_MARKER.search(text, 0, GENERATED_SNIFF_CHARS):
-        return SKIP_GENERATED
-    return None
 
 
 def count_lines(text: str) -> int:
@@ -469,115 +255,6 @@ def scan_argument_problems(
     if max_line_length <= 0:
         problems.append(f"max_line_length must be positive, got {max_line_length}")
     return problems
-
-
-def _walk(
-    root: str, rules: _IgnoreRules, extensions: frozenset[str]
-) -> tuple[list[_Candidate], list[SkippedFile]]:
-    """Depth-first walk from the real path `root`; returns the files to read and those skipped."""
-    candidates: list[_Candidate] = []
-    skipped: list[SkippedFile] = []
-    # Each item: (relative directory with trailing "/", its path, .gitignore specs from the root down).
-    stack: list[tuple[str, str, tuple[tuple[str, pathspec.GitIgnoreSpec], ...]]] = [("", root, ())]
-    while stack:
-        rel_dir, path, gitignores = stack.pop()
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        if _is_codetune_output(path, entries):
-            skipped.append(SkippedFile(rel_dir or "./", SKIP_CODETUNE_OUTPUT))
-            continue
-        gitignores += _gitignore_in(rel_dir, entries)
-        for entry in entries:
-            rel_path = rel_dir + entry.name
-            if entry.is_symlink():
-                target = _resolve(entry.path)
-                is_dir = target is not None and os.path.isdir(target)
-            else:
-                target, is_dir = entry.path, entry.is_dir(follow_symlinks=False)
-            if entry.name == ".git" or rules.is_ignored(rel_path, is_dir, gitignores):
-                skipped.append(SkippedFile(rel_path + "/" if is_dir else rel_path, SKIP_IGNORED))
-            elif is_dir and entry.is_symlink():
-                skipped.append(SkippedFile(rel_path + "/", _dir_symlink_reason(root, path, target)))
-            elif is_dir:
-                stack.append((rel_path + "/", entry.path, gitignores))
-            else:
-                reason = _file_skip_reason(root, rel_path, extensions, entry, target)
-                if reason is None:
-                    candidates.append(_Candidate(rel_path, target))
-                else:
-                    skipped.append(SkippedFile(rel_path, reason))
-    return candidates, skipped
-
-
-def _is_codetune_output(path: str, entries: list[os.DirEntry]) -> bool:
-    """Whether the directory at `path` is something codetune wrote (see the module docstring)."""
-    for entry in entries:
-        key = CODETUNE_OUTPUT_MARKERS.get(entry.name)
-        if key is not None and entry.is_file(follow_symlinks=False) and _json_has_key(entry.path, key):
-            return True
-    return os.path.basename(path) == TOKEN_CACHE_DIR and bool(entries) and all(
-        _TOKEN_CACHE_ENTRY.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in entries)
-
-
-def _json_has_key(path: str, key: str) -> bool:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False  # a file of the user's that has the marker's name; not codetune's
-    return isinstance(data, dict) and key in data
-
-
-def _gitignore_in(rel_dir: str, entries: list[os.DirEntry]) -> tuple[tuple[str, pathspec.GitIgnoreSpec], ...]:
-    """The `.gitignore` of one directory as a (relative directory, spec) layer, if it has one."""
-    for entry in entries:
-        # Like git (>= 2.32), a symlinked .gitignore is not followed.
-        if entry.name == ".gitignore" and entry.is_file(follow_symlinks=False):
-            with open(entry.path, "rb") as f:
-                # surrogateescape keeps non-UTF-8 bytes matching os.scandir's file names.
-                lines = f.read().decode("utf-8", errors="surrogateescape").splitlines()
-            return ((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)),)
-    return ()
-
-
-def _resolve(path: str) -> str | None:
-    """Real path of a symlink, or None when it dangles or loops."""
-    try:
-        return os.path.realpath(path, strict=True)
-    except OSError:  # FileNotFoundError (dangling) or ELOOP (loop): both mean "no target"
-        return None
-
-
-def _is_inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root + os.sep)
-
-
-def _dir_symlink_reason(root: str, link_dir: str, target: str) -> str:
-    """Why a directory symlink is not descended: it leaves the repo or loops, or duplicates a walked dir."""
-    loops = _is_inside(target, link_dir)
-    return SKIP_SYMLINK if loops or not _is_inside(root, target) else SKIP_DUPLICATE
-
-
-def _file_skip_reason(
-    root: str, rel_path: str, extensions: frozenset[str], entry: os.DirEntry, target: str | None
-) -> str | None:
-    """Name-level checks of a file (or file symlink) found by the walk; None means "read it"."""
-    if is_secret_file(rel_path):
-        return SKIP_SECRET_FILE
-    if os.path.splitext(rel_path)[1].lower() not in extensions:
-        return SKIP_EXTENSION
-    if not entry.is_symlink():
-        # Sockets, FIFOs and devices: opening a FIFO would block forever.
-        return None if entry.is_file(follow_symlinks=False) else SKIP_BINARY
-    if target is None or not _is_inside(root, target):
-        return SKIP_SYMLINK
-    target_rel = os.path.relpath(target, root).replace(os.sep, "/")
-    if is_secret_file(target_rel):
-        return SKIP_SECRET_FILE
-    if target_rel == ".git" or target_rel.startswith(".git/"):
-        return SKIP_IGNORED
-    return None if os.path.isfile(target) else SKIP_BINARY
 
 
 def _read_at_most(path: str, n_bytes: int) -> bytes:

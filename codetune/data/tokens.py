@@ -32,7 +32,7 @@ import numpy as np
 
 from codetune.errors import ConfigError
 from codetune.data.model_source import (TOKENIZER_FILE, bad_model_dir_message, check_model_source, local_model_dir,
-                                      tokenizer_problem)
+                                        tokenizer_problem)
 from codetune.data.tokenizer import TINY_NAME, tiny_tokenizer, train_tokenizer
 from codetune.storage import atomic_write_bytes
 

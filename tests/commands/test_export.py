@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from codetune.__main__ import main
-from codetune.commands.export import rotary_rows_to_ggml
+from codetune.export.gguf import rotary_rows_to_ggml
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -163,33 +163,6 @@ def test_q8_0_where_rows_allow_and_f16_elsewhere(run_dir, tmp_path):
     assert "q8_0: 15 tensors; f16: 15 tensors (LoRA B rows are rank 8 values long" in stderrs["q8_0"]
 
 
-def test_q_and_k_reordering_keeps_attention_scores_under_ggmls_interleaved_rotary():
-    """The reordering's meaning: rotary embeddings in Hugging Face's rotate-half layout on W x give the same
-    attention scores as GGML's interleaved rotary (llama.cpp's Llama) on the reordered rows."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    torch.manual_seed(0)
-    heads, kv_heads, d, positions = 4, 2, 8, 5
-    q, k = torch.randn(heads * d, positions), torch.randn(kv_heads * d, positions)
-    theta = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
-    angles = torch.arange(positions).float()[:, None] * theta[None, :]  # [positions, d/2]
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    hf_q, hf_k = (t.T.reshape(positions, -1, d).transpose(0, 1)[None] for t in (q, k))
-    hf_q, hf_k = apply_rotary_pos_emb(hf_q, hf_k, cos[None], sin[None])
-    hf_scores = hf_q[0] @ hf_k[0].repeat_interleave(heads // kv_heads, 0).transpose(1, 2)
-
-    def ggml_rope(x: torch.Tensor, n: int) -> torch.Tensor:
-        x = x.T.reshape(positions, n, d // 2, 2)
-        even, odd = x[..., 0], x[..., 1]
-        c, s = angles.cos()[:, None], angles.sin()[:, None]
-        return torch.stack([even * c - odd * s, even * s + odd * c], -1).reshape(positions, n, d).transpose(0, 1)
-
-    gq, gk = ggml_rope(rotary_rows_to_ggml(q, heads), heads), ggml_rope(rotary_rows_to_ggml(k, kv_heads), kv_heads)
-    ggml_scores = gq @ gk.repeat_interleave(heads // kv_heads, 0).transpose(1, 2)
-    torch.testing.assert_close(ggml_scores, hf_scores, rtol=1e-5, atol=1e-5)
-    assert torch.equal(rotary_rows_to_ggml(q, heads), interleave_expected(q, heads))
-
-
 def test_ollama_writes_the_gguf_adapter_and_a_modelfile(run_dir, tmp_path):
     gguf_out, out = tmp_path / "gguf", tmp_path / "ollama"
     assert run_main("export", str(run_dir), "--to", "gguf", "--out", str(gguf_out))[0] == 0
@@ -208,28 +181,6 @@ def test_ollama_writes_the_gguf_adapter_and_a_modelfile(run_dir, tmp_path):
     assert "ollama run codetune-t" in stderr
 
 
-def test_ollama_base_names(tmp_path):
-    from codetune.errors import ConfigError
-    from codetune.commands.export import ollama_base
-    from codetune.run.finished import RunConfig
-
-    def config(name: str) -> RunConfig:
-        return RunConfig(run_dir=tmp_path, name_or_path=name, quantization="auto", dtype="auto",
-                         trust_remote_code=False, attn_implementation="sdpa")
-
-    assert ollama_base(config("Qwen/Qwen2.5-Coder-1.5B"), None) == "qwen2.5-coder:1.5b-base"
-    assert ollama_base(config("Qwen/Qwen2.5-Coder-7B-Instruct"), None) == "qwen2.5-coder:7b-instruct"
-    assert ollama_base(config("bigcode/starcoder2-3b"), None) == "starcoder2:3b"
-    assert ollama_base(config("some/unknown-coder"), "my-coder:latest") == "my-coder:latest"
-    (tmp_path / "base.gguf").write_bytes(b"GGUF")
-    assert ollama_base(config("some/unknown-coder"), str(tmp_path / "base.gguf")) == str(tmp_path / "base.gguf")
-    with pytest.raises(ConfigError, match=r"--base: codetune does not know the Ollama library name of "
-                                          r"'some/unknown-coder'"):
-        ollama_base(config("some/unknown-coder"), None)
-    with pytest.raises(ConfigError, match=r"--base '\./missing.gguf' does not exist"):
-        ollama_base(config("some/unknown-coder"), "./missing.gguf")
-
-
 def test_vllm_copies_the_adapter_and_prints_the_serve_line(run_dir, tmp_path):
     out = tmp_path / "vllm"
     status, _, stderr = run_main("export", str(run_dir), "--to", "vllm", "--out", str(out))
@@ -238,13 +189,6 @@ def test_vllm_copies_the_adapter_and_prints_the_serve_line(run_dir, tmp_path):
         assert sha256(out / name) == sha256(run_dir / "adapter" / name)
     assert (f"vllm serve {(run_dir / 'base_model').resolve()} --enable-lora --lora-modules "
             f"codetune-t={out.resolve()} --max-lora-rank 8") in stderr
-
-
-@pytest.mark.parametrize(("rank", "flag"), [(1, 1), (2, 8), (8, 8), (12, 16), (320, 320), (500, 512)])
-def test_vllm_max_lora_rank_is_the_smallest_allowed_value_that_holds_the_rank(rank, flag):
-    from codetune.commands.export import Adapter, vllm_max_lora_rank
-
-    assert vllm_max_lora_rank(Adapter({"r": rank, "lora_alpha": 16}, (), ())) == flag
 
 
 def test_every_export_is_recorded_in_the_manifest_and_replaces_its_own_entry(run_dir, tmp_path):

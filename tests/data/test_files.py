@@ -12,25 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from codetune.data.files import (
-    SKIP_BINARY,
-    SKIP_CODETUNE_OUTPUT,
-    SKIP_DUPLICATE,
-    SKIP_EMPTY,
-    SKIP_EXTENSION,
-    SKIP_GENERATED,
-    SKIP_IGNORED,
-    SKIP_MINIFIED,
-    SKIP_NOT_UTF8,
-    SKIP_SECRET_FILE,
-    SKIP_SYMLINK,
-    SKIP_TOO_LARGE,
-    ScanResult,
-    SecretLocation,
-    SkippedFile,
-    SourceFile,
-    scan_repository,
-)
+from codetune.data.files import ScanResult, SecretLocation, SourceFile, scan_repository
+from codetune.data.skip_reasons import (SKIP_BINARY, SKIP_CODETUNE_OUTPUT, SKIP_DUPLICATE, SKIP_EMPTY, SKIP_EXTENSION,
+                                        SKIP_GENERATED, SKIP_IGNORED, SKIP_MINIFIED, SKIP_NOT_UTF8, SKIP_SECRET_FILE,
+                                        SKIP_SYMLINK, SKIP_TOO_LARGE, SkippedFile)
 from codetune.data.secrets import REDACTED
 
 
@@ -354,10 +339,10 @@ def test_codetune_output_is_pruned_by_its_markers_wherever_it_is(tmp_path: Path)
 
 
 def test_codetune_output_markers_are_the_names_codetune_writes() -> None:
-    from codetune.data.files import CODETUNE_OUTPUT_MARKERS
+    from codetune.data.walk import CODETUNE_OUTPUT_MARKERS
     from codetune.commands.prepare import REPORT_NAME
     from codetune.storage import MANIFEST_NAME
-    from codetune.commands.export import EXPORT_MARKER
-    from codetune.commands.generate import MERGE_MARKER
+    from codetune.storage import EXPORT_MARKER
+    from codetune.storage import MERGE_MARKER
 
     assert set(CODETUNE_OUTPUT_MARKERS) == {MANIFEST_NAME, REPORT_NAME, MERGE_MARKER, EXPORT_MARKER}

@@ -8,15 +8,8 @@ import string
 
 import pytest
 
-from codetune.data.secrets import (
-    REDACTED,
-    SecretFinding,
-    find_and_redact_secrets,
-    is_secret_file,
-    looks_random,
-    redact_secrets,
-    shannon_entropy,
-)
+from codetune.data.secrets import (REDACTED, SecretFinding, find_and_redact_secrets, is_secret_file, looks_random,
+                                   redact_secrets, shannon_entropy)
 
 ALNUM = string.ascii_letters + string.digits
 

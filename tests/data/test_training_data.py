@@ -13,7 +13,7 @@ from helpers import PY_FILE, RUST_FILE, write_fixture_repo
 
 from codetune.__main__ import main
 from codetune.data.datamodule import CodeDataModule
-from codetune.data.files import SKIP_CODETUNE_OUTPUT
+from codetune.data.skip_reasons import SKIP_CODETUNE_OUTPUT
 from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

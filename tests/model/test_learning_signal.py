@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from packed_files import EOS, PAD, SEQ_LEN, random_files, stream_pieces, tiny_lora_llama
 from packed_files import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
-from codetune.data.datamodule import CodeDataModule, WindowCollator
+from codetune.data.datamodule import CodeDataModule
+from codetune.data.loader import WindowCollator
 from codetune.data.packing import pack_windows
 from codetune.data.tokens import pad_token_id
 from codetune.model.loss import IGNORE_INDEX
