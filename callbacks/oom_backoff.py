@@ -12,33 +12,38 @@ from lightning.pytorch.callbacks import Callback
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
 from typing_extensions import override
 
-from codetune.memory.backoff import INJECT_OOM_ENV, InjectedOOM, accumulation_steps, halved, oom_at_minimum_message
 from codetune.callbacks.vram_monitor import VRAMMonitor
-from codetune.errors import ConfigError, OutOfMemoryAtMinimumError
+from codetune.errors import ConfigError
+from codetune.memory.backoff import INJECT_OOM_ENV, BackOff, InjectedOOM
+from codetune.model.step import StepNumerics
 
 
 class OOMBackoff(Callback):
     """Survives CUDA out-of-memory errors without changing what is learned.
 
     Each training batch is a whole optimizer batch (micro-batch x gradient accumulation windows, from
-    the data module); the module cuts it into micro-batches. When forward or backward runs out of
-    memory on any rank, every rank drops that attempt's partial gradients, frees the memory, and runs
-    the *same* windows again with the micro-batch halved and the accumulation doubled, so the
-    effective batch, the samples, the loss normalisation and the gradient stay those of the failed
-    attempt (up to float summation order). The optimizer and the learning-rate schedule step only
-    once the batch succeeded, so a failed attempt does not advance them. A back-off is permanent for
-    the run. At micro-batch 1 a further OOM stops the run with a message listing what to change
-    (``OutOfMemoryAtMinimumError``); the last checkpoint is kept.
+    the data module); the module's step (``codetune.model.step.StepNumerics``, the one owner of the
+    micro-batch) cuts it into micro-batches. This callback turns the step's OOM retry on and keeps
+    its records: when forward or backward runs out of memory on any rank, every rank drops that
+    attempt's partial gradients, frees the memory, and runs the *same* windows again with the
+    micro-batch halved and the accumulation doubled, so the effective batch, the samples, the loss
+    normalisation and the gradient stay those of the failed attempt (up to float summation order).
+    The optimizer and the learning-rate schedule step only once the batch succeeded, so a failed
+    attempt does not advance them. A back-off is permanent for the run. At micro-batch 1 a further
+    OOM stops the run with a message listing what to change (``OutOfMemoryAtMinimumError``); the
+    last checkpoint is kept.
 
-    Agreement across ranks: the module votes through the strategy after each attempt
+    Agreement across ranks: the step votes through the strategy after each attempt
     (``reduce_boolean_decision``), so an OOM on one rank makes all ranks back off together, and no
     rank waits in a collective that another rank will never reach.
 
     Records: each back-off is logged to TensorBoard (``oom/micro_batch_size``,
     ``oom/gradient_accumulation_steps``, ``oom/backoffs``), warned on the console by each rank that
     ran out, and listed in the manifest (``phase_4_training.oom_backoffs``: step, new micro-batch
-    and accumulation, and ``reason``: ``oom`` or ``proactive``). The back-offs are in ``state_dict``: a resumed run starts from the last one's micro-batch
-    (or from a smaller ``--data.batch_size`` given at the resume); a run without any keeps its own.
+    and accumulation, and ``reason``: ``oom`` or ``proactive``). The back-offs are in ``state_dict``: a
+    resumed run starts from the last one's micro-batch (or from a smaller ``--data.batch_size`` given at
+    the resume); a run without any keeps its own. The step checkpoints that micro-batch as well; a
+    checkpoint that holds it only here resumes at it just the same.
 
     Testing aid: ``CODETUNE_INJECT_OOM=<global_step>[@<rank>]`` makes the first attempt of that
     optimizer step raise ``torch.OutOfMemoryError`` (on the second micro-batch, after one backward),
@@ -47,7 +52,8 @@ class OOMBackoff(Callback):
 
     Pro-active mode (``proactive_fraction``): before each optimizer step, when the card's used memory
     (NVML, read through the VRAM monitor, ``--vram.*``) is above that fraction on any rank, back off
-    once before trying, and release torch's cached blocks so the next reading shows the new size.
+    once before trying (the step halves its micro-batch), and release torch's cached blocks so the
+    next reading shows the new size.
     NVML counts everything on the card, so set it near the top (0.95): a back-off is permanent.
     Whether the ranks vote follows from the config alone, so all of them vote every step (one
     collective each); a rank whose monitor is off (no NVML there) votes "not full" and says so once.
@@ -65,10 +71,8 @@ class OOMBackoff(Callback):
         self.enabled = enabled
         self.proactive_fraction = proactive_fraction
         self._monitor: VRAMMonitor | None = None
-        self._module: L.LightningModule | None = None
+        self._numerics: StepNumerics | None = None
         self.events: list[dict[str, Any]] = []
-        self._inject: InjectedOOM | None = None
-        self._injected = False
 
     @property
     def _proactive(self) -> bool:
@@ -79,17 +83,17 @@ class OOMBackoff(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        pl_module.backoff = self
-        self._module = pl_module
         try:
-            self._inject = InjectedOOM.parse(os.environ.get(INJECT_OOM_ENV))
+            inject = InjectedOOM.parse(os.environ.get(INJECT_OOM_ENV))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self._numerics = pl_module.numerics
+        self._numerics.retry_out_of_memory(self._after_oom, inject)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.events:  # restored from a checkpoint: keep the micro-batch an earlier segment backed off to
-            pl_module.micro_batch_size = min(pl_module.micro_batch_size, self.events[-1]["micro_batch_size"])
+            pl_module.numerics.cap(self.events[-1]["micro_batch_size"])
         if self._proactive:
             self._monitor = next((c for c in trainer.callbacks if isinstance(c, VRAMMonitor) and c.enabled), None)
             if self._monitor is None:
@@ -107,50 +111,35 @@ class OOMBackoff(Callback):
         fraction = self._monitor.used_fraction() if self._monitor is not None else None
         full = fraction is not None and fraction > self.proactive_fraction
         # Every rank votes every step (the same collective on all of them), and all follow the fullest card.
-        if trainer.strategy.reduce_boolean_decision(full, all=False) and halved(pl_module.micro_batch_size):
-            event = self._back_off(trainer, pl_module.micro_batch_size, batch["input_ids"].shape[0], "proactive")
-            pl_module.micro_batch_size = event["micro_batch_size"]
+        if not trainer.strategy.reduce_boolean_decision(full, all=False):
+            return
+        back_off = pl_module.numerics.back_off(trainer.global_step, batch["input_ids"].shape[0], "proactive")
+        if back_off is not None:  # None at micro-batch 1: nothing left to halve
+            self._record(trainer, back_off)
             torch.cuda.empty_cache()
 
-    def maybe_inject_oom(self, trainer: L.Trainer, micro_batch_size: int, at_this_micro_batch: bool) -> None:
-        """Raise the injected OOM if `CODETUNE_INJECT_OOM` names this step (first attempt only)."""
-        if (self._inject is None or self._injected or not at_this_micro_batch
-                or not self._inject.fires(trainer.global_step, trainer.global_rank, micro_batch_size)):
-            return
-        self._injected = True
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV} at step "
-                                     f"{trainer.global_step} on rank {trainer.global_rank})")
-
-    def after_oom(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int, ran_out: bool) -> int:
-        """The micro-batch to retry the step with; records the back-off. Raises at micro-batch 1."""
-        step = trainer.global_step
-        if halved(micro_batch_size) is None:
-            raise OutOfMemoryAtMinimumError(oom_at_minimum_message(step, getattr(trainer.datamodule, "seq_len", None)))
-        event = self._back_off(trainer, micro_batch_size, optimizer_batch, "oom")
+    def _after_oom(self, trainer: L.Trainer, back_off: BackOff, ran_out: bool) -> None:
+        """What the step tells of each back-off after an OOM; `ran_out`: this rank is one that ran out."""
+        self._record(trainer, back_off)
         if ran_out:
             # Each rank that ran out says so; the ranks that did not simply follow the vote.
             warnings.warn(rank_prefixed_message(
-                f"codetune: out of device memory at step {step} with micro-batch {micro_batch_size}; redoing the "
-                f"step as {event['micro_batch_size']} x {event['gradient_accumulation_steps']} (effective batch "
-                f"{optimizer_batch} kept).", trainer.global_rank), stacklevel=2)
-        return event["micro_batch_size"]
+                f"codetune: out of device memory at step {back_off.step} with micro-batch "
+                f"{back_off.previous_micro_batch_size}; redoing the step as {back_off.micro_batch_size} x "
+                f"{back_off.gradient_accumulation_steps} (effective batch {back_off.optimizer_batch} kept).",
+                trainer.global_rank), stacklevel=2)
 
-    def _back_off(self, trainer: L.Trainer, micro_batch_size: int, optimizer_batch: int,
-                  reason: str) -> dict[str, Any]:
-        """Halve the micro-batch, record and log it (`reason`: "oom" or "proactive"); returns the event."""
-        new = halved(micro_batch_size)
-        accumulation = accumulation_steps(optimizer_batch, new)
-        event = {"step": trainer.global_step, "micro_batch_size": new, "gradient_accumulation_steps": accumulation,
-                 "reason": reason}
-        self.events.append(event)
+    def _record(self, trainer: L.Trainer, back_off: BackOff) -> None:
+        """Keep the back-off for the manifest and the checkpoint, and log it."""
+        self.events.append(back_off.record())
         for logger in trainer.loggers:
-            logger.log_metrics({"oom/micro_batch_size": new, "oom/gradient_accumulation_steps": accumulation,
+            logger.log_metrics({"oom/micro_batch_size": back_off.micro_batch_size,
+                                "oom/gradient_accumulation_steps": back_off.gradient_accumulation_steps,
                                 "oom/backoffs": len(self.events)}, step=trainer.global_step)
-        return event
 
     def manifest_results(self) -> dict[str, Any]:
         """What the run's manifest records under phase_4_training."""
-        final = self._module.micro_batch_size if self._module is not None else None
+        final = self._numerics.micro_batch_size if self._numerics is not None else None
         return {"oom_backoffs": list(self.events), "final_micro_batch_size": final}
 
     @override

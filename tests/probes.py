@@ -106,7 +106,9 @@ class EmulatedCard(Callback):
         rank = trainer.global_rank
 
         def on_a_card(config, quantize, dtype, device):
-            from codetune.memory.plan import GiB, ModelShape, plan_memory
+            from codetune.memory.estimate import plan_memory
+            from codetune.memory.shapes import ModelShape
+            from codetune.memory.units import GiB
 
             cuda = torch.device("cuda")
             training = pl_module._training_shape(self.micro_batch[rank], self.checkpointing[rank], quantize, dtype,

@@ -348,7 +348,7 @@ def test_rust_config_on_a_local_model_dir(tmp_path, fixture_repo, checkpointing)
 def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, fixture_repo, capsys, monkeypatch):
     """On an emulated card with room for micro-batch 3 but not 6 (habit 12: the CPU trains, the plan is made for
     CUDA with the free memory a card would report), `auto` trains at 3 x 2 accumulation, as
-    `codetune.memory.plan` decides it, and the manifest records the plan of that choice."""
+    `codetune.memory.search` decides it, and the manifest records the plan of that choice."""
     from dataclasses import replace
 
     from codetune.memory.estimate import plan_memory

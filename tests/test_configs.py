@@ -84,7 +84,8 @@ def test_the_rust_config_checkpoints_where_the_plan_alone_would_not():
     config's) turns it off: the choice `fit` makes (`codetune plan` makes the same one, from the same parser)."""
     from transformers import AutoConfig
 
-    from codetune.memory.plan import GiB, ModelShape
+    from codetune.memory.shapes import ModelShape
+    from codetune.memory.units import GiB
     from codetune.commands.plan import parse_fit_config, plan_report
 
     qwen = ModelShape.from_config(AutoConfig.from_pretrained(str(CONFIGS.parent / "bench" / "models" /

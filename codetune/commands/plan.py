@@ -13,7 +13,7 @@ smallest card codetune plans for, whose plan is never smaller) and `--json`.
 Of the model only its `config.json` is read: from a local directory, or from the Hugging Face cache
 for a hub id (nothing is downloaded).
 
-The plan is the one `fit` makes on CUDA (`codetune.memory.plan.training_shape_for` builds both):
+The plan is the one `fit` makes on CUDA (`codetune.memory.shapes.training_shape_for` builds both):
 `--model.quantization auto` is NF4, `--model.dtype auto` the 16-bit dtype of the card (bf16 from
 compute capability 8.0, fp16 below it, with the residual stream scaled), the attention kernels those of
 the card (`codetune.model.kernels`: flash needs 8.0; a bf16 run on a card without it is refused), and
@@ -38,16 +38,19 @@ from typing import Any
 
 from codetune.errors import ConfigError, exit_status
 from codetune.model.kernels import parse_capability
-from codetune.memory.plan import (ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, MicroBatchChoice, gib,
-                                  ModelShape, format_plan, largest_fitting, plan_for_card, plan_memory,
-                                  training_shape_for)
+from codetune.memory.estimate import plan_memory
+from codetune.memory.persistent import CUDA_CONTEXT_BYTES
+from codetune.memory.report import format_plan
+from codetune.memory.search import largest_fitting, plan_for_card
+from codetune.memory.shapes import ALLOCATOR_MARGIN, MemoryPlan, MicroBatchChoice, ModelShape, training_shape_for
+from codetune.memory.units import GiB, MiB, gib, gib_figure
 
 USAGE = ("usage: codetune plan --config FILE [--config FILE ...] [--model.name_or_path DIR_OR_ID] [--vram SIZE] "
          "[--capability X.Y] [--json] [--model.* / --data.* overrides]")
 # Without --capability and without a card: Turing, the smallest card codetune plans for (fp16, no flash kernel).
 ASSUMED_CAPABILITY = (7, 5)
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>GiB|MiB|GB|MB)", re.IGNORECASE)
-_UNITS = {"gib": 2**30, "mib": 2**20, "gb": 10**9, "mb": 10**6}
+_UNITS = {"gib": GiB, "mib": MiB, "gb": 10**9, "mb": 10**6}
 
 
 @dataclass(frozen=True)
@@ -192,11 +195,11 @@ def load_model_config(name_or_path: str, tiny_vocab_size: int, seq_len: int) -> 
     from transformers import AutoConfig
 
     from codetune.data.tokenizer import TINY_NAME
-    from codetune.model.tiny import tiny_config
+    from codetune.model.tiny import rounded_vocab_size, tiny_config
 
     if name_or_path == TINY_NAME:
         # The tiny model's vocabulary is its tokenizer's, trained at fit time: at most --data.tiny_vocab_size.
-        vocab = -(-tiny_vocab_size // 32) * 32
+        vocab = rounded_vocab_size(tiny_vocab_size)
         return tiny_config(vocab, max_position_embeddings=max(seq_len, 4096)), "the embedded tiny model"
     path = model_config_file(name_or_path)
     try:
@@ -236,7 +239,7 @@ def plan_report(shape: ModelShape, model: Any, data: Any, free_bytes: int,
 
     `model` / `data` hold the `--model.*` / `--data.*` settings (fit's parsed namespaces).
     """
-    from codetune.data.datamodule import check_batch
+    from codetune.data.arguments import check_batch
     from codetune.model.kernels import attention_plan
     from codetune.model.loading import precision_for, resolve_dtype, resolve_quantization
     from codetune.model.optim import resolve_optimizer
@@ -324,7 +327,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _json_ready(report: dict[str, Any]) -> dict[str, Any]:
     """The report for --json: bytes as integers plus GiB, without the plan object."""
     out = {k: v for k, v in report.items() if k != "plan"}
-    out["terms_gib"] = {k: round(v / GiB, 3) for k, v in report["terms_bytes"].items()}
+    out["terms_gib"] = {k: gib_figure(v) for k, v in report["terms_bytes"].items()}
     for key in ("free_bytes", "predicted_peak_bytes", "required_free_bytes", "without_checkpointing_bytes"):
-        out[key.replace("_bytes", "_gib")] = round(report[key] / GiB, 3)
+        out[key.replace("_bytes", "_gib")] = gib_figure(report[key])
     return out

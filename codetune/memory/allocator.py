@@ -8,8 +8,8 @@ segments and leaves gaps that no later request fits: reserved memory grows past 
 and on a 6 GiB card planned to within half a GiB one such gap is an out-of-memory error (the OOM
 back-off then halves the micro-batch for the rest of the run). With ``expandable_segments:True``
 the allocator maps more physical memory onto the end of one growing segment instead of carving new
-ones, so freed memory is reused for requests of other sizes; `codetune.memory.plan`'s
-`ALLOCATOR_MARGIN` assumes it.
+ones, so freed memory is reused for requests of other sizes; the memory plan's `ALLOCATOR_MARGIN`
+(`codetune.memory.shapes`) assumes it.
 
 When. torch reads the variable once, when its allocator configuration is first used (the first
 CUDA allocation at the latest); a change after that is ignored. So `codetune.__main__.main` sets it

@@ -1,4 +1,4 @@
-"""OOM back-off arithmetic: how a failed optimizer step is cut more finely, and the fault injector.
+"""OOM back-off arithmetic: how a failed optimizer step is cut more finely (`BackOff`), and the fault injector.
 
 An optimizer batch of `B` windows is run as micro-batches of `m` windows, `ceil(B / m)` of them
 (gradient accumulation). After an out-of-memory error the same batch is run again with `m // 2`:
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -37,6 +38,34 @@ def accumulation_steps(optimizer_batch: int, micro_batch_size: int) -> int:
 def halved(micro_batch_size: int) -> int | None:
     """The next micro-batch after an OOM, or None at 1."""
     return micro_batch_size // 2 if micro_batch_size > 1 else None
+
+
+@dataclass(frozen=True)
+class BackOff:
+    """One halving of the micro-batch at optimizer step `step`: an optimizer batch of `optimizer_batch` windows ran
+    at `previous_micro_batch_size` and runs as `micro_batch_size` x `gradient_accumulation_steps` from then on.
+    `reason` is "oom" (some rank ran out of memory) or "proactive" (some rank's card was too full)."""
+
+    step: int
+    previous_micro_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    optimizer_batch: int
+    reason: Literal["oom", "proactive"]
+
+    @classmethod
+    def of(cls, step: int, micro_batch_size: int, optimizer_batch: int,
+           reason: Literal["oom", "proactive"]) -> BackOff | None:
+        """The back-off from `micro_batch_size`; None at 1, where there is nothing left to halve."""
+        new = halved(micro_batch_size)
+        if new is None:
+            return None
+        return cls(step, micro_batch_size, new, accumulation_steps(optimizer_batch, new), optimizer_batch, reason)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's entry (`phase_4_training.oom_backoffs`) and the OOM callback's checkpointed event."""
+        return {"step": self.step, "micro_batch_size": self.micro_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps, "reason": self.reason}
 
 
 def oom_at_minimum_message(step: int, seq_len: int | None) -> str:

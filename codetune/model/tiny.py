@@ -41,7 +41,12 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, nu
 
 def padded_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     """The embedding rows for `tokenizer`, rounded up to a multiple of 32."""
-    return -(-len(tokenizer) // 32) * 32
+    return rounded_vocab_size(len(tokenizer))
+
+
+def rounded_vocab_size(entries: int) -> int:
+    """The embedding rows for a vocabulary of `entries`: rounded up to a multiple of 32, as `tiny_config` needs."""
+    return -(-entries // 32) * 32
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0,

@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 
 import codetune.data.datamodule as datamodule_lib
 import codetune.model.module as module_lib
+import codetune.model.step as step_lib
 from codetune.callbacks.oom_backoff import OOMBackoff
 from codetune.callbacks.vram_monitor import VRAMMonitor
 from codetune.memory.backoff import InjectedOOM, accumulation_steps, halved
+from codetune.model.step import StepNumerics
 from codetune.cli import build_cli
 from codetune.__main__ import main
 from codetune.errors import ConfigError
@@ -45,7 +47,7 @@ class MicroBatchRecorder:
     def __init__(self, monkeypatch) -> None:
         self.attempts: list[list[torch.Tensor]] = []
         self.targets: list[list[int]] = []
-        original = module_lib.split_batch
+        original = step_lib.split_batch
 
         def recording(batch, micro_batch_size):
             micro = original(batch, micro_batch_size)
@@ -54,7 +56,7 @@ class MicroBatchRecorder:
                 self.targets.append([int((m["labels"][:, 1:] != -100).sum()) for m in micro])
             return micro
 
-        monkeypatch.setattr(module_lib, "split_batch", recording)
+        monkeypatch.setattr(step_lib, "split_batch", recording)
 
 
 def oom_in_every_training_forward(monkeypatch) -> None:
@@ -145,10 +147,26 @@ def test_injected_oom_trains_the_same_weights_and_samples(repo, tmp_path, monkey
     ckpt = torch.load(tmp_path / "runs" / "oom" / "checkpoints" / "last.ckpt", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("OOMBackoff"))
     assert state["events"][-1]["micro_batch_size"] == 1
+    assert ckpt["codetune"]["micro_batches"] == {"backed_off_to": 1}, "the step checkpoints its micro-batch too"
     monkeypatch.delenv("CODETUNE_INJECT_OOM")
     resumed = MicroBatchRecorder(monkeypatch)
     build_cli(fit_args(repo, tmp_path, "oom", "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     assert resumed.attempts and all(max(len(m) for m in a) == 1 for a in resumed.attempts)
+    resumes_at_the_back_off_from_either_state(repo, tmp_path, monkeypatch, ckpt)
+
+
+def resumes_at_the_back_off_from_either_state(repo: Path, tmp_path: Path, monkeypatch, ckpt: dict) -> None:
+    """A checkpoint whose backed-off micro-batch is in the OOM callback's events alone (as the step's state did not
+    exist), and one whose callback recorded nothing (its step state alone), both resume at micro-batch 1."""
+    callback_only = {**ckpt, "codetune": {k: v for k, v in ckpt["codetune"].items() if k != "micro_batches"}}
+    step_only = {**ckpt, "callbacks": {k: ({"events": []} if k.startswith("OOMBackoff") else v)
+                                       for k, v in ckpt["callbacks"].items()}}
+    for name, checkpoint in (("callback-only", callback_only), ("step-only", step_only)):
+        torch.save(checkpoint, tmp_path / f"{name}.ckpt")
+        resumed = MicroBatchRecorder(monkeypatch)
+        build_cli(fit_args(repo, tmp_path, name, "--trainer.max_epochs", "2",
+                           "--ckpt_path", str(tmp_path / f"{name}.ckpt")))
+        assert resumed.attempts and all(max(len(m) for m in a) == 1 for a in resumed.attempts), name
 
 
 def test_oom_at_micro_batch_one_stops_with_what_to_change(repo, tmp_path, monkeypatch, capsys):
@@ -182,6 +200,11 @@ def test_arithmetic_and_injector_parsing():
     assert not inject.fires(2, 1, 2)
 
 
+def on_step(micro_batch_size: int) -> SimpleNamespace:
+    """A module as the callback sees it: its step, the owner of the micro-batch."""
+    return SimpleNamespace(numerics=StepNumerics(micro_batch_size))
+
+
 class FakeMonitor:
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
@@ -200,21 +223,21 @@ def test_proactive_backoff_follows_the_card_fill(monkeypatch):
         return decision
 
     trainer = SimpleNamespace(global_step=5, loggers=[], strategy=SimpleNamespace(reduce_boolean_decision=vote))
-    module = SimpleNamespace(micro_batch_size=4)
+    module = on_step(4)
     batch = {"input_ids": torch.zeros(8, 16)}
     backoff = OOMBackoff(proactive_fraction=0.9)
     backoff._monitor = FakeMonitor(0.5)
     backoff.on_train_batch_start(trainer, module, batch, 0)
-    assert module.micro_batch_size == 4 and not backoff.events
+    assert module.numerics.micro_batch_size == 4 and not backoff.events
     backoff._monitor.fraction = 0.95
     backoff.on_train_batch_start(trainer, module, batch, 0)
-    assert module.micro_batch_size == 2
+    assert module.numerics.micro_batch_size == 2
     assert backoff.events == [{"step": 5, "micro_batch_size": 2, "gradient_accumulation_steps": 4,
                                "reason": "proactive"}]
     assert votes == [(False, False), (True, False)]  # "any rank": all=False
-    module.micro_batch_size = 1
+    module = on_step(1)
     backoff.on_train_batch_start(trainer, module, batch, 0)  # nothing left to halve: no error, no event
-    assert module.micro_batch_size == 1 and len(backoff.events) == 1
+    assert module.numerics.micro_batch_size == 1 and len(backoff.events) == 1
     with pytest.raises(ConfigError, match="--oom_backoff.proactive_fraction=1.5"):
         OOMBackoff(proactive_fraction=1.5)
 
@@ -232,15 +255,15 @@ def test_a_rank_without_a_vram_reading_still_votes_every_step(monkeypatch):
 
     trainer = SimpleNamespace(global_step=3, global_rank=1, loggers=[], callbacks=[],
                               strategy=SimpleNamespace(reduce_boolean_decision=vote))
-    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    module, batch = on_step(4), {"input_ids": torch.zeros(8, 16)}
     backoff = OOMBackoff(proactive_fraction=0.9)
     with pytest.warns(UserWarning) as warned:
         backoff.on_train_start(trainer, module)  # no VRAMMonitor among the callbacks
     backoff.on_train_batch_start(trainer, module, batch, 0)
-    assert module.micro_batch_size == 4
+    assert module.numerics.micro_batch_size == 4
     backoff.on_train_batch_start(trainer, module, batch, 1)
     assert votes == [(False, False), (False, False)], "one vote per step, 'not full'"
-    assert module.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
+    assert module.numerics.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
     assert re.search(r"\[rank: 1\] .*VRAM monitor is off here.*votes 'not full'", str(warned[0].message))
     # Without --oom_backoff.proactive_fraction no rank votes: the same decision on all of them.
     quiet = OOMBackoff()
@@ -275,23 +298,23 @@ def test_proactive_mode_reads_the_vram_monitor_it_finds_among_the_callbacks(monk
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     card = ReadingVRAMMonitor(0.5)
     trainer = proactive_trainer(Callback(), VRAMMonitor(), card)
-    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    module, batch = on_step(4), {"input_ids": torch.zeros(8, 16)}
     backoff = OOMBackoff(proactive_fraction=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backoff.on_train_start(trainer, module)
     backoff.on_train_batch_start(trainer, module, batch, 0)
-    assert module.micro_batch_size == 4 and not backoff.events
+    assert module.numerics.micro_batch_size == 4 and not backoff.events
     card.fraction = 0.95  # the card filled up between two steps
     backoff.on_train_batch_start(trainer, module, batch, 1)
-    assert module.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
+    assert module.numerics.micro_batch_size == 2 and backoff.events[0]["reason"] == "proactive"
 
 
 @pytest.mark.parametrize("callbacks", [[], [VRAMMonitor()]], ids=["no-monitor", "monitor-off"])
 def test_without_a_monitor_that_is_on_proactive_mode_warns_and_waits_for_an_oom(callbacks, monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     trainer = proactive_trainer(*callbacks)
-    module, batch = SimpleNamespace(micro_batch_size=4), {"input_ids": torch.zeros(8, 16)}
+    module, batch = on_step(4), {"input_ids": torch.zeros(8, 16)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no monitor is needed, so none is missed, without the pro-active mode
         OOMBackoff().on_train_start(trainer, module)
@@ -299,22 +322,22 @@ def test_without_a_monitor_that_is_on_proactive_mode_warns_and_waits_for_an_oom(
     with pytest.warns(UserWarning, match="VRAM monitor is off here"):
         backoff.on_train_start(trainer, module)
     backoff.on_train_batch_start(trainer, module, batch, 0)
-    assert module.micro_batch_size == 4 and not backoff.events
+    assert module.numerics.micro_batch_size == 4 and not backoff.events
 
 
 def test_a_resume_keeps_the_backed_off_micro_batch_and_nothing_else():
     trainer = SimpleNamespace(callbacks=[])
     first = OOMBackoff()
-    first.on_train_start(trainer, SimpleNamespace(micro_batch_size=8))  # a run at 8 that never backed off
-    fresh, module = OOMBackoff(), SimpleNamespace(micro_batch_size=4)
+    first.on_train_start(trainer, on_step(8))  # a run at 8 that never backed off
+    fresh, module = OOMBackoff(), on_step(4)
     fresh.load_state_dict(first.state_dict())
     fresh.on_train_start(trainer, module)
-    assert module.micro_batch_size == 4, "a new --data.batch_size at resume is honoured"
+    assert module.numerics.micro_batch_size == 4, "a new --data.batch_size at resume is honoured"
     backed_off = OOMBackoff()
     backed_off.load_state_dict({"events": [{"step": 3, "micro_batch_size": 2, "gradient_accumulation_steps": 8,
                                             "reason": "oom"}]})
     backed_off.on_train_start(trainer, module)
-    assert module.micro_batch_size == 2
-    smaller = SimpleNamespace(micro_batch_size=1)
+    assert module.numerics.micro_batch_size == 2
+    smaller = on_step(1)
     backed_off.on_train_start(trainer, smaller)
-    assert smaller.micro_batch_size == 1
+    assert smaller.numerics.micro_batch_size == 1

@@ -16,7 +16,7 @@ from helpers import load_gpu_check
 import torch
 
 from codetune.data.packing import pack_windows
-from codetune.memory.plan import DEFAULT_LORA_TARGETS
+from codetune.memory.shapes import DEFAULT_LORA_TARGETS
 from codetune.model.loading import apply_lora, enable_gradient_checkpointing, keep_adapter_input_dtype, load_causal_lm
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.model.optim import build_optimizer
@@ -81,7 +81,7 @@ def test_packed_windows_stay_isolated_at_batch_3_on_cuda(qwen_dir, attn):
         pytest.skip("flash_attn is not installed")
     from codetune.model.module import CodeLoRAModule
 
-    gpu_check = load_gpu_check()
+    gpu_check = load_gpu_check("gpucheck.isolation")
     module = CodeLoRAModule(name_or_path=str(qwen_dir), attn_implementation=attn, lora_dropout=0.0)
     module.model = apply_lora(load_causal_lm(qwen_dir, True, torch.bfloat16, False, attn, CUDA), 8, 16, 0.0,
                               list(DEFAULT_LORA_TARGETS))

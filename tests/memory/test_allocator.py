@@ -12,7 +12,7 @@ import pytest
 
 from codetune.__main__ import main
 from codetune.memory.allocator import (ALLOC_CONF_VARIABLES, DEFAULT_ALLOC_CONF, DEFAULT_MARKER, allocator_record,
-                                expandable_segments, set_allocator_default)
+                                       expandable_segments, set_allocator_default)
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"variable": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True", "expandable_segments": True,

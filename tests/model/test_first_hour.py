@@ -13,7 +13,7 @@ import pytest
 
 import codetune.model.module as module_lib
 from codetune.__main__ import main
-from codetune.memory.plan import GiB
+from codetune.memory.units import GiB
 from codetune.data.tokenizer import train_tokenizer
 from codetune.model.tiny import build_tiny_model
 
@@ -105,7 +105,7 @@ def test_a_cpu_plan_larger_than_the_ram_stops_before_any_step(repo, tmp_path, ca
 
 
 def test_available_ram_is_linux_mem_available(tmp_path):
-    from codetune.memory.plan import available_ram_bytes
+    from codetune.memory.ram import available_ram_bytes
 
     (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
     assert available_ram_bytes(tmp_path / "meminfo") == 2 * GiB
@@ -139,7 +139,9 @@ def test_importing_the_module_imports_neither_peft_nor_bitsandbytes():
 
 
 def test_a_cpu_plan_names_ram_in_mib_without_zero_rows():
-    from codetune.memory.plan import ModelShape, TrainingShape, format_plan, plan_memory
+    from codetune.memory.estimate import plan_memory
+    from codetune.memory.report import format_plan
+    from codetune.memory.shapes import ModelShape, TrainingShape
 
     shape = ModelShape(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codetune.__main__ import main
-from codetune.model.module import non_finite_base_message, precision_fixes
+from codetune.model.messages import non_finite_base_message, precision_fixes
 
 FP16_MAX = 65504.0
 MASSIVE_NEURON, MASSIVE_CHANNEL = 7, 5

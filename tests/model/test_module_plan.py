@@ -11,7 +11,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from codetune.memory.plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_micro_batch, plan_memory, training_shape_for
+from codetune.memory.estimate import plan_memory
+from codetune.memory.search import largest_micro_batch
+from codetune.memory.shapes import DEFAULT_LORA_TARGETS, ModelShape, training_shape_for
+from codetune.memory.units import GiB
 from codetune.model.module import CodeLoRAModule
 
 QWEN_1_5B = Path(__file__).resolve().parents[2] / "bench" / "models" / "qwen2.5-coder-1.5b"

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codetune.memory.plan import (BNB_MIN_8BIT_SIZE, ModelShape, TrainingShape, optimizer_state_bytes,
-                                  plan_memory)
-from codetune.model.module import optimizer_oom_message
+from codetune.memory.estimate import plan_memory
+from codetune.memory.persistent import BNB_MIN_8BIT_SIZE, optimizer_state_bytes
+from codetune.memory.shapes import ModelShape, TrainingShape
+from codetune.model.messages import optimizer_oom_message
 from codetune.model.optim import build_optimizer, resolve_optimizer
 
 QWEN_CODER_1_5B = ModelShape(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,

@@ -92,7 +92,7 @@ def test_a_bad_dtype_is_a_config_error_naming_the_flag(dtype):
 
 @pytest.mark.parametrize(("capability", "expected"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
 def test_generate_resolves_auto_as_training_did_on_the_same_card(card, capability, expected):
-    from codetune.commands.generate import training_precision
+    from codetune.run.tuned import training_precision
 
     card(capability)
     config = SimpleNamespace(quantization="auto", dtype="auto")

@@ -182,7 +182,9 @@ def test_every_rank_trains_at_the_plan_of_the_smallest_free_memory(tmp_path):
     once for all ranks, for the smallest free memory: both ranks train at rank 1's plan, which rank 0's card fits."""
     from transformers import AutoConfig
 
-    from codetune.memory.plan import DEFAULT_LORA_TARGETS, GiB, ModelShape, largest_fitting, training_shape_for
+    from codetune.memory.search import largest_fitting
+    from codetune.memory.shapes import DEFAULT_LORA_TARGETS, ModelShape, training_shape_for
+    from codetune.memory.units import GiB
 
     card = json.dumps({"class_path": "probes.EmulatedCard",
                        "init_args": {"micro_batch": [6, 1], "checkpointing": [False, True]}})
