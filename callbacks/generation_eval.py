@@ -7,7 +7,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from time import perf_counter
 from typing import Any, NamedTuple
@@ -18,21 +17,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
-from rich.table import Table
-from transformers import StoppingCriteriaList
 from typing_extensions import override
 
-from codetune.memory.backoff import is_out_of_memory
-from codetune.eval.report import EVAL_METRICS, RATE_METRICS, delta, format_change, format_value, verdict
 from codetune.data.fim import FimTokens, line_cut_style
-from codetune.data.tokens import pad_token_id
 from codetune.errors import ConfigError
-from codetune.eval.metrics import (chrf, mean_next_line_exact_match, perplexity_from_loss, scored_prefix,
-                                   syntax_validity_rate)
-from codetune.eval.fim import (FimPrompt, fim_chrf, fim_exact_match, fim_prompts, fim_syntax_valid,
-                               generated_middle, holds_middle)
+from codetune.eval.fim import FimPrompt, fim_prompts
+from codetune.eval.generation import (Completion, Decoding, Request, fim_request, generate_requests,
+                                      language_request, repo_request)
 from codetune.eval.prompts import RepoPrompt, repo_prompts
-from codetune.eval.stopping import CompletionStop, Rule, sample_complete
+from codetune.eval.report import comparison_table, metric_deltas
+from codetune.eval.samples import sample_markdown, sample_records, sample_tags
+from codetune.eval.scoring import completion_metrics, fim_metrics, no_completion_metrics, no_fim_metrics, perplexity
+from codetune.memory.backoff import is_out_of_memory
 from codetune.storage import atomic_write_text
 
 SAMPLES_DIR = "samples"
@@ -41,16 +37,6 @@ BASE = "base"
 # How long the other ranks wait for rank zero's generations: far above any eval's bounded cost, yet finite if
 # rank zero hangs (if it fails, its process exits and the waiting ranks' barrier fails at once).
 EVAL_WAIT_TIMEOUT = timedelta(hours=6)
-# A line infill stops at its first line; this caps one that never writes a line break (nor EOS).
-FIM_LINE_TOKENS = 48
-
-
-class Request(NamedTuple):
-    """One generation: the model input, when its completion is complete, and its token cap."""
-
-    text: str
-    rule: Rule
-    cap: int
 
 
 class _PromptCounts(NamedTuple):
@@ -67,20 +53,13 @@ class _Scored(NamedTuple):
     fim: bool
 
 
-class Completion(NamedTuple):
-    """What the model wrote for one request: the text, its new tokens (EOS included) and whether it ended
-    with EOS (False when it was cut: at its token cap, or stopped once complete)."""
-
-    text: str
-    new_tokens: int
-    eos: bool
-
-
 class GenerationEval(Callback):
     """Measures the base model once before training and the tuned model at every epoch end, on
     files it never trained on, and shows the samples. Rank zero generates and writes.
+    ``docs/evaluation.md`` explains each point below in depth.
 
-    Metrics (``codetune/eval/metrics.py`` defines each precisely):
+    Metrics (``codetune/eval/metrics.py`` and ``codetune/eval/fim.py`` define each precisely,
+    ``codetune/eval/scoring.py`` applies them to an eval's completions):
 
     - ``perplexity``: exp of the mean token NLL on the validation windows (held-out files). The base
       is measured with the adapter disabled before the first step; an epoch's figure is the
@@ -88,77 +67,45 @@ class GenerationEval(Callback):
     - ``next_line_exact_match`` and ``chrf``: from *repo prompts*, held-out files cut just after
       the first line of a function or item (``codetune/eval/prompts.py``), the greedy continuation
       against the file's own continuation.
-    - ``syntax_valid``: the share of repo-prompt completions (Rust and Python) whose file prefix +
-      completion parses with tree-sitter. It is judged on the part of the completion the two
-      metrics above read (``scored_prefix``), as a cut completion: by the rule in ``syntax_valid``
-      (its last two non-blank lines are forgiven). A completion that ended with EOS before that
-      part was complete must parse whole; one cut by ``max_new_tokens`` before it is judged as cut.
-      A cut completion is only scored when it has more than two non-blank lines, since otherwise
-      nothing of it would be judged. None when no completion could be scored.
+    - ``syntax_valid``: the share of repo-prompt completions (Rust and Python) that parse with
+      tree-sitter, judged on the part of the completion the two metrics above read.
     - ``fim_exact_match``, ``fim_chrf`` and ``fim_syntax_valid``: from *FIM prompts*, held-out files
-      with a line or a function body masked (``codetune/eval/fim.py``), sent as an infill request in
-      the tokenizer's own FIM format (prefix, suffix, then the model writes the middle; with the file
-      header ``<|file_sep|>path`` first when the training files carry it, ``--data.file_headers``).
-      Exact match reads the line masks (the generated line equals the file's, up to trailing
-      whitespace), chrF the body masks, and syntax validity every mask of a Rust or Python file that
-      parses: the share of those files that still parse, judged whole, with the generated middle in
-      the mask. The generated middle is cut to the masked lines (or is all the model wrote before
-      EOS). The prefix and suffix are bounded so that a request fits a training window, as every FIM
-      training sample did (half the window's characters of prefix, a quarter of suffix, at most 1500
-      and 800). None when the tokenizer has no FIM sentinels (the data module says so once), with
-      ``fim_prompts`` 0, or when no prompt of the kind was generated.
+      with a line or a function body masked, sent as an infill request in the tokenizer's own FIM
+      format (headed ``<|file_sep|>path`` when the training files are, ``--data.file_headers``), prefix
+      and suffix bounded so that a request fits a training window. Exact match reads the line masks,
+      chrF the body masks, syntax validity every mask of a Rust or Python file that parses. None when
+      the tokenizer has no FIM sentinels (the data module says so once), with ``fim_prompts`` 0.
 
-    The config's language prompts (``fn process``, ``def analyze_``...) are generated too and shown,
-    not scored: they have no reference, and whether a keyword appears is not a quality measure.
+    A metric is None when no completion of its kind could be scored. The config's language prompts
+    (``fn process``, ``def analyze_``...) are generated too and shown, not scored.
 
-    **Stopping early.** A repo prompt's generation stops as soon as it holds what its metrics read
-    (``codetune.eval.stopping``): the lines through its first non-blank line and as many lines as its
-    truth (at most 20), so every score equals the one the full ``max_new_tokens`` completion would get.
-    A FIM prompt stops once it holds as many lines as its mask (or at EOS); a line mask's cap is
-    ``FIM_LINE_TOKENS`` (48) when ``max_new_tokens`` is more. A language sample stops at a blank line
-    after its first block closed, at EOS, or at ``sample_tokens``. ``max_new_tokens`` stays the cap of
-    every generation. A batch runs until its last row stops, so the repo prompts, then the FIM
-    prompts, are generated in the order of their truth's length, shortest first (ties by path and
-    line): rows that stop at similar steps share a batch.
+    **Stopping early.** Every generation stops as soon as it holds what its metrics read
+    (``codetune/eval/generation.py``), so every score equals the one the full ``max_new_tokens``
+    completion would get; ``max_new_tokens`` stays the cap of every generation, a FIM line's is 48
+    (``FIM_LINE_TOKENS``) and a language sample's ``sample_tokens``.
 
-    **Budget.** With ``max_seconds``, an eval's generation stops starting batches once that many
-    seconds have passed since it began (a batch already running finishes, so an eval may overrun by
-    one batch); the prompts left are not generated, and a warning naming the flag says how many were
-    done. Repo prompts go first, then the FIM prompts, then the language samples, so the budget drops
-    the language samples first, then the FIM prompts, then the longest repo truths. The first eval
-    that generates (the base one, unless ``base_eval`` is off) fixes the repo and FIM
-    prompts of the run: the ones it finished are the ones every later eval generates and scores, so
-    base and tuned figures are always computed on the same prompts (the counts are in the checkpoint,
-    so a resumed run keeps them; a checkpoint older than the FIM eval fixes its FIM set at the next
-    eval). A later eval that cannot finish a set reports none of that set's metrics (the completion
-    or the FIM ones) rather than figures on a different set.
+    **Budget.** With ``max_seconds``, an eval's generation starts no batch once that many seconds
+    have passed since it began; a warning naming the flag says how many prompts were done. Repo
+    prompts go first, then the FIM prompts, then the language samples. The first eval that generates
+    fixes the repo and FIM prompts of the run (kept in the checkpoint): every later eval generates and
+    scores those, and reports none of a set's metrics when it cannot finish that set, so base and
+    tuned figures are always computed on the same prompts.
 
-    Output: ``samples/base.jsonl`` and ``samples/epoch_<n>.jsonl`` (one JSON object per prompt:
-    ``kind`` repo/fim/language, ``prompt`` or ``path``/``line``, ``completion``, ``truth``,
-    ``new_tokens``, ``eos``; a FIM sample also has ``mask`` line/block, ``prefix_tail`` and
-    ``suffix_head``). TensorBoard: scalars ``eval/<metric>`` and one text tag per prompt,
-    ``samples/repo_<i>``, ``samples/fim_<i>`` and ``samples/language_<i>`` (``i`` its index, stable
-    for the run), all at the global step of the eval: the base is step 0 of the same curves, and the
-    step slider of a sample tag steps through that prompt's completions. The manifest's ``phase_5_evaluation``:
-    ``base``, ``epochs`` (metrics, eval seconds and any ``budget_hit`` of each), ``final``,
-    ``delta`` (final - base), ``eval_seconds`` (all evals, the base's held-out loss included),
-    ``base_eval_seconds``, ``repo_prompts``, ``repo_prompts_scored``, ``fim_prompts``,
-    ``fim_prompts_scored`` and ``budget_hit`` (one entry per eval that hit the budget: ``eval``,
-    ``prompts_done``, ``prompts``). At the end of training a table prints base -> tuned with the change.
+    Output: ``samples/base.jsonl`` and ``samples/epoch_<n>.jsonl`` (one JSON object per prompt,
+    ``codetune/eval/samples.py``); TensorBoard scalars ``eval/<metric>`` and one text tag per prompt
+    (``samples/repo_<i>``, ``samples/fim_<i>``, ``samples/language_<i>``), at the global step of the
+    eval (the base is step 0 of the same curves); the manifest's ``phase_5_evaluation``
+    (``manifest_phases``: base, epochs, final, delta, eval seconds, prompt counts, budget hits). At
+    the end of training a table prints base -> tuned with the change.
 
     Cost is bounded: at most ``repo_prompts`` + ``fim_prompts`` + ``len(prompts)`` generations per
-    eval, of at most ``max_new_tokens`` (repo prompts, FIM bodies), 48 (FIM lines) or ``sample_tokens``
-    (language) tokens each, in batches of ``batch_size`` (left-padded), within ``max_seconds`` when
-    set; an out-of-memory error halves the batch and retries, and at batch 1 the eval of that epoch is
-    skipped with a warning (recorded in the manifest) rather than ending the run. cuBLAS and cuDNN workspace
-    allocation failures count as out of memory (``codetune.memory.backoff.is_out_of_memory``); any other
-    error ends the run.
-
-    Under DDP every rank computes its share of the base model's held-out loss (one collective), then
-    rank zero alone generates while the other ranks wait in a barrier of a separate gloo process group
-    created in ``setup``, whose timeout (``EVAL_WAIT_TIMEOUT``, 6 h) is not the training group's: no
-    collective of the training group is pending meanwhile, so an eval longer than that group's timeout
-    (``--trainer.strategy`` ``init_args.timeout``, 30 min by default) does not crash the other ranks.
+    eval, in batches of ``batch_size`` (left-padded), within ``max_seconds`` when set. An
+    out-of-memory error (cuBLAS and cuDNN workspace failures included,
+    ``codetune.memory.backoff.is_out_of_memory``) halves the batch and retries; at batch 1 the eval of
+    that epoch is skipped with a warning (recorded in the manifest) rather than ending the run. Any
+    other error ends the run. Under DDP rank zero alone generates while the other ranks wait in a
+    gloo group of their own (``EVAL_WAIT_TIMEOUT``, 6 h), so a long eval does not trip the training
+    group's timeout.
 
     Args:
         prompts: Language prompts to complete (e.g. ``fn process``, ``impl``, ``#[derive(``).
@@ -272,7 +219,7 @@ class GenerationEval(Callback):
             base_nll = pl_module.held_out_loss()  # on every rank: each computes its share, all get the mean
             held_out_seconds = perf_counter() - started
             # Every rank holds the same figure, so all stop together; a base that overflows learns nothing.
-            getattr(pl_module, "check_finite_base", lambda nll: None)(base_nll)
+            pl_module.check_finite_base(base_nll)
             if trainer.is_global_zero:
                 result = self._evaluate(trainer, pl_module, BASE, base_nll)
                 # The base's held-out loss is eval time too (a tuned eval's is Lightning's validation run).
@@ -291,12 +238,10 @@ class GenerationEval(Callback):
     def _choose_fim_prompts(self, datamodule: L.LightningDataModule, pl_module: L.LightningModule) -> list[FimPrompt]:
         """The run's FIM prompts, cut where the model's tokenizer cuts lines, shortest truth first (line masks
         before one-line bodies); none without FIM sentinels (the data module already said so) or `fim_prompts` 0."""
-        # getattr: a data module other than CodeDataModule (a test's) offers no FIM sentinels.
-        self._fim_tokens = getattr(datamodule, "fim_tokens", None)
+        self._fim_tokens = datamodule.fim_tokens
         if self._fim_tokens is None or not self.n_fim_prompts:
             return []
-        # getattr: a data module from before file headers existed trains on files without one.
-        self._file_headers = bool(getattr(datamodule.hparams, "file_headers", False))
+        self._file_headers = datamodule.hparams.file_headers
         style = line_cut_style(pl_module.tokenizer)
         prefix_chars, suffix_chars = _fim_context_chars(datamodule, pl_module.tokenizer)
         chosen = fim_prompts(datamodule.val_sources, self.n_fim_prompts, seed=self.seed, style=style,
@@ -356,7 +301,7 @@ class GenerationEval(Callback):
             warnings.warn(f"codetune: the generation eval '{name}' ran out of memory at batch 1 and was skipped; "
                           f"lower --generation.max_new_tokens, --generation.repo_prompts or "
                           f"--generation.fim_prompts.", stacklevel=2)
-            return {"metrics": {"perplexity": _perplexity(mean_nll)}, "skipped": "out of memory",
+            return {"metrics": {"perplexity": perplexity(mean_nll)}, "skipped": "out of memory",
                     "eval_seconds": round(perf_counter() - started, 3)}
         repo = completions[:len(prompts)]
         fim_out = completions[len(prompts):len(prompts) + len(fim)]
@@ -364,10 +309,10 @@ class GenerationEval(Callback):
         scored, result = self._settle_prompt_set(name, _PromptCounts(len(prompts), len(fim)),
                                                  _PromptCounts(len(repo), len(fim_out)), len(completions))
         done, fim_done = prompts[:len(repo)], fim[:len(fim_out)]
-        metrics = {"perplexity": _perplexity(mean_nll),
-                   **(self._completion_metrics(done, repo) if scored.repo else _no_completion_metrics()),
-                   **(_fim_metrics(fim_done, fim_out) if scored.fim else _no_fim_metrics())}
-        self._write(trainer, name, self._samples(done, repo, language, fim_done, fim_out), metrics)
+        metrics = {"perplexity": perplexity(mean_nll),
+                   **(completion_metrics(done, repo) if scored.repo else no_completion_metrics()),
+                   **(fim_metrics(fim_done, fim_out) if scored.fim else no_fim_metrics())}
+        self._write(trainer, name, sample_records(done, repo, self.prompts, language, fim_done, fim_out), metrics)
         return {"metrics": metrics, **result, "eval_seconds": round(perf_counter() - started, 3)}
 
     def _settle_prompt_set(self, name: str, asked: _PromptCounts, finished: _PromptCounts,
@@ -386,23 +331,13 @@ class GenerationEval(Callback):
             return scored, {}
         return scored, {"budget_hit": self._report_budget_hit(name, done, total, fixes_the_set, scored)}
 
-    def _requests(self, prompts: list[RepoPrompt], fim: Sequence[FimPrompt] = ()) -> list[Request]:
+    def _requests(self, prompts: Sequence[RepoPrompt], fim: Sequence[FimPrompt] = ()) -> list[Request]:
         """Repo prompts first (scored: the budget cuts the language samples first), then the FIM prompts
         (scored), then the language ones."""
         sample_cap = min(self.sample_tokens, self.max_new_tokens)
-        return ([Request(p.model_input, partial(_holds_scored_prefix, truth=p.continuation), self.max_new_tokens)
-                 for p in prompts]
-                + [self._fim_request(p) for p in fim]
-                + [Request(text, sample_complete, sample_cap) for text in self.prompts])
-
-    def _fim_request(self, prompt: FimPrompt) -> Request:
-        """An infill request in the tokenizer's FIM format, headed like the training files; it stops once it
-        holds the masked lines (a line mask, at a smaller cap: a line is short)."""
-        tokens = self._fim_tokens
-        header = tokens.header(prompt.path) if self._file_headers and tokens.file_sep_text else ""
-        cap = min(self.max_new_tokens, FIM_LINE_TOKENS) if prompt.kind == "line" else self.max_new_tokens
-        return Request(tokens.psm_prompt(prompt.prefix, prompt.suffix, header),
-                       partial(holds_middle, truth=prompt.middle), cap)
+        return ([repo_request(p, self.max_new_tokens) for p in prompts]
+                + [fim_request(p, self._fim_tokens, self._file_headers, self.max_new_tokens) for p in fim]
+                + [language_request(text, sample_cap) for text in self.prompts])
 
     def _report_budget_hit(self, name: str, done: int, total: int, fixes_the_set: bool,
                            scored: _Scored) -> dict[str, Any]:
@@ -423,31 +358,6 @@ class GenerationEval(Callback):
                        f"to generate them all.")
         return {"prompts_done": done, "prompts": total, "max_seconds": self.max_seconds}
 
-    def _completion_metrics(self, prompts: list[RepoPrompt], completions: list[Completion]) -> dict[str, float | None]:
-        if not completions:
-            return _no_completion_metrics()
-        generated = [c.text for c in completions]
-        truths = [p.continuation for p in prompts]
-        judged = [_judged_for_syntax(c, p.continuation) for p, c in zip(prompts, completions)]
-        syntax = syntax_validity_rate((p.program(text), p.language, cut)
-                                      for p, (text, cut) in zip(prompts, judged) if _syntax_scorable(text, cut))
-        return {"next_line_exact_match": mean_next_line_exact_match(generated, truths),
-                "chrf": chrf(generated, truths), "syntax_valid": syntax}
-
-    def _samples(self, prompts: list[RepoPrompt], repo: list[Completion], language: list[Completion],
-                 fim: Sequence[FimPrompt] = (), fim_out: Sequence[Completion] = ()) -> list[dict[str, Any]]:
-        samples = [{"kind": "repo", "path": p.path, "line": p.line, "prompt_tail": p.model_input[-200:],
-                    "completion": c.text, "truth": p.continuation, "new_tokens": c.new_tokens, "eos": c.eos}
-                   for p, c in zip(prompts, repo)]
-        samples += [{"kind": "fim", "path": p.path, "line": p.line, "mask": p.kind, "prefix_tail": p.prefix[-200:],
-                     "suffix_head": p.suffix[:200], "completion": c.text, "truth": p.middle,
-                     "new_tokens": c.new_tokens, "eos": c.eos}
-                    for p, c in zip(fim, fim_out)]
-        samples += [{"kind": "language", "prompt": prompt, "completion": c.text, "new_tokens": c.new_tokens,
-                     "eos": c.eos}
-                    for prompt, c in zip(self.prompts, language)]
-        return samples
-
     def _write(self, trainer: L.Trainer, name: str, samples: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         path = Path(trainer.default_root_dir) / SAMPLES_DIR / f"{name}.jsonl"
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
@@ -457,7 +367,7 @@ class GenerationEval(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
                 for tag, sample in zip(sample_tags(samples), samples):
-                    logger.experiment.add_text(tag, _markdown(sample), global_step=trainer.global_step)
+                    logger.experiment.add_text(tag, sample_markdown(sample), global_step=trainer.global_step)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -483,26 +393,11 @@ class GenerationEval(Callback):
                 torch.cuda.empty_cache()
         return results
 
-    @torch.no_grad()
     def _generate_batch(self, pl_module: L.LightningModule, requests: list[Request]) -> list[Completion]:
-        tokenizer, model = pl_module.tokenizer, pl_module.model
-        rows = tokenizer([r.text for r in requests], add_special_tokens=False)["input_ids"]
-        ids, mask = _left_padded(rows, pad_token_id(tokenizer))
-        ids, mask = ids.to(pl_module.device), mask.to(pl_module.device)
-        stop = CompletionStop(tokenizer, ids.shape[1], [r.rule for r in requests], [r.cap for r in requests])
-        was_training = model.training
-        model.eval()
-        try:
-            sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
-            # Under the trainer's autocast, as in training: the adapters take the 16-bit input as it is.
-            with pl_module.trainer.precision_plugin.forward_context():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(stop.caps),
-                                     stopping_criteria=StoppingCriteriaList([stop]), do_sample=self.do_sample,
-                                     pad_token_id=pad_token_id(tokenizer), **sampling)
-        finally:
-            model.train(was_training)
-        return [_completion(tokenizer, row, stopped_at)
-                for row, stopped_at in zip(out[:, ids.shape[1]:], stop.stopped_at)]
+        decoding = Decoding(self.do_sample, self.temperature, self.top_p)
+        # Under the trainer's autocast, as in training: the adapters take the 16-bit input as it is.
+        return generate_requests(pl_module.model, pl_module.tokenizer, requests, decoding, pl_module.device,
+                                 pl_module.trainer.precision_plugin.forward_context())
 
     # -- manifest and state ------------------------------------------------------------------------
 
@@ -524,7 +419,7 @@ class GenerationEval(Callback):
             "base": base,
             "epochs": epochs,
             "final": final,
-            "delta": _delta(base, final),
+            "delta": metric_deltas(base, final),
             "eval_seconds": self.eval_seconds,
             "base_eval_seconds": base_result.get("eval_seconds"),
             "repo_prompts": len(self._repo_prompts),
@@ -550,122 +445,12 @@ class GenerationEval(Callback):
         self._scored_fim_prompts = state_dict.get("scored_fim_prompts")  # absent before the FIM eval: None
 
 
-def comparison_table(phase: dict[str, Any]) -> Table:
-    """Rich table: metric, base, tuned, change (with whether the change is an improvement)."""
-    table = Table(title="Evaluation on held-out files: base -> tuned", title_justify="left")
-    for name, justify in (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right")):
-        table.add_column(name, justify=justify)
-    base, final = phase["base"] or {}, phase["final"] or {}
-    for key, label, better in EVAL_METRICS:
-        b, f = base.get(key), final.get(key)
-        rate = key in RATE_METRICS
-        table.add_row(label, format_value(b, rate=rate), format_value(f, rate=rate),
-                      change_cell(delta(f, b), better, rate=rate))
-    return table
-
-
-def change_cell(change: float | None, better: str, rate: bool = False) -> str:
-    """The change, green when it is an improvement in a metric whose `better` direction is given; a `rate`
-    (0..1) with three decimals, as its values are shown."""
-    if change is None:
-        return ""
-    text = format_change(change, rate=rate)
-    if change == 0:
-        return text
-    return f"[{'green' if verdict(change, better) == 'better' else 'red'}]{text}[/]"
-
-
-def sample_tags(samples: list[dict[str, Any]]) -> list[str]:
-    """One TensorBoard tag per prompt, the same in every eval: `samples/repo_03`, `samples/fim_00`,
-    `samples/language_01`."""
-    counts = {"repo": 0, "fim": 0, "language": 0}
-    tags = []
-    for sample in samples:
-        tags.append(f"samples/{sample['kind']}_{counts[sample['kind']]:02d}")
-        counts[sample["kind"]] += 1
-    return tags
-
-
-def _holds_scored_prefix(text: str, truth: str) -> bool:
-    return scored_prefix(text, truth) is not None
-
-
-def _judged_for_syntax(completion: Completion, truth: str) -> tuple[str, bool]:
-    """(text, cut) that syntax validity judges: the scored prefix, a cut text, once the completion holds it
-    (whether generation went on past it or not); otherwise the whole completion, cut unless it ended with EOS."""
-    prefix = scored_prefix(completion.text, truth)
-    return (prefix, True) if prefix is not None else (completion.text, not completion.eos)
-
-
-def _completion(tokenizer: Any, row: torch.Tensor, stopped_at: int | None) -> Completion:
-    """One generated row (new tokens only, padded once done): its text up to where it ended."""
-    eos = tokenizer.eos_token_id
-    ends = (row == eos).nonzero() if stopped_at is None and eos is not None else row[:0]
-    length = stopped_at if stopped_at is not None else int(ends[0]) + 1 if len(ends) else len(row)
-    return Completion(tokenizer.decode(row[:length], skip_special_tokens=True), length, len(ends) > 0)
-
-
-def _no_completion_metrics() -> dict[str, None]:
-    return {"next_line_exact_match": None, "chrf": None, "syntax_valid": None}
-
-
 def _fim_context_chars(datamodule: L.LightningDataModule, tokenizer: Any) -> tuple[int, int]:
     """Prefix and suffix bounds (characters) of the FIM prompts: an infill request fits a training window, as every
     FIM sample did (half of it prefix, a quarter suffix, the rest for the middle), and at most 1500 + 800 characters.
     Characters per token are measured on the held-out files themselves."""
-    seq_len = getattr(datamodule, "seq_len", None)
-    if seq_len is None:
-        return FIM_MAX_PREFIX_CHARS, FIM_MAX_SUFFIX_CHARS
+    seq_len = datamodule.seq_len
     text = "".join(text for _, _, text in datamodule.val_sources)[:20_000]
     per_token = len(text) / max(len(tokenizer(text, add_special_tokens=False)["input_ids"]), 1) if text else 3.0
     return (min(FIM_MAX_PREFIX_CHARS, int(seq_len * per_token / 2)),
             min(FIM_MAX_SUFFIX_CHARS, int(seq_len * per_token / 4)))
-
-
-def _fim_metrics(prompts: list[FimPrompt], completions: list[Completion]) -> dict[str, float | None]:
-    """The FIM metrics of the generated middles: each completion cut to its mask's lines (or whole, when it
-    ended or hit its cap first)."""
-    middles = [generated_middle(c.text, p.middle) for p, c in zip(prompts, completions)]
-    return {"fim_exact_match": fim_exact_match(prompts, middles), "fim_chrf": fim_chrf(prompts, middles),
-            "fim_syntax_valid": fim_syntax_valid(prompts, middles)}
-
-
-def _no_fim_metrics() -> dict[str, None]:
-    return {"fim_exact_match": None, "fim_chrf": None, "fim_syntax_valid": None}
-
-
-def _delta(base: dict[str, Any] | None, final: dict[str, Any] | None) -> dict[str, float | None] | None:
-    if not base or not final:
-        return None
-    return {k: delta(final.get(k), base.get(k)) for k, _, _ in EVAL_METRICS}
-
-
-def _syntax_scorable(completion: str, truncated: bool) -> bool:
-    """Whether a completion says anything about syntax. The rule for cut-off code forgives its last
-    two non-blank lines (see `syntax_valid`), so a cut-off completion is scored only when it has
-    more lines than that; one that ended on its own (EOS) is always scored, strictly."""
-    return not truncated or sum(1 for line in completion.splitlines() if line.strip()) > 2
-
-
-def _perplexity(mean_nll: float | None) -> float | None:
-    return None if mean_nll is None else perplexity_from_loss(mean_nll)
-
-
-def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded on the left (generation continues at the right end of every row) and the mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
-
-
-def _markdown(sample: dict[str, Any]) -> str:
-    # TensorBoard renders text as markdown; fenced blocks keep code indentation.
-    if sample["kind"] == "repo":
-        return (f"`{sample['path']}:{sample['line']}`\n\n```\n...{sample['prompt_tail']}{sample['completion']}\n```"
-                f"\n\ntruth:\n\n```\n{sample['truth']}\n```")
-    if sample["kind"] == "fim":
-        return (f"`{sample['path']}:{sample['line']}` ({sample['mask']} infill)\n\n```\n...{sample['prefix_tail']}\n```"
-                f"\n\ngenerated:\n\n```\n{sample['completion']}\n```\n\ntruth:\n\n```\n{sample['truth']}\n```"
-                f"\n\nthen:\n\n```\n{sample['suffix_head']}...\n```")
-    return f"```\n{sample['prompt']}{sample['completion']}\n```"

@@ -90,11 +90,14 @@ def _command(name: str) -> Callable[[list[str]], int]:
         from codetune.commands.export import main as export
 
         return lambda args: exit_status(lambda: export(args), "codetune export")
-    if name in ("generate", "merge"):
-        from codetune.commands.generate import main_generate, main_merge
+    if name == "generate":
+        from codetune.commands.generate import main as generate
 
-        use = main_generate if name == "generate" else main_merge
-        return lambda args: exit_status(lambda: use(args), f"codetune {name}")
+        return lambda args: exit_status(lambda: generate(args), "codetune generate")
+    if name == "merge":
+        from codetune.commands.merge import main as merge
+
+        return lambda args: exit_status(lambda: merge(args), "codetune merge")
     from codetune.cli import run_fit
 
     return lambda args: exit_status(lambda: run_fit(args), "codetune fit")

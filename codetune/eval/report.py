@@ -1,14 +1,17 @@
 """The eval report's vocabulary: which metrics the generation eval measures, which direction is better, and how a
-value and a change are written. The generation eval's table (`callbacks/generation_eval.py`) and `codetune compare`
-both speak it, so a figure reads the same in the console at the end of a fit and in a comparison of runs.
+value and a change are written. The generation eval's table (`comparison_table`, printed at the end of a fit by
+`callbacks/generation_eval.py`) and `codetune compare` both speak it, so a figure reads the same in the console at
+the end of a fit and in a comparison of runs.
 
-Only the standard library: `compare` imports it and starts without torch.
+Only the standard library and rich: `compare` imports it and starts without torch.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from rich.table import Table
 
 MISSING = "—"
 LOWER, HIGHER = "lower", "higher"
@@ -25,6 +28,39 @@ EVAL_METRICS = (
 # The eval metrics that are rates on 0..1: shown with three decimals in every column (0.063 -> 0.013, -0.050).
 RATE_METRICS = frozenset({"next_line_exact_match", "chrf", "syntax_valid", "fim_exact_match", "fim_chrf",
                           "fim_syntax_valid"})
+
+
+def comparison_table(phase: dict[str, Any]) -> Table:
+    """Rich table of the manifest's `phase_5_evaluation`: metric, base, tuned, change (with whether the change is an
+    improvement)."""
+    table = Table(title="Evaluation on held-out files: base -> tuned", title_justify="left")
+    for name, justify in (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)
+    base, final = phase["base"] or {}, phase["final"] or {}
+    for key, label, better in EVAL_METRICS:
+        b, f = base.get(key), final.get(key)
+        rate = key in RATE_METRICS
+        table.add_row(label, format_value(b, rate=rate), format_value(f, rate=rate),
+                      change_cell(delta(f, b), better, rate=rate))
+    return table
+
+
+def change_cell(change: float | None, better: str, rate: bool = False) -> str:
+    """The change, green when it is an improvement in a metric whose `better` direction is given; a `rate`
+    (0..1) with three decimals, as its values are shown."""
+    if change is None:
+        return ""
+    text = format_change(change, rate=rate)
+    if change == 0:
+        return text
+    return f"[{'green' if verdict(change, better) == 'better' else 'red'}]{text}[/]"
+
+
+def metric_deltas(base: dict[str, Any] | None, final: dict[str, Any] | None) -> dict[str, float | None] | None:
+    """final - base of every eval metric (None where either is missing); None without both evals."""
+    if not base or not final:
+        return None
+    return {k: delta(final.get(k), base.get(k)) for k, _, _ in EVAL_METRICS}
 
 
 def delta(value: Any, baseline: Any) -> int | float | None:

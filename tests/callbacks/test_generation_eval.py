@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.callbacks.generation_eval import Completion, GenerationEval, Request, comparison_table
+from codetune.callbacks.generation_eval import GenerationEval
 from codetune.cli import build_cli
+from codetune.eval.generation import Completion, Request
 from codetune.eval.prompts import RepoPrompt
+from codetune.eval.report import comparison_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,31 +174,6 @@ def test_a_cublas_allocation_failure_is_out_of_memory_and_other_errors_propagate
     assert raised.value is unrelated
 
 
-def test_comparison_table_marks_improvements_and_reads_well():
-    from rich.console import Console
-
-    phase = {"base": {"perplexity": 2095.892723, "next_line_exact_match": 0.25, "chrf": 0.0630174, "syntax_valid": 0.5},
-             "final": {"perplexity": 1705.265925, "next_line_exact_match": 0.243635, "chrf": 0.0126279,
-                       "syntax_valid": 0.5}}
-    console = Console(record=True, width=100)
-    console.print(comparison_table(phase))
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
-            for line in console.export_text().splitlines() if line.count("│") == 5}
-    # Rates with three decimals in every column, perplexity with four significant digits (-390.6268 as -391).
-    assert rows["held-out perplexity"] == ["2,096", "1,705", "-391"]
-    assert rows["next-line exact match"] == ["0.250", "0.244", "-0.006"]
-    assert rows["completion chrF"] == ["0.063", "0.013", "-0.050"]
-    assert rows["syntax-valid completions"] == ["0.500", "0.500", "0.000"]
-    # Lower perplexity and higher scores are green, a drop in a score red.
-    from codetune.callbacks.generation_eval import change_cell
-    from codetune.eval.report import HIGHER, LOWER
-
-    assert "green" in change_cell(-90.0, LOWER) and "green" in change_cell(0.2, HIGHER)
-    assert "red" in change_cell(-0.1, HIGHER) and "red" in change_cell(5.0, LOWER)
-    assert change_cell(None, LOWER) == "" and change_cell(0.0, HIGHER) == "0"
-    assert change_cell(0.0, HIGHER, rate=True) == "0.000" and change_cell(0.2, HIGHER, rate=True) == "[green]+0.200[/]"
-
-
 def test_bad_settings_name_the_flag():
     from codetune.errors import ConfigError
 
@@ -311,18 +288,6 @@ def test_without_a_budget_every_prompt_is_generated(monkeypatch, tmp_path):
     assert [s["kind"] for s in samples] == ["repo"] * 3 + ["language"] and samples[0]["eos"] is False
 
 
-def test_a_stopped_completion_is_judged_as_cut_on_its_scored_part():
-    from codetune.callbacks.generation_eval import _judged_for_syntax
-
-    truth = "    x = 1\n    return x\n"
-    # Stopped once complete, or run on past that: the same two lines are judged, as a cut text.
-    assert _judged_for_syntax(Completion("\n    x = 1\n", 6, False), truth) == ("\n    x = 1\n", True)
-    assert _judged_for_syntax(Completion("\n    x = 1\n    y = (\n", 12, False), truth) == ("\n    x = 1\n", True)
-    # Ended before the scored part was complete: judged whole, and strictly when it ended with EOS.
-    assert _judged_for_syntax(Completion("\n    pass", 3, True), truth) == ("\n    pass", False)
-    assert _judged_for_syntax(Completion("\n    pass", 3, False), truth) == ("\n    pass", True)
-
-
 # -- fill-in-the-middle ------------------------------------------------------------------------------------
 
 
@@ -345,6 +310,9 @@ def _held_out() -> list[tuple[str, str, str]]:
 class _FimData:
     """What the eval reads of CodeDataModule: held-out sources, the FIM sentinels and `file_headers`."""
 
+    # Windows long enough that the prompts' context is bounded by the eval's own limits alone.
+    seq_len = 4096
+
     def __init__(self, fim_tokens, file_headers: bool = False) -> None:
         self.val_sources, self.fim_tokens = _held_out(), fim_tokens
         self.hparams = type("H", (), {"file_headers": file_headers})()
@@ -364,6 +332,9 @@ class _FimModule:
     def held_out_loss(self) -> float:
         return 1.0
 
+    def check_finite_base(self, nll: float) -> None:
+        assert nll == 1.0
+
 
 class _Infiller:
     """A fake model: a FIM request gets `answer(prompt)` and then more text (the suffix's start: generation
@@ -373,7 +344,8 @@ class _Infiller:
         self.callback, self.answer, self.requests = callback, lambda p: p.middle, []
 
     def generate_batch(self, pl_module, requests):
-        by_text = {self.callback._fim_request(p).text: p for p in self.callback._fim_prompts}
+        fim = self.callback._fim_prompts
+        by_text = {r.text: p for r, p in zip(self.callback._requests([], fim), fim)}
         self.requests += requests
         return [Completion(self.answer(by_text[r.text]) + "\n}\n" if r.text in by_text else "\n    x = 1\n", 9, False)
                 for r in requests]
@@ -469,7 +441,7 @@ def test_no_fim_prompts_without_fim_sentinels_and_no_warning(tmp_path, tiny_toke
 
 
 def test_fim_samples_are_written_and_tagged(tmp_path, tiny_tokenizer):
-    from codetune.callbacks.generation_eval import _markdown, sample_tags
+    from codetune.eval.samples import sample_markdown, sample_tags
 
     callback, _, _ = _fim_run(tmp_path, tiny_tokenizer, repo_prompts=2, fim_prompts=4)
     samples = [json.loads(line) for line in (tmp_path / "samples" / "base.jsonl").read_text().splitlines()]
@@ -483,7 +455,7 @@ def test_fim_samples_are_written_and_tagged(tmp_path, tiny_tokenizer):
     assert prompt.suffix.startswith(fim["suffix_head"]) and len(fim["prefix_tail"]) <= 200
     assert sample_tags(samples)[:7] == ["samples/repo_00", "samples/repo_01", "samples/fim_00", "samples/fim_01",
                                         "samples/fim_02", "samples/fim_03", "samples/language_00"]
-    text = _markdown(fim)
+    text = sample_markdown(fim)
     assert f"`{prompt.path}:{prompt.line}` ({prompt.kind} infill)" in text and prompt.middle in text
 
 
@@ -558,9 +530,9 @@ def test_tiny_model_infills_stop_at_the_masked_lines_and_score_as_full_runs(tiny
     """Through the real generate path: sentinels are single tokens, every row stops once it holds its mask's
     lines (a random model that never ends: EOS made unlikely, line breaks likelier), and the FIM scores equal
     those of the same greedy run taken to its cap."""
-    from codetune.callbacks.generation_eval import _fim_metrics
     from codetune.data.fim import find_fim_tokens
     from codetune.eval.fim import fim_prompts, holds_middle
+    from codetune.eval.scoring import fim_metrics
     from codetune.model.tiny import build_tiny_model
 
     model = build_tiny_model(tiny_tokenizer, seed=0).eval()
@@ -580,53 +552,4 @@ def test_tiny_model_infills_stop_at_the_masked_lines_and_score_as_full_runs(tiny
     full = callback._generate(module, [Request(r.text, lambda text: False, 32) for r in requests])
     assert all(holds_middle(e.text, p.middle) and not e.eos for e, p in zip(early, fim))
     assert all(f.text.startswith(e.text) and e.new_tokens < r.cap for e, f, r in zip(early, full, requests))
-    assert _fim_metrics(fim, early) == _fim_metrics(fim, full)
-
-
-# -- batched generation ------------------------------------------------------------------------------------
-
-BATCH_PROMPTS = ["fn", "def analyze_energy(values):\n", "pub struct Counter {\n    counts", "    return"]
-
-
-def _ends_where_it_wrote(model, token: int, eos: int):
-    """`model` writing EOS wherever it wrote `token` (their output rows swapped), so a row ends mid-batch."""
-    with torch.no_grad():
-        head = model.lm_head.weight
-        head[[token, eos]] = head[[eos, token]]
-    return model
-
-
-@torch.no_grad()
-def _alone(model, tokenizer, text: str, cap: int) -> Completion:
-    """The reference: one prompt, unpadded, greedy; its new tokens up to EOS (included) or `cap`."""
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cap, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
-    eos = tokenizer.eos_token_id in new
-    return Completion(tokenizer.decode(new, skip_special_tokens=True), len(new), eos)
-
-
-def test_a_left_padded_batch_generates_what_each_prompt_alone_does_when_pad_is_eos(tiny_tokenizer):
-    """Prompts of 1 to 12 tokens in one batch (left-padded, masked) against each generated alone: same text, same
-    new-token count. The tokenizer pads with EOS, as codetune does for a model without a pad token: the prompts'
-    padding is EOS, and so is what generate writes after a row is done. One row ends with EOS at its 7th token
-    while the others go on, and one stops at a smaller cap; the EOS is counted, the padding after it is not."""
-    import copy
-
-    from codetune.data.tokens import pad_token_id
-    from codetune.model.tiny import build_tiny_model
-
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.pad_token = None  # pad_token_id falls back to EOS
-    assert pad_token_id(tokenizer) == tokenizer.eos_token_id
-    # Token 250 is the 7th that this random model writes after "pub struct Counter {\n    counts", and one the
-    # other prompts never write: as EOS, it ends that row alone.
-    model = _ends_where_it_wrote(build_tiny_model(tiny_tokenizer, seed=0).eval(), 250, tokenizer.eos_token_id)
-    module = _FimModule(tokenizer)
-    module.model, module.trainer = model, type("T", (), {"precision_plugin": _Precision()})()
-    caps = [10, 10, 10, 5]
-    requests = [Request(text, lambda text: False, cap) for text, cap in zip(BATCH_PROMPTS, caps)]
-    batched = GenerationEval(max_new_tokens=10, batch_size=4)._generate(module, requests)
-    alone = [_alone(model, tokenizer, text, cap) for text, cap in zip(BATCH_PROMPTS, caps)]
-    assert [c.new_tokens for c in alone] == [10, 10, 7, 5] and [c.eos for c in alone] == [False, False, True, False]
-    assert batched == alone
+    assert fim_metrics(fim, early) == fim_metrics(fim, full)

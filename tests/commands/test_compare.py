@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from codetune.__main__ import main
-from codetune.commands.compare import (IGNORED_CONFIG_KEYS, LoadedRun, compare_runs, config_diff,
-                              flatten_config, run_labels)
+from codetune.commands.compare import (IGNORED_CONFIG_KEYS, LoadedRun, compare_runs, config_diff, flatten_config,
+                                       run_labels)
 
 
 def manifest(name: str | None, train_loss: float | None, chrf: float | None = None, peak_vram: float | None = None,

@@ -327,8 +327,8 @@ def test_generate_and_merge_refuse_a_local_base_changed_since_training(run_dir, 
 
 def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monkeypatch):
     """The hub cannot be reached here, so the loaders are stand-ins that record what they were asked for."""
-    import codetune.commands.generate as use
     from codetune.run.finished import load_run_config, load_tuned_tokenizer
+    from codetune.run.tuned import load_tuned_model
 
     run = copy_run(run_dir, tmp_path / "run")
     config_path = run / "config.yaml"
@@ -351,7 +351,7 @@ def test_a_hub_base_loads_at_the_commit_the_run_recorded(run_dir, tmp_path, monk
                         lambda source, *a, **kwargs: asked.setdefault("tokenizer", (source, kwargs)))
     config = load_run_config(run)
     with pytest.raises(Loaded):
-        use.load_tuned_model(config, torch.device("cpu"), torch.float32, quantize=False)
+        load_tuned_model(config, torch.device("cpu"), torch.float32, quantize=False)
     load_tuned_tokenizer(config)
     assert asked["model"] == ("org/coder", {"revision": commit})
     assert asked["tokenizer"][0] == "org/coder" and asked["tokenizer"][1]["revision"] == commit
@@ -374,15 +374,16 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 
 def test_prefix_suffix_prints_the_greedy_middle_of_base_plus_adapter(run_dir, reference, tokenizer, capsys):
-    import codetune.commands.generate as use
+    from codetune.data.fim import find_fim_tokens
+    from codetune.eval.infill import infill_prompt_ids
 
     prefix_id, suffix_id, middle_id, _ = sentinel_ids(tokenizer)
-    fim = use.find_fim_tokens(tokenizer)
+    fim = find_fim_tokens(tokenizer)
     args = ["generate", str(run_dir), "--max_new_tokens", str(NEW_TOKENS), "--device", "cpu"]
     for prefix, suffix in (("pub fn add(&mut self, word: &str) -> usize {\n", "\n    }\n"), ("def analyze_", "")):
         ids = [prefix_id, *text_ids(tokenizer, prefix), suffix_id, *(text_ids(tokenizer, suffix) if suffix else []),
                middle_id]
-        assert use.infill_prompt_ids(tokenizer, fim, prefix, suffix) == ids, "the PSM layout of training"
+        assert infill_prompt_ids(tokenizer, fim, prefix, suffix) == ids, "the PSM layout of training"
         expected = tokenizer.decode(greedy(reference, prompt_ids_of(ids)), skip_special_tokens=True)
         assert main([*args, "--prefix", prefix, "--suffix", suffix]) == 0
         captured = capsys.readouterr()
@@ -391,53 +392,6 @@ def test_prefix_suffix_prints_the_greedy_middle_of_base_plus_adapter(run_dir, re
 
 def prompt_ids_of(ids: list[int]) -> torch.Tensor:
     return torch.tensor([ids])
-
-
-def test_cut_around_line_rebuilds_the_file_and_cuts_where_tokens_break():
-    from codetune.eval.prompts import split_lines
-    from codetune.commands.generate import LineCut, cut_around_line
-
-    text = "a\n    b\n  c\n"
-    assert cut_around_line(text, 2, "after") == LineCut("a\n", "    b\n", "  c\n", "")
-    assert cut_around_line(text, 2, "before") == LineCut("a", "\n    b", "\n  c\n", "\n")
-    assert cut_around_line(text, 1, "before") == LineCut("", "a", "\n    b\n  c\n", "")
-    assert cut_around_line(text, 3, "after") == LineCut("a\n    b\n", "  c\n", "", "")
-    assert cut_around_line("x\r\n  y\r\n", 2, "before") == LineCut("x", "\r\n  y", "\r\n", "\r\n")
-    for text, lines in (("a\n    b\n  c\n", 3), ("a\n    b\n  c", 3), ("x", 1), ("x\r\n  y\r\n", 2),
-                        ("\n\nq\n", 3), ("", 0)):
-        assert len(split_lines(text)) == lines, text
-        for line in range(1, lines + 1):
-            for style in ("after", "before"):
-                cut = cut_around_line(text, line, style)
-                assert cut.prefix + cut.middle + cut.suffix == text, (text, line, style)
-                assert cut.middle.startswith(cut.lead)
-
-
-def test_masked_line_skips_the_lead_and_ends_at_the_next_line_break():
-    from codetune.commands.generate import masked_line
-
-    assert masked_line("\n    b\n  c", "\n") == ("    b", True)
-    assert masked_line("\n   ", "\n") == ("   ", False)
-    assert masked_line("x = 1\r\ny", "") == ("x = 1", True)
-    assert masked_line("\n", "") == ("", True)
-    assert masked_line("\r", "\r\n") == ("", False), "half of a CRLF lead ends nothing"
-    assert masked_line("", "\n") == ("", False)
-
-
-def test_line_stop_stops_generation_once_the_masked_line_has_ended(tokenizer):
-    from codetune.commands.generate import line_stop
-
-    new = text_ids(tokenizer, "\n        let x = 1;\n        x\n")
-    breaks = [k for k, t in enumerate(new) if "\n" in tokenizer.decode([t])]
-    assert breaks[0] == 0 and len(breaks) >= 2
-    prompt = [7, 7, 7]
-    for lead, expected in (("\n", breaks[1] + 1), ("", breaks[0] + 1)):
-        stop = line_stop(tokenizer, len(prompt), lead, cap=64)
-        verdicts = [bool(stop(torch.tensor([prompt + new[:k]]), None)[0]) for k in range(1, len(new) + 1)]
-        assert verdicts.index(True) + 1 == expected and stop.stopped_at == [expected], lead
-        assert stop.reasons == ["complete"]
-    capped = line_stop(tokenizer, len(prompt), "\n", cap=2)
-    assert bool(capped(torch.tensor([prompt + new[:2]]), None)[0]) and capped.reasons == ["cap"]
 
 
 def with_file_headers(run_dir: Path, target: Path) -> Path:
@@ -451,7 +405,8 @@ def with_file_headers(run_dir: Path, target: Path) -> Path:
 
 
 def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, reference, tokenizer, tmp_path, capsys):
-    from codetune.commands.generate import LineCut, cut_around_line, line_cut_style
+    from codetune.data.fim import line_cut_style
+    from codetune.eval.infill import LineCut, cut_around_line
 
     run = with_file_headers(run_dir, tmp_path / "headers")
     repo = run_dir.parent.parent / "repo"
@@ -483,8 +438,8 @@ def test_infill_fills_the_masked_line_as_base_plus_adapter_would(run_dir, refere
 
 
 def test_infill_header_path_is_relative_to_the_runs_repo_and_old_runs_have_none(run_dir, tmp_path, monkeypatch):
-    from codetune.run.finished import load_run_config
     from codetune.commands.generate import InfillTarget, header_path
+    from codetune.run.finished import load_run_config
 
     repo = run_dir.parent.parent / "repo"
     inside = InfillTarget(str(repo / "src" / "nested" / "lib.rs"), 1, "")
@@ -561,18 +516,18 @@ def test_float16_generation_scales_the_residual_stream_as_training_did(run_dir, 
     logits are the float32 ones up to float16 rounding, and scale 1 applies nothing."""
     from dataclasses import replace
 
-    import codetune.commands.generate as use
     from codetune.run.finished import load_run_config
+    from codetune.run.tuned import load_tuned_model
 
     config = load_run_config(run_dir)
     assert config.float16_residual_scale == 32
-    model = use.load_tuned_model(config, torch.device("cpu"), torch.float16, quantize=False)
+    model = load_tuned_model(config, torch.device("cpu"), torch.float16, quantize=False)
     decoder = model.get_base_model().model
     assert getattr(decoder, "_codetune_residual_scale", None) == 32
     ids = prompt_ids(tokenizer, PROMPTS[0])
     expected = logits(reference, ids)
     assert (logits(model, ids) - expected).abs().max() <= 2e-2 * expected.abs().max()
-    off = use.load_tuned_model(replace(config, float16_residual_scale=1), torch.device("cpu"), torch.float16, False)
+    off = load_tuned_model(replace(config, float16_residual_scale=1), torch.device("cpu"), torch.float16, False)
     assert not hasattr(off.get_base_model().model, "_codetune_residual_scale")
 
 
@@ -597,8 +552,8 @@ def test_loading_the_tuned_model_hides_two_library_notices_and_nothing_else(run_
     import warnings
 
     import codetune.model.loading as loading
-    import codetune.commands.generate as use
     from codetune.run.finished import load_run_config
+    from codetune.run.tuned import load_tuned_model
 
     real = loading.load_causal_lm
 
@@ -613,7 +568,7 @@ def test_loading_the_tuned_model_hides_two_library_notices_and_nothing_else(run_
     monkeypatch.setattr(loading, "load_causal_lm", loader_importing_bitsandbytes)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
-        use.load_tuned_model(load_run_config(run_dir), torch.device("cpu"), torch.float32, quantize=False)
+        load_tuned_model(load_run_config(run_dir), torch.device("cpu"), torch.float32, quantize=False)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")] == [
         "another bitsandbytes notice"]
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]

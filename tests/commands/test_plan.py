@@ -15,9 +15,10 @@ import pytest
 
 from codetune.__main__ import main as package_main
 from codetune.__main__ import main as cli_main
-from codetune.memory.plan import (ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, GiB, ModelShape, TrainingShape,
-                                  plan_memory)
 from codetune.commands.plan import parse_fit_config, parse_size, plan_report
+from codetune.memory.estimate import plan_memory
+from codetune.memory.shapes import ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, ModelShape, TrainingShape
+from codetune.memory.units import GiB
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN_DIR = REPO / "bench" / "models" / "qwen2.5-coder-1.5b"

@@ -8,9 +8,11 @@ import contextlib
 import pytest
 import torch
 
-from codetune.callbacks.generation_eval import GenerationEval, Request
+from codetune.callbacks.generation_eval import GenerationEval
+from codetune.eval.generation import Request
 from codetune.eval.metrics import chrf, mean_next_line_exact_match, scored_prefix
 from codetune.eval.prompts import repo_prompts
+from codetune.eval.scoring import completion_metrics
 from codetune.eval.stopping import sample_complete
 from helpers import PY_FILE, RUST_FILE
 
@@ -103,8 +105,8 @@ def test_a_completion_stopped_early_scores_as_the_full_greedy_one(tiny):
     stopped = [e.new_tokens for e in early if e.new_tokens < 48]
     assert len(stopped) >= len(prompts) // 2 and sum(e.new_tokens for e in early) < 0.6 * 48 * len(prompts), early
     assert not any(e.eos for e in early)
-    early_metrics = evaluation._completion_metrics(prompts, early)
-    assert early_metrics == evaluation._completion_metrics(prompts, full)
+    early_metrics = completion_metrics(prompts, early)
+    assert early_metrics == completion_metrics(prompts, full)
     assert early_metrics["syntax_valid"] is not None or all(len(e.text.splitlines()) <= 3 for e in early)
 
 
