@@ -141,8 +141,11 @@ def emulated_card(capability: tuple[int, int]):
         yield
 
 
-def load_gpu_check():
-    """bench/gpu_check.py as a module (it is a script, not part of the package), loaded once."""
+def load_gpu_check(name: str = "gpu_check"):
+    """bench/gpu_check.py as a module (it is a script, not part of the package), loaded once; or, by `name`, one of
+    the modules of its package bench/gpucheck/ (e.g. "gpucheck.budget"), importable once the script has put
+    bench/ on sys.path."""
+    import importlib
     import importlib.util
     import sys
 
@@ -151,7 +154,7 @@ def load_gpu_check():
         module = importlib.util.module_from_spec(spec)
         sys.modules["gpu_check"] = module
         spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
+    return importlib.import_module(name)
 
 
 DEFAULT = str(ROOT / "configs" / "training_config.yaml")

@@ -17,59 +17,74 @@ from helpers import load_gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The script puts bench/ on sys.path, where its package gpucheck lives.
+load_gpu_check()
 
-gpu_check = load_gpu_check()
+from codetune.memory.units import GiB  # noqa: E402
+from gpucheck.arithmetic import (  # noqa: E402
+    file_segments, flops_per_token, loss_verdict, memory_figures, model_shape, peak_tflops, plan_cap_between,
+)
+from gpucheck.budget import Budget, BudgetSpent  # noqa: E402
+from gpucheck.command import parse_args  # noqa: E402
+from gpucheck.fits import Context, budgeted, fit_args  # noqa: E402
+from gpucheck.planning import fit_on_card, planned_shape  # noqa: E402
+from gpucheck.report import Report  # noqa: E402
+from gpucheck.row import NEEDS_CUDA, PASS, SKIPPED_BUDGET, Row  # noqa: E402
+from gpucheck.sections import SECTIONS, run_section  # noqa: E402
+from gpucheck.settings import (  # noqa: E402
+    COMMON_FIT_FLAGS, DEFAULT_BUDGET_S, DEFAULT_CONFIG, EFFECTIVE_BATCH, RUST_CONFIG, SECTION_BUDGET_S, SECTION_TITLES,
+    TINY_QWEN2, FitSpec, dry_mode, real_mode,
+)
 
 
 def test_flops_per_token_of_a_frozen_base_lora_step_by_hand():
-    config = dict(gpu_check.TINY_QWEN2)  # h 64, i 128, 2 layers, 4 heads of 16 (2 KV), V 1024
+    config = dict(TINY_QWEN2)  # h 64, i 128, 2 layers, 4 heads of 16 (2 KV), V 1024
     # Per layer: q, o 64x64; k, v 64x32; gate, up, down 64x128 -> 36,864 weights; 2 layers: N = 73,728.
     n, head = 73_728, 1024 * 64
     attention = 2 * 2 * 4 * 16 * 64  # causal QK^T and AV over a 64-token window, forward
     lora = 2 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)  # r (in + out) per adapted projection, r = 8
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    model, hardware = gpu_check.flops_per_token(config, 64, 8, targets, checkpointing=True, chunked_loss=True)
+    model, hardware = flops_per_token(config, 64, 8, targets, checkpointing=True, chunked_loss=True)
     assert model == 4 * n + 4 * head + 3 * attention + 6 * lora == 704_512
     assert hardware == model + 2 * head + (2 * n + attention + 2 * lora) == 1_032_192
-    plain, same = gpu_check.flops_per_token(config, 64, 8, targets, checkpointing=False, chunked_loss=False)
+    plain, same = flops_per_token(config, 64, 8, targets, checkpointing=False, chunked_loss=False)
     assert plain == same == model
 
 
 def test_peaks_by_device_name_and_unknown_cards():
-    assert gpu_check.peak_tflops("NVIDIA H200")[0] == 989.4
-    assert gpu_check.peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
-    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.4
-    assert gpu_check.peak_tflops("NVIDIA GeForce RTX 2060")[0] == 51.6
-    assert gpu_check.peak_tflops("NVIDIA GeForce RTX 4090")[0] == 165.2
-    assert gpu_check.peak_tflops("AMD Instinct MI300X") is None and gpu_check.peak_tflops(None) is None
+    assert peak_tflops("NVIDIA H200")[0] == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.4
+    assert peak_tflops("NVIDIA GeForce RTX 2060")[0] == 51.6
+    assert peak_tflops("NVIDIA GeForce RTX 4090")[0] == 165.2
+    assert peak_tflops("AMD Instinct MI300X") is None and peak_tflops(None) is None
 
 
 def test_segments_verdicts_and_the_oom_cap():
-    from codetune.memory.plan import CUDA_CONTEXT_BYTES
+    from codetune.memory.persistent import CUDA_CONTEXT_BYTES
 
     # Two files and the start of a third, then padding (position 0, not real).
     positions = np.array([0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 0])
-    assert gpu_check.file_segments(positions, n_real=9) == [(0, 3), (3, 5), (5, 9)]
-    assert gpu_check.loss_verdict([3.0, 2.5, 2.0]) == (True, True)
-    assert gpu_check.loss_verdict([3.0, 3.1]) == (True, False)
-    assert gpu_check.loss_verdict([3.0, float("nan")]) == (False, False)
-    assert gpu_check.loss_verdict([3.0, None]) == (False, False)
-    gib = gpu_check.GiB
-    assert gpu_check.plan_cap_between(4 * gib, 6 * gib) == 5 * gib - CUDA_CONTEXT_BYTES
-    assert gpu_check.plan_cap_between(4 * gib, 6 * gib, 0.5) == (5 * gib - CUDA_CONTEXT_BYTES) // 2
+    assert file_segments(positions, n_real=9) == [(0, 3), (3, 5), (5, 9)]
+    assert loss_verdict([3.0, 2.5, 2.0]) == (True, True)
+    assert loss_verdict([3.0, 3.1]) == (True, False)
+    assert loss_verdict([3.0, float("nan")]) == (False, False)
+    assert loss_verdict([3.0, None]) == (False, False)
+    assert plan_cap_between(4 * GiB, 6 * GiB) == 5 * GiB - CUDA_CONTEXT_BYTES
+    assert plan_cap_between(4 * GiB, 6 * GiB, 0.5) == (5 * GiB - CUDA_CONTEXT_BYTES) // 2
 
 
 def test_measured_peaks_in_gb_against_a_plan_in_gib():
     # The VRAM monitor writes GB (10**9), the plan GiB (2**30); the plan's context term is not torch's to allocate.
     vram = {"peak_torch_allocated_gb": 4.6 * 2**30 / 1e9, "peak_torch_reserved_gb": 4.8 * 2**30 / 1e9,
             "peak_vram_gb": 5.4 * 2**30 / 1e9, "device_name": "NVIDIA H200"}
-    figures = gpu_check.memory_figures(vram, {"predicted_peak_gib": 5.4, "terms_gib": {"cuda_context": 0.4}})
+    figures = memory_figures(vram, {"predicted_peak_gib": 5.4, "terms_gib": {"cuda_context": 0.4}})
     assert figures["peak_allocated_gib"] == pytest.approx(4.6) and figures["peak_nvml_gib"] == pytest.approx(5.4)
     assert figures["plan_ratio"] == pytest.approx(0.92) and figures["plan_within_10pct"]
-    assert not gpu_check.memory_figures({**vram, "peak_torch_allocated_gb": 4.4 * 2**30 / 1e9},
-                                        {"predicted_peak_gib": 5.4, "terms_gib": {"cuda_context": 0.4}})[
+    assert not memory_figures({**vram, "peak_torch_allocated_gb": 4.4 * 2**30 / 1e9},
+                              {"predicted_peak_gib": 5.4, "terms_gib": {"cuda_context": 0.4}})[
         "plan_within_10pct"]
-    assert "plan_ratio" not in gpu_check.memory_figures({}, {"predicted_peak_gib": 5.4})
+    assert "plan_ratio" not in memory_figures({}, {"predicted_peak_gib": 5.4})
 
 
 def model_dir_for_parsing(path: Path) -> None:
@@ -81,18 +96,19 @@ def model_dir_for_parsing(path: Path) -> None:
 def test_a_fit_goes_through_the_cli_with_the_common_flags_and_the_recorder(tmp_path):
     from codetune.cli import build_cli
 
-    mode = gpu_check.dry_mode(6.0)
+    mode = dry_mode(6.0)
     (tmp_path / "corpus").mkdir()
     model_dir_for_parsing(tmp_path / "model")
-    ctx = gpu_check.Context(mode=mode, work=tmp_path, model_dir=tmp_path / "model", corpus=tmp_path / "corpus",
-                            context_bytes=0)
-    spec = gpu_check.FitSpec("x", gpu_check.RUST_CONFIG, overrides={"model.lora_dropout": "0.0"}, steps=2)
-    args = gpu_check.fit_args(ctx, spec)
-    assert args[:3] == ["fit", "--config", str(gpu_check.RUST_CONFIG)]
-    for flag, value in gpu_check.COMMON_FIT_FLAGS.items():
+    ctx = Context(mode=mode, work=tmp_path, model_dir=tmp_path / "model", corpus=tmp_path / "corpus",
+                  context_bytes=0)
+    spec = FitSpec("x", RUST_CONFIG, overrides={"model.lora_dropout": "0.0"}, steps=2)
+    args = fit_args(ctx, spec)
+    assert args[:3] == ["fit", "--config", str(RUST_CONFIG)]
+    for flag, value in COMMON_FIT_FLAGS.items():
         assert args[args.index(f"--{flag}") + 1] == value
     assert args[args.index("--data.seq_len") + 1] == "64" and args[args.index("--model.lora_dropout") + 1] == "0.0"
-    assert "StepRecorder" in args[-1]
+    assert args[-1].startswith("--trainer.callbacks+=")
+    assert json.loads(args[-1].split("=", 1)[1])["class_path"] == "gpucheck.recorder.StepRecorder"
     # Every flag parses against today's CLI (parse only: nothing is trained).
     parsed = build_cli(args[1:], run=False)
     assert parsed.datamodule.seq_len == 64 and parsed.model.hparams.lora_dropout == 0.0
@@ -102,18 +118,18 @@ def test_a_fit_goes_through_the_cli_with_the_common_flags_and_the_recorder(tmp_p
     assert settings["model.lora_dropout"] == 0.0 and settings["model.loss_chunk_size"] == 1024
 
 
-@pytest.mark.parametrize("config", ["RUST_CONFIG", "DEFAULT_CONFIG"])
+@pytest.mark.parametrize("config", [RUST_CONFIG, DEFAULT_CONFIG], ids=["RUST_CONFIG", "DEFAULT_CONFIG"])
 def test_the_common_flags_turn_every_generation_off_but_keep_the_base_held_out_loss(tmp_path, config):
     from codetune.callbacks.generation_eval import GenerationEval
     from codetune.cli import build_cli
 
     model_dir_for_parsing(tmp_path / "model")
-    ctx = gpu_check.Context(mode=gpu_check.dry_mode(6.0), work=tmp_path, model_dir=tmp_path / "model",
-                            corpus=tmp_path, context_bytes=0)
+    ctx = Context(mode=dry_mode(6.0), work=tmp_path, model_dir=tmp_path / "model", corpus=tmp_path,
+                  context_bytes=0)
     # The shipped YAMLs ask for language prompts and the callback's defaults for repo and FIM prompts: the flags
     # must override all three, or a random model's completions run to the token cap in every fit.
-    spec = gpu_check.FitSpec("x", getattr(gpu_check, config))
-    parsed = build_cli(gpu_check.fit_args(ctx, spec)[1:], run=False)
+    spec = FitSpec("x", config)
+    parsed = build_cli(fit_args(ctx, spec)[1:], run=False)
     (generation,) = [c for c in parsed.trainer.callbacks if isinstance(c, GenerationEval)]
     assert generation.prompts == []
     assert generation.n_repo_prompts == 0 and generation.n_fim_prompts == 0
@@ -121,24 +137,44 @@ def test_the_common_flags_turn_every_generation_off_but_keep_the_base_held_out_l
 
 
 def test_on_a_6_gib_card_the_real_configs_get_the_largest_micro_batch_the_plan_fits(tmp_path):
-    from codetune.memory.plan import plan_memory
+    from codetune.memory.estimate import plan_memory
 
-    mode = gpu_check.real_mode(6.0)
-    context = int(0.5 * gpu_check.GiB)
-    ctx = gpu_check.Context(mode=mode, work=tmp_path, model_dir=tmp_path, corpus=tmp_path, context_bytes=context)
-    free = 6 * gpu_check.GiB - context
-    shape = gpu_check.model_shape(mode.model_config)
-    for config in (gpu_check.RUST_CONFIG, gpu_check.DEFAULT_CONFIG):
-        spec, note = gpu_check.fit_on_card(gpu_check.FitSpec("x", config), ctx, (9, 0))
+    mode = real_mode(6.0)
+    context = int(0.5 * GiB)
+    ctx = Context(mode=mode, work=tmp_path, model_dir=tmp_path, corpus=tmp_path, context_bytes=context)
+    free = 6 * GiB - context
+    shape = model_shape(mode.model_config)
+    for config in (RUST_CONFIG, DEFAULT_CONFIG):
+        spec, note = fit_on_card(FitSpec("x", config), ctx, (9, 0))
         micro = int(spec.overrides["data.batch_size"])
-        assert micro * int(spec.overrides["data.gradient_accumulation_steps"]) == gpu_check.EFFECTIVE_BATCH
+        assert micro * int(spec.overrides["data.gradient_accumulation_steps"]) == EFFECTIVE_BATCH
         assert spec.cap_bytes == free and f"{micro} x " in note
-        card = 6 * gpu_check.GiB  # the plans count the CUDA context; the allocator cap (free) does not
-        assert plan_memory(shape, gpu_check.planned_shape(spec, mode, (9, 0))).fits(card)
-        if micro < gpu_check.EFFECTIVE_BATCH:  # the next larger micro-batch would not fit
+        card = 6 * GiB  # the plans count the CUDA context; the allocator cap (free) does not
+        assert plan_memory(shape, planned_shape(spec, mode, (9, 0))).fits(card)
+        if micro < EFFECTIVE_BATCH:  # the next larger micro-batch would not fit
             larger = replace(spec, overrides={**spec.overrides, "data.batch_size": str(2 * micro)})
-            assert not plan_memory(shape, gpu_check.planned_shape(larger, mode, (9, 0))).fits(card)
+            assert not plan_memory(shape, planned_shape(larger, mode, (9, 0))).fits(card)
     assert shape.vocab_size == 151_936 and shape.num_hidden_layers == 28 and shape.head_size == 128
+
+
+def test_the_script_imports_its_package_from_any_directory_and_keeps_its_flags(tmp_path):
+    # Run as the GPU lenders tell users to, but from elsewhere: the script finds bench/gpucheck/ by its own path.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "The GPU check: what codetune promises on a small card" in proc.stdout
+    for flag in ("--dry-run", "--out", "--sections", "--budget-s", "--card-gib", "--corpus", "--keep"):
+        assert flag in proc.stdout
+
+
+def test_the_flags_name_what_is_wrong(capsys):
+    assert parse_args(["--dry-run", "--sections", "a,d"]).sections == ["a", "d"]
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--dry-run", "--sections", "a,x"])
+    assert exited.value.code == 2 and "--sections ['x']: use letters of tabcdef" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--dry-run", "--budget-s", "0"])
+    assert "--budget-s 0: must be a positive number of seconds" in capsys.readouterr().err
 
 
 class FakeClock:
@@ -155,27 +191,27 @@ class FakeClock:
 
 
 def test_every_section_has_a_title_and_a_budget_share_that_add_up_to_the_default():
-    assert list(gpu_check.SECTIONS) == list(gpu_check.SECTION_TITLES) == list(gpu_check.SECTION_BUDGET_S)
-    assert sum(gpu_check.SECTION_BUDGET_S.values()) == gpu_check.DEFAULT_BUDGET_S == 480
+    assert list(SECTIONS) == list(SECTION_TITLES) == list(SECTION_BUDGET_S)
+    assert sum(SECTION_BUDGET_S.values()) == DEFAULT_BUDGET_S == 480
 
 
 def test_the_budget_shares_the_total_and_says_why_a_unit_is_not_run():
     clock = FakeClock()
-    every = gpu_check.Budget.shared(480, list("tabcdef"), clock=clock)
-    assert every.caps_s == gpu_check.SECTION_BUDGET_S
+    every = Budget.shared(480, list("tabcdef"), clock=clock)
+    assert every.caps_s == SECTION_BUDGET_S
     # A subset shares the whole total in the same proportions (a 170 : d 35).
-    assert gpu_check.Budget.shared(205, ["a", "d"], clock=clock).caps_s == {"a": 170.0, "d": 35.0}
+    assert Budget.shared(205, ["a", "d"], clock=clock).caps_s == {"a": 170.0, "d": 35.0}
 
-    budget = gpu_check.Budget.shared(480, list("tabcdef"), clock=clock)
+    budget = Budget.shared(480, list("tabcdef"), clock=clock)
     budget.start("a")
     clock.advance(169.5)
     budget.check("fit a-rust-card")  # half a second left: a unit may still start
     assert budget.left_s() == pytest.approx(0.5)
     clock.advance(60.5)  # the fit ran past the cap: nothing stops a fit
-    with pytest.raises(gpu_check.BudgetSpent) as spent:
+    with pytest.raises(BudgetSpent) as spent:
         budget.check("fit a-default-shipped")
     row = budget.skipped_row("default config as shipped, whole card", spent.value)
-    assert (row.section, row.status) == ("a", gpu_check.SKIPPED_BUDGET)
+    assert (row.section, row.status) == ("a", SKIPPED_BUDGET)
     assert row.measured == "section a cap 170 s, 230 s spent; not run: fit a-default-shipped"
     assert row.criterion == "--budget-s 480: this section's share 170 s"
     assert row.figures["cap_s"] == 170 and row.figures["spent_s"] == pytest.approx(230)
@@ -188,36 +224,36 @@ def test_the_budget_shares_the_total_and_says_why_a_unit_is_not_run():
 
 def test_a_section_over_its_cap_skips_the_rest_and_the_spent_total_skips_later_sections(tmp_path, monkeypatch):
     clock = FakeClock()
-    ctx = gpu_check.Context(mode=gpu_check.dry_mode(6.0), work=tmp_path, model_dir=tmp_path, corpus=tmp_path,
-                            context_bytes=0, budget=gpu_check.Budget(330, {"a": 200, "b": 70, "c": 60}, clock))
+    ctx = Context(mode=dry_mode(6.0), work=tmp_path, model_dir=tmp_path, corpus=tmp_path,
+                  context_bytes=0, budget=Budget(330, {"a": 200, "b": 70, "c": 60}, clock))
 
     def section_of_slow_rows(name: str, seconds: float):
-        def make_row(check: str) -> gpu_check.Row:
+        def make_row(check: str) -> Row:
             clock.advance(seconds)
-            return gpu_check.Row(name, check, gpu_check.PASS)
+            return Row(name, check, PASS)
 
-        return lambda ctx: [gpu_check.budgeted(ctx, f"row {i}", lambda i=i: make_row(f"row {i}")) for i in range(3)]
+        return lambda ctx: [budgeted(ctx, f"row {i}", lambda i=i: make_row(f"row {i}")) for i in range(3)]
 
     def never_called(ctx):
         raise AssertionError("a section started after the total budget was spent")
 
-    monkeypatch.setitem(gpu_check.SECTIONS, "a", section_of_slow_rows("a", 120))
-    monkeypatch.setitem(gpu_check.SECTIONS, "b", section_of_slow_rows("b", 60))
-    monkeypatch.setitem(gpu_check.SECTIONS, "c", never_called)
+    monkeypatch.setitem(SECTIONS, "a", section_of_slow_rows("a", 120))
+    monkeypatch.setitem(SECTIONS, "b", section_of_slow_rows("b", 60))
+    monkeypatch.setitem(SECTIONS, "c", never_called)
 
     # a: rows at 0 and 120 s start (the second overruns the 200 s cap), the third finds the cap spent.
-    rows, seconds = gpu_check.run_section("a", ctx)
-    assert [r.status for r in rows] == [gpu_check.PASS, gpu_check.PASS, gpu_check.SKIPPED_BUDGET]
+    rows, seconds = run_section("a", ctx)
+    assert [r.status for r in rows] == [PASS, PASS, SKIPPED_BUDGET]
     assert seconds == 240 and rows[2].measured == "section a cap 200 s, 240 s spent; not run: row 2"
     # b: 90 s of the total left; rows at 0 and 60 s start, the third finds the total (330 s) spent.
-    rows, seconds = gpu_check.run_section("b", ctx)
-    assert [r.status for r in rows] == [gpu_check.PASS, gpu_check.PASS, gpu_check.SKIPPED_BUDGET]
+    rows, seconds = run_section("b", ctx)
+    assert [r.status for r in rows] == [PASS, PASS, SKIPPED_BUDGET]
     assert rows[2].measured == ("section b cap 70 s, 120 s spent; total budget 330 s spent (360 s); "
                                 "not run: row 2")
     # c starts after the total is spent: one row, and its work never starts.
-    rows, seconds = gpu_check.run_section("c", ctx)
+    rows, seconds = run_section("c", ctx)
     assert len(rows) == 1 and seconds == 0
-    assert (rows[0].section, rows[0].check, rows[0].status) == ("c", "fp16 (Turing)", gpu_check.SKIPPED_BUDGET)
+    assert (rows[0].section, rows[0].check, rows[0].status) == ("c", "fp16 (Turing)", SKIPPED_BUDGET)
     assert rows[0].measured == ("section c cap 60 s, 0 s spent; total budget 330 s spent (360 s); "
                                 "not run: section c (fp16 (Turing))")
     report = ctx.budget.report()
@@ -227,15 +263,15 @@ def test_a_section_over_its_cap_skips_the_rest_and_the_spent_total_skips_later_s
 
 def test_the_report_writes_every_row_so_far_after_each_part(tmp_path, capsys):
     out = tmp_path / "check.json"
-    budget = gpu_check.Budget.shared(480, ["a", "b"], clock=FakeClock())
-    report = gpu_check.Report(out, {"dry_run": True, "device": "cpu", "sections": ["a", "b"]}, budget)
-    report.add("setup", [gpu_check.Row("setup", "model", gpu_check.PASS)], 3.0)
+    budget = Budget.shared(480, ["a", "b"], clock=FakeClock())
+    report = Report(out, {"dry_run": True, "device": "cpu", "sections": ["a", "b"]}, budget)
+    report.add("setup", [Row("setup", "model", PASS)], 3.0)
     document = json.loads(out.read_text())
     assert [r["check"] for r in document["rows"]] == ["model"] and document["complete"] is False
     assert document["section_s"] == {} and document["budget"]["sections"]["a"]["spent_s"] is None
     budget.start("a")
     budget.finish()
-    report.add("a", [gpu_check.Row("a", "fit", gpu_check.PASS, "12 tok/s")], 0.0)
+    report.add("a", [Row("a", "fit", PASS, "12 tok/s")], 0.0)
     document = json.loads(out.read_text())
     assert [r["check"] for r in document["rows"]] == ["model", "fit"] and document["section_s"] == {"a": 0.0}
     assert "12 tok/s" in capsys.readouterr().out  # the section's own table, before the end
@@ -311,7 +347,7 @@ def test_dry_run_runs_every_section_on_cpu_and_reports_numbers(tmp_path):
     assert not [name for name, s in budget["sections"].items() if s["hit"]]
     rows = rows_by_check(document)
     assert {r["section"] for r in document["rows"]} == set(order)
-    assert not [r for r in document["rows"] if r["status"] in ("FAIL", gpu_check.SKIPPED_BUDGET)]
+    assert not [r for r in document["rows"] if r["status"] in ("FAIL", SKIPPED_BUDGET)]
 
     # The Turing row: codetune's attention on an emulated 7.5 card runs every call on the memory-efficient kernel.
     turing = next(r for r in document["rows"] if r["section"] == "t")
@@ -338,7 +374,7 @@ def test_dry_run_runs_every_section_on_cpu_and_reports_numbers(tmp_path):
         assert abs(figures["losses"][0] - math.log(1024)) < 0.1
         assert figures["held_out_loss_tuned"] < figures["held_out_loss_base"]
         assert figures["tokens_per_s"] > 0 and figures["oom_backoffs"] == []
-        assert rows[("a", f"{label} config on a 6 GiB card")]["status"] == gpu_check.NEEDS_CUDA
+        assert rows[("a", f"{label} config on a 6 GiB card")]["status"] == NEEDS_CUDA
 
     oom = rows[("b", "OOM at micro-batch 4 recovered")]
     assert oom["status"] == "pass"
@@ -357,11 +393,11 @@ def test_dry_run_runs_every_section_on_cpu_and_reports_numbers(tmp_path):
         isolation = rows[("d", f"isolation, 3 windows of 64, {attn}")]
         assert isolation["status"] == "pass" and isolation["figures"]["segments"] >= 6
         assert isolation["figures"]["rel_diff"] <= 1e-4 and isolation["figures"]["control_rel_diff"] > 1e-2
-    assert rows[("d", "isolation, 3 windows of 64, flash_attention_2")]["status"] == gpu_check.NEEDS_CUDA
+    assert rows[("d", "isolation, 3 windows of 64, flash_attention_2")]["status"] == NEEDS_CUDA
 
     generate = rows[("e", "codetune generate (unquantized, cpu)")]["figures"]
     assert generate["exit_status"] == 0 and generate["output"].startswith("def analyze_")
     merge = rows[("e", "codetune merge (float32) = base + adapter")]
     assert merge["status"] == "pass" and merge["figures"]["rel_diff"] <= 1e-4
     assert merge["figures"]["adapter_effect_rel"] > 1e3 * merge["figures"]["rel_diff"]
-    assert rows[("f", "pytest -m gpu tests/gpu")]["status"] == gpu_check.NEEDS_CUDA
+    assert rows[("f", "pytest -m gpu tests/gpu")]["status"] == NEEDS_CUDA
