@@ -226,7 +226,7 @@ class ManifestWriter(Callback):
             "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
             "tokens_trained": self.tokens_trained,
             # Steps a float16 GradScaler skipped (inf/nan gradients after unscaling), over every segment.
-            "skipped_steps": getattr(trainer.lightning_module, "skipped_steps", 0),
+            "skipped_steps": trainer.lightning_module.skipped_steps,
         }, **_callback_results(trainer)}, wall_s=total_s)
         for callback in trainer.callbacks:
             for phase, results in getattr(callback, "manifest_phases", dict)().items():

@@ -15,7 +15,7 @@ import pytest
 
 from codetune.errors import ConfigError
 from codetune.run.directory import (RunInUseError, acquire, check_new_run_dir, clear_run, live_status, open_run_dir,
-                              resume_checkpoint, resumed_run_dir)
+                                    resume_checkpoint, resumed_run_dir)
 
 HOLD = "import sys, time; from pathlib import Path; from codetune.run.directory import acquire; " \
        "acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
