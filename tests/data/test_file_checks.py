@@ -41,3 +41,12 @@ def test_a_generators_marker_counts_only_near_the_top_and_in_its_own_case():
     assert text_skip_reason("# do not edit this by hand\n", 1000) is None
     late = "\n" * GENERATED_SNIFF_CHARS + "// DO NOT EDIT\n"
     assert text_skip_reason(late, 1000) is None
+
+
+def test_codetunes_own_source_is_not_taken_for_generated_or_minified():
+    """The demo trains on this repository: the file holding the generator markers must not look generated."""
+    from helpers import ROOT
+
+    own = sorted((ROOT / "codetune").rglob("*.py")) + sorted((ROOT / "callbacks").glob("*.py"))
+    skipped = {str(p.relative_to(ROOT)): text_skip_reason(p.read_text(encoding="utf-8"), 1000) for p in own}
+    assert {path: reason for path, reason in skipped.items() if reason not in (None, SKIP_EMPTY)} == {}
