@@ -413,8 +413,10 @@ def _config_files(args: Sequence[str]) -> list[str]:
 # Lightning's info lines that ask nothing of the user, by their text; every other line still shows.
 LIGHTNING_CHATTER = re.compile(r"GPU available: |TPU available: |💡 Tip: |Seed set to |"
                                r"Loading `train_dataloader` to estimate number of stepping batches|"
-                               r"`Trainer\.fit` stopped: `max_steps=")
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")
+                               r"`Trainer\.fit` stopped: `max_steps=|`weights_only` was not set, defaulting to")
+# The last: Lightning's line at every checkpoint it writes (codetune's checkpoints hold plain tensors and numbers).
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
+                     "lightning.pytorch.trainer.connectors.checkpoint_connector")
 
 
 class _DropChatter(logging.Filter):

@@ -479,6 +479,8 @@ def test_lightnings_chatter_is_dropped_and_the_rest_kept():
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     logger.addHandler(handler)
+    checkpoints = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
+    checkpoints.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -487,11 +489,13 @@ def test_lightnings_chatter_is_dropped_and_the_rest_kept():
                 rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
                 rank_zero_info("`Trainer.fit` stopped: `max_steps=3` reached.")
                 rank_zero_info("codetune data: 28 train / 2 val files")
+                checkpoints.info("`weights_only` was not set, defaulting to `False`.")
                 warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
                 warnings.warn("set --data.seq_len lower", UserWarning)
             rank_zero_info("GPU available: False, used: False")  # outside, Lightning speaks as before
     finally:
         logger.removeHandler(handler)
+        checkpoints.removeHandler(handler)
     assert seen == ["codetune data: 28 train / 2 val files", "GPU available: False, used: False"]
     assert [str(w.message) for w in caught] == ["set --data.seq_len lower"]
 
