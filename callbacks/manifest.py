@@ -76,6 +76,7 @@ class ManifestWriter(Callback):
         self.tokens_trained = 0
         self._train_started = 0.0
         self._eval_s_at_start = 0.0
+        self._start_step = 0
         self._final_minutes: float | None = None
         self._pending_minutes = 0.0
         self._train_loss: float | None = None
@@ -142,6 +143,7 @@ class ManifestWriter(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_started, self._final_minutes = time.perf_counter(), None
+        self._start_step = trainer.global_step
         # A resumed run's eval history (in the checkpoint) holds earlier segments' evals: only what follows counts.
         self._eval_s_at_start = _eval_seconds(trainer)
         if self.manifest is not None:
@@ -185,6 +187,12 @@ class ManifestWriter(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Frozen here: the last checkpoint, saved after this hook, must not add its own writing time to the segment.
         self._final_minutes = self._training_minutes(trainer)
+        if trainer.ckpt_path and trainer.global_step == self._start_step:
+            # Resumed from the last step with nothing left to train, Lightning still ran the loop to its end but
+            # logged no loss: the held-out loss is measured now, the training loss is the checkpoint's.
+            self._finish_training(trainer, self._final_minutes, val_loss=pl_module.held_out_loss(),
+                                  train_loss=self._train_loss)
+            return
         self._finish_training(trainer, self._final_minutes)
 
     def _training_minutes(self, trainer: L.Trainer) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +521,20 @@ def test_a_tiny_fit_prints_one_line_per_phase_and_no_lightning_chatter(tmp_path,
     lines = result.stdout.rstrip().splitlines()
     # The bar is drawn before the end-of-run lines, not again after them.
     assert lines[-1] == str(tmp_path / "runs" / "quiet") and lines[-2].startswith("codetune ✓ phase_6_export")
+
+
+def test_resuming_a_finished_run_keeps_its_final_losses(tmp_path):
+    """`make resume` of a run bounded by epochs that finished: Lightning runs the loop to its end again without a
+    step, and the manifest keeps the final losses of the weights it ends with instead of none. (This repository's
+    data package as the source: 18 steps an epoch, a shape where the loop does run again.)"""
+    runs, repo = tmp_path / "runs", tmp_path / "source"
+    shutil.copytree(ROOT / "codetune" / "data", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    assert main(["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
+                 "--data.cache_dir", str(tmp_path / "token-cache"), "--run_name", "done", "--trainer.max_epochs", "2",
+                 "--generation.max_new_tokens", "8"]) == 0
+    before = training_stats(runs / "done")
+    assert main(["fit", "--config", str(runs / "done" / "config.yaml"), "--ckpt_path", "last"]) == 0
+    after = training_stats(runs / "done")
+    assert after["final_train_loss"] == pytest.approx(before["final_train_loss"], rel=1e-6)
+    assert after["final_val_loss"] == pytest.approx(before["final_val_loss"], rel=1e-4)
+    assert after["optimizer_steps"] == before["optimizer_steps"]
