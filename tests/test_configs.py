@@ -110,31 +110,3 @@ def test_the_configs_are_package_data_and_the_checkout_links_to_them():
     globs = setup["options.package_data"]["codetune"].split()
     assert sorted(str(p.relative_to(packaged.parent)) for g in globs for p in packaged.parent.glob(g)) == \
         sorted(f"configs/{name}" for name in shipped)
-
-
-@pytest.mark.slow
-def test_a_wheel_holds_the_configs_as_files(tmp_path):
-    """`pip install .` gets the configs: build a wheel from a copy of the sources (about 2 s, nothing heavy)."""
-    import shutil
-    import subprocess
-    import sys
-    import zipfile
-
-    root = CONFIGS.parent
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
-        shutil.copy(root / name, src / name)
-    for package in ("codetune", "callbacks"):
-        shutil.copytree(root / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=120)
-    (wheel,) = (tmp_path / "dist").glob("codetune-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        files = {info.filename: info for info in archive.infolist()}
-        configs = sorted(name for name in files if name.startswith("codetune/configs/"))
-        assert configs == ["codetune/configs/presets/demo.yaml", "codetune/configs/training_config.yaml",
-                           "codetune/configs/training_config_rust.yaml"]
-        # Real files with the checkout's text, not links.
-        assert archive.read("codetune/configs/training_config_rust.yaml") == \
-            (CONFIGS / "training_config_rust.yaml").read_bytes()

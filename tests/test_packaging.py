@@ -40,9 +40,11 @@ def test_setup_cfg_lists_every_package_of_the_tree():
     assert tree_packages() <= packages, "add the missing package to setup.cfg [options] packages"
 
 
-@pytest.mark.slow
-def test_the_wheel_installs_callbacks_under_codetune_and_no_top_level_callbacks(tmp_path):
-    # Built from a copy: setuptools' build/ folder in the checkout would keep modules that moved since.
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the sources (a few seconds, nothing heavy): setuptools' build/ folder in the
+    checkout would keep modules that moved since."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "source"
     source.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
@@ -51,12 +53,15 @@ def test_the_wheel_installs_callbacks_under_codetune_and_no_top_level_callbacks(
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
-    wheel = next((tmp_path / "dist").glob("codetune-*.whl"))
+    return next((tmp_path / "dist").glob("codetune-*.whl"))
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_callbacks_under_codetune_and_no_top_level_callbacks(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("callbacks/")]
     shipped = {Path(n).name for n in names if n.startswith("codetune/callbacks/")}
     assert {p.name for p in (ROOT / "callbacks").glob("*.py")} <= shipped
-    assert "codetune/configs/training_config_rust.yaml" in names
     # A fresh venv with only codetune in it: `import callbacks` has nothing to find.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -69,6 +74,17 @@ def test_the_wheel_installs_callbacks_under_codetune_and_no_top_level_callbacks(
     out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                          check=True, timeout=60).stdout.split()
     assert out[0] == "True" and Path(out[1], "callbacks", "vram_monitor.py").is_file()
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_configs_as_files(wheel):
+    """`pip install .` gets the configs, as real files with the checkout's text (not links)."""
+    with zipfile.ZipFile(wheel) as archive:
+        configs = sorted(name for name in archive.namelist() if name.startswith("codetune/configs/"))
+        assert configs == ["codetune/configs/presets/demo.yaml", "codetune/configs/training_config.yaml",
+                           "codetune/configs/training_config_rust.yaml"]
+        assert archive.read("codetune/configs/training_config_rust.yaml") == \
+            (ROOT / "codetune" / "configs" / "training_config_rust.yaml").read_bytes()
 
 
 def documented_callbacks() -> list[str]:
