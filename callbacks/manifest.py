@@ -267,7 +267,7 @@ class ManifestWriter(Callback):
             self.manifest = Manifest(self.run_dir)
         datamodule = trainer.datamodule
         self._record_prepared(datamodule)
-        preparing = getattr(datamodule, "preparing", None)
+        preparing = datamodule.preparing
         if preparing is not None and self.manifest.phases.get(preparing, {}).get("status") != "running":
             self.manifest.start_phase(preparing)
         if isinstance(exception, (TrainingInterrupted, KeyboardInterrupt, DiskFullError)):

@@ -91,7 +91,7 @@ def test_training_time_excludes_the_generation_eval(tmp_path, fixture_repo, monk
 def test_an_interrupt_marks_the_phase_segment_and_run_interrupted_not_failed(tmp_path, capsys, checkpoint):
     writer = ManifestWriter()
     writer._trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_step=14, is_global_zero=True,
-                                      datamodule=SimpleNamespace(report={}))
+                                      datamodule=SimpleNamespace(report={}, preparing=None))
     writer.manifest = Manifest(tmp_path)
     writer.manifest.start_segment(resumed_from=None)
     writer.manifest.update_segment(start_step=0, end_step=14, training_minutes=0.25)  # by the interrupt's checkpoint
