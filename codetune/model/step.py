@@ -205,9 +205,10 @@ class StepNumerics:
             except RuntimeError as err:
                 if not is_out_of_memory(err):
                     raise
-            if halved(micro_batch) is None:
+            smaller = halved(micro_batch)
+            if smaller is None:
                 raise OutOfMemoryAtMinimumError(eval_oom_message(module.hparams.seq_len))
-            micro_batch = halved(micro_batch)
+            micro_batch = smaller
             discard_attempt(module)
 
 
