@@ -89,15 +89,16 @@ def write_fixture_repo(root: Path, n_copies: int = 6) -> Path:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-DEMO_CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-                "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+# The default config plus the tests' preset (tests/tiny.yaml: the random 'tiny' model on CPU, small windows).
+TINY_PRESET = str(ROOT / "tests" / "tiny.yaml")
+TINY_CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"), "--config", TINY_PRESET]
 
 
 def fit_command(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """`python -m codetune fit` on the demo preset, sized for tests (windows of 64, batches of 2 x 2)."""
+    """`python -m codetune fit` on the tests' preset, sized for tests (windows of 64, batches of 2 x 2)."""
     import sys
 
-    return [sys.executable, "-m", "codetune", "fit", *DEMO_CONFIGS, "--data.repo", str(repo),
+    return [sys.executable, "-m", "codetune", "fit", *TINY_CONFIGS, "--data.repo", str(repo),
             "--data.cache_dir", str(runs.parent / "token-cache"), "--runs_dir", str(runs), "--run_name", name,
             "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "2",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -160,11 +161,8 @@ def load_gpu_check(name: str = "gpu_check"):
 DEFAULT = str(ROOT / "configs" / "training_config.yaml")
 
 
-DEMO = str(ROOT / "configs" / "presets" / "demo.yaml")
-
-
 def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
+    return ["fit", "--config", DEFAULT, "--config", TINY_PRESET, "--data.repo", str(repo), "--runs_dir", str(runs),
             "--data.cache_dir", str(runs.parent / "token-cache"),
             "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
             "--data.gradient_accumulation_steps", "2", "--generation.max_new_tokens", "8",

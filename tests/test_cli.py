@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from codetune.__main__ import main
-from helpers import DEFAULT, DEMO, fit_args
+from helpers import DEFAULT, TINY_PRESET, fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_fit_writes_manifest_logs_and_prints_run_dir_last(trained_run):
     # Nothing that names this run: alone, the config re-runs as a new run (tests/multiprocess/test_never_lost.py).
     assert config["run_name"] is None and config["trainer"]["default_root_dir"] is None and manifest["run_name"] == "t"
     # One samples file per eval (the base, then each epoch end, the stopped third one included), each with the
-    # same prompts: the demo's 12 repo prompts, the default 16 FIM prompts and the config's language prompts.
+    # same prompts: the tests' preset's 12 repo prompts, the default 16 FIM prompts and the config's language prompts.
     samples = {p.name: [json.loads(line) for line in p.read_text().splitlines()]
                for p in (run_dir / "samples").glob("*.jsonl")}
     assert sorted(samples) == ["base.jsonl", "epoch_0.jsonl", "epoch_1.jsonl", "epoch_2.jsonl"]
@@ -191,7 +191,7 @@ def test_loss_goes_down(trained_run):
     run_dir, _ = trained_run
     losses = scalars(run_dir, "train/loss")
     assert len(losses) == STEPS
-    # 11 steps at the demo's settings (LoRA + trained embeddings) take the mean loss from ~6.2 to ~3.9;
+    # 11 steps at the tests' preset settings (LoRA + trained embeddings) take the mean loss from ~6.2 to ~3.9;
     # step-to-step noise is ~0.2, so a drop of 2 nats cannot come from noise.
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 2.0, losses
     # On the held-out files: from the base's ~6.3 (before the first step) to ~3.8.
@@ -200,7 +200,7 @@ def test_loss_goes_down(trained_run):
 
 
 def is_trained_weight(key: str) -> bool:
-    """LoRA factors, or the full copies of the layers the demo preset trains (modules_to_save)."""
+    """LoRA factors, or the full copies of the layers the tests' preset trains (modules_to_save)."""
     return "lora_" in key or any(f"{layer}." in key for layer in ("embed_tokens", "lm_head"))
 
 
@@ -358,7 +358,7 @@ def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, f
     from codetune.memory.units import GiB
     from codetune.model.module import CodeLoRAModule
 
-    args = ["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(fixture_repo),
+    args = ["fit", "--config", DEFAULT, "--config", TINY_PRESET, "--data.repo", str(fixture_repo),
             "--runs_dir", str(tmp_path / "runs"), "--run_name", "auto", "--data.cache_dir", str(tmp_path / "cache"),
             "--data.seq_len", "64", "--data.batch_size", "auto", "--generation.max_new_tokens", "2",
             "--generation.repo_prompts", "0", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2"]
@@ -368,7 +368,7 @@ def test_batch_size_auto_takes_the_largest_micro_batch_the_plan_fits(tmp_path, f
     plan_memory_for = CodeLoRAModule._plan_memory
 
     def on_a_card(module, config, quantize, dtype, device):
-        # The demo's settings as fit resolves them on the CPU: fp32, unquantized, AdamW, checkpointing off.
+        # The tests' preset settings as fit resolves them on the CPU: fp32, unquantized, AdamW, checkpointing off.
         shape = ModelShape.from_config(config)
         training = training_shape_for(
             seq_len=64, micro_batch_size=1, quantized_4bit=False, compute_dtype_bytes=4, lora_rank=8,
@@ -517,7 +517,7 @@ def test_a_tiny_fit_prints_one_line_per_phase_and_no_lightning_chatter(tmp_path,
     for chatter in ("GPU available", "TPU available", "Tip:", "Seed set to", "Loading `train_dataloader`",
                     "`Trainer.fit` stopped", "LeafSpec", "FLOPs", "Epoch 0/-2"):
         assert chatter not in output, chatter
-    assert "Epoch 0/5 (max 2 steps)" in result.stdout  # the demo preset: 6 epochs
+    assert "Epoch 0/5 (max 2 steps)" in result.stdout  # the tests' preset: 6 epochs
     lines = result.stdout.rstrip().splitlines()
     # The bar is drawn before the end-of-run lines, not again after them.
     assert lines[-1] == str(tmp_path / "runs" / "quiet") and lines[-2].startswith("codetune ✓ phase_6_export")
@@ -529,7 +529,7 @@ def test_resuming_a_finished_run_keeps_its_final_losses(tmp_path):
     data package as the source: 18 steps an epoch, a shape where the loop does run again.)"""
     runs, repo = tmp_path / "runs", tmp_path / "source"
     shutil.copytree(ROOT / "codetune" / "data", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    assert main(["fit", "--config", DEFAULT, "--config", DEMO, "--data.repo", str(repo), "--runs_dir", str(runs),
+    assert main(["fit", "--config", DEFAULT, "--config", TINY_PRESET, "--data.repo", str(repo), "--runs_dir", str(runs),
                  "--data.cache_dir", str(tmp_path / "token-cache"), "--run_name", "done", "--trainer.max_epochs", "2",
                  "--generation.max_new_tokens", "8"]) == 0
     before = training_stats(runs / "done")

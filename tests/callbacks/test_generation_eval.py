@@ -24,7 +24,7 @@ def evaluated_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     repo = write_fixture_repo(tmp / "repo")
     build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
-               "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(repo),
+               "--config", str(ROOT / "tests" / "tiny.yaml"), "--data.repo", str(repo),
                "--data.cache_dir", str(tmp / "cache"), "--runs_dir", str(tmp / "runs"), "--run_name", "ev",
                "--data.seq_len", "256", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "1",
                "--trainer.max_epochs", "8", "--trainer.enable_progress_bar", "false",
@@ -56,7 +56,7 @@ def infilling_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fim")
     repo = write_fixture_repo(tmp / "repo", n_copies=24)
     build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
-               "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(repo),
+               "--config", str(ROOT / "tests" / "tiny.yaml"), "--data.repo", str(repo),
                "--data.cache_dir", str(tmp / "cache"), "--runs_dir", str(tmp / "runs"), "--run_name", "fim",
                "--data.seq_len", "256", "--data.batch_size", "4", "--data.fim_rate", "0.9",
                "--data.fim_spm_rate", "0", "--trainer.max_epochs", "24", "--trainer.val_check_interval", "1.0",
@@ -193,7 +193,7 @@ def test_evaluating_does_not_change_what_is_learned(tmp_path, fixture_repo):
     sampled = ["--generation.base_eval", "true", "--generation.repo_prompts", "16", "--generation.fim_prompts", "4"]
     for name, evals in (("nothing", nothing), ("sampled", sampled)):
         build_cli(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"),
-                   "--config", str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(fixture_repo),
+                   "--config", str(ROOT / "tests" / "tiny.yaml"), "--data.repo", str(fixture_repo),
                    "--data.cache_dir", str(tmp_path / "cache"), "--runs_dir", str(tmp_path / "runs"),
                    "--run_name", name, "--data.seq_len", "64", "--data.batch_size", "2",
                    "--data.gradient_accumulation_steps", "1", "--trainer.max_epochs", "2",

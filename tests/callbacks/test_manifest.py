@@ -70,7 +70,7 @@ def test_training_time_excludes_the_generation_eval(tmp_path, fixture_repo, monk
     monkeypatch.setattr(GenerationEval, "_generate", slow_generate)
     started = time.perf_counter()
     assert main(["fit", "--config", str(ROOT / "configs" / "training_config.yaml"), "--config",
-                 str(ROOT / "configs" / "presets" / "demo.yaml"), "--data.repo", str(fixture_repo), "--runs_dir",
+                 str(ROOT / "tests" / "tiny.yaml"), "--data.repo", str(fixture_repo), "--runs_dir",
                  str(tmp_path / "runs"), "--run_name", "t", "--data.cache_dir", str(tmp_path / "cache"),
                  "--data.seq_len", "64", "--data.batch_size", "2", "--data.gradient_accumulation_steps", "2",
                  "--generation.max_new_tokens", "4", "--generation.repo_prompts", "2", "--trainer.max_steps", "2",

@@ -27,7 +27,7 @@ from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+           "--config", str(ROOT / "tests" / "tiny.yaml")]
 INJECT_AT = 2
 
 

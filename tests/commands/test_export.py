@@ -1,6 +1,6 @@
 """`codetune export RUN --to gguf|ollama|vllm`: what it writes, read back; and what it refuses.
 
-Two tiny Llama runs are trained on CPU: one LoRA only (the seven projections and lm_head), one with the demo's
+Two tiny Llama runs are trained on CPU: one LoRA only (the seven projections and lm_head), one with the tests' preset's
 `modules_to_save` (embed_tokens and lm_head trained in full). Other bases (Qwen2, tied or not, GPT-NeoX) are
 built from a config and wrapped with peft's real `get_peft_model`/`save_pretrained`, in a run directory laid
 out as `codetune fit` writes one.
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    """The demo preset as shipped: LoRA on the projections, embed_tokens and lm_head trained in full."""
+    """The tests' preset: LoRA on the projections, embed_tokens and lm_head trained in full."""
     from helpers import train_fixture_run
 
     tmp = tmp_path_factory.mktemp("export-demo")

@@ -70,13 +70,13 @@ def test_hub_ids_and_tiny_are_left_to_loading(tmp_path, monkeypatch, value):
 def test_fit_and_prepare_refuse_an_empty_model_directory_before_writing_anything(tmp_path, capsys):
     from codetune.__main__ import main
 
-    from helpers import DEMO_CONFIGS
+    from helpers import TINY_CONFIGS
 
     empty, repo = tmp_path / "emptymodel", tmp_path / "repo"
     empty.mkdir()
     repo.mkdir()
     (repo / "main.rs").write_text("fn main() {}\n")
-    common = [*DEMO_CONFIGS, "--data.repo", str(repo), "--model.name_or_path", str(empty),
+    common = [*TINY_CONFIGS, "--data.repo", str(repo), "--model.name_or_path", str(empty),
               "--data.cache_dir", str(tmp_path / "cache")]
     assert main(["fit", *common, "--runs_dir", str(tmp_path / "runs"), "--trainer.max_steps", "1"]) == 2
     assert main(["prepare", *common, "--out", str(tmp_path / "prepared")]) == 2

@@ -18,7 +18,7 @@ from codetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+           "--config", str(ROOT / "tests" / "tiny.yaml")]
 SMALL = ["--model.name_or_path", "tiny", "--data.seq_len", "64", "--data.batch_size", "2",
          "--data.gradient_accumulation_steps", "1", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false", "--generation.max_new_tokens", "4"]

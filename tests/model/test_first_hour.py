@@ -17,7 +17,7 @@ from codetune.memory.units import GiB
 from codetune.data.tokenizer import train_tokenizer
 from codetune.model.tiny import build_tiny_model
 
-from helpers import DEMO_CONFIGS as CONFIGS
+from helpers import TINY_CONFIGS as CONFIGS
 from helpers import ROOT
 
 

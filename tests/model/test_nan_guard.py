@@ -27,7 +27,7 @@ NAN_AT = 5  # optimizer step (trainer.global_step) whose loss is poisoned; check
 
 
 def fit_args(repo: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """The CLI test's command (demo preset, windows of 64), stopping at step 8 unless `extra` says otherwise."""
+    """The CLI test's command (the tests' preset, windows of 64), stopping at step 8 unless `extra` says otherwise."""
     from helpers import fit_args as cli_fit_args
 
     return cli_fit_args(repo, runs, name, "--trainer.max_steps", "8", *extra)

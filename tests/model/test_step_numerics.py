@@ -19,7 +19,7 @@ from codetune.model.loading import check_precision, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(ROOT / "configs" / "training_config.yaml"),
-           "--config", str(ROOT / "configs" / "presets" / "demo.yaml")]
+           "--config", str(ROOT / "tests" / "tiny.yaml")]
 
 
 @pytest.fixture(scope="module")

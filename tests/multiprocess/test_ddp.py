@@ -131,7 +131,7 @@ def test_two_ranks_train_the_adapter_one_process_trains_at_the_same_global_batch
 
 @pytest.mark.slow
 def test_bf16_modules_to_save_and_fp32_lora_all_reduce_together(tmp_path):
-    # The demo trains embed_tokens and lm_head in full: in bf16 they are bf16 next to the fp32 LoRA weights.
+    # The tests' preset trains embed_tokens and lm_head in full: in bf16 they are bf16 next to the fp32 LoRA weights.
     _, run_dir = run_ddp(tmp_path, "mixed", "--model.dtype", "bfloat16", "--trainer.max_steps", "2")
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
     assert manifest["status"] == "completed"
@@ -193,7 +193,7 @@ def test_every_rank_trains_at_the_plan_of_the_smallest_free_memory(tmp_path):
                          "--model.gradient_checkpointing", "auto", "--trainer.max_steps", "1",
                          f"--trainer.callbacks+={card}")
     reports = [json.loads((run_dir / f"card_rank{rank}.json").read_text()) for rank in (0, 1)]
-    # The demo's settings as fit resolves them on the CPU (fp32, unquantized, AdamW), planned for CUDA.
+    # The tests' preset settings as fit resolves them on the CPU (fp32, unquantized, AdamW), planned for CUDA.
     shape = ModelShape.from_config(AutoConfig.from_pretrained(run_dir / "base_model"))
     training = training_shape_for(
         seq_len=96, micro_batch_size=1, quantized_4bit=False, compute_dtype_bytes=4, lora_rank=8,
