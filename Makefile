@@ -18,10 +18,10 @@ CONFIG ?= configs/training_config.yaml
 MODEL_ARG := $(if $(MODEL),--model.name_or_path $(MODEL),)
 NAME_ARG := $(if $(RUN_NAME),--run_name $(RUN_NAME),)
 
-.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge export tensorboard test bench gpu-check clean clean-runs
+.PHONY: help install demo inspect compare plan prepare train train-rust resume generate merge export tensorboard test bench gpu-check embedded-model clean clean-runs
 
 help: ## List every target
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "  variables: REPO=path MODEL=hub-id-or-dir ARGS='--trainer.max_epochs=2' RUN=runs/<name> RUNS='runs/a runs/b' RUN_NAME=name OUT=dir TO=ollama CONFIG=file PROMPT='fn process'"
 
 install: $(VENV)/.installed ## Create .venv and install codetune with pinned versions (torch first)
@@ -75,6 +75,10 @@ merge: install ## Merge a run's adapter into its base (16-bit): make merge RUN=r
 export: install ## Export a run for llama.cpp, Ollama or vLLM: make export RUN=runs/<name> TO=gguf|ollama|vllm [ARGS=...]
 	@test -n "$(RUN)" -a -n "$(TO)" || { echo "make export: set RUN=runs/<name> and TO=gguf, ollama or vllm"; exit 2; }
 	@$(PY) -m codetune export "$(RUN)" --to "$(TO)" $(if $(OUT),--out "$(OUT)",) $(ARGS)
+
+embedded-model: install ## Rebuild the embedded model from Debian packages (apt-get as root; over an hour on 2 cores; resumable)
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends $$(grep -v '^#' bench/embedded/packages.txt)
+	$(PY) bench/embedded_model.py $(ARGS)
 
 tensorboard: install ## Serve the TensorBoard logs of every run under runs/
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

@@ -23,11 +23,21 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Either one lets transformers' AutoTokenizer load a directory without config.json.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
+# The pretrained model that `make embedded-model` builds into the package (bench/embedded_model.py). The name wins
+# over a directory of that name in the working directory, as 'tiny' does; `./embedded` names the directory.
+EMBEDDED_NAME = "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / EMBEDDED_NAME
+
+
+def model_location(name_or_path: str | Path) -> str:
+    """What transformers loads for `name_or_path`: the package's directory for 'embedded', else the value itself."""
+    return str(EMBEDDED_DIR) if str(name_or_path) == EMBEDDED_NAME else str(name_or_path)
 
 
 def local_model_dir(name_or_path: str | Path) -> Path | None:
-    """The directory `name_or_path` names, or None for a hub id (or anything that is not a directory)."""
-    path = Path(name_or_path).expanduser()
+    """The directory `name_or_path` names ('embedded': the package's), or None for a hub id (or anything that is
+    not a directory)."""
+    path = Path(model_location(name_or_path)).expanduser()
     return path if path.is_dir() else None
 
 
@@ -45,7 +55,11 @@ def check_model_source(name_or_path: str, flag: str, tokenizer_only: bool = Fals
     if not name_or_path.strip():
         raise ConfigError(f"{flag} is empty: give a Hugging Face id (e.g. Qwen/Qwen2.5-Coder-1.5B), a local model "
                           f"directory, or 'tiny'.")
-    path = Path(name_or_path).expanduser()
+    if name_or_path == EMBEDDED_NAME and not (EMBEDDED_DIR / CONFIG_FILE).is_file():
+        raise ConfigError(f"{flag} {EMBEDDED_NAME!r}: this install has no embedded model ({EMBEDDED_DIR} holds no "
+                          f"{CONFIG_FILE}). Build it with `make embedded-model` (bench/embedded_model.py), or use "
+                          f"'tiny' offline, a local model directory or a Hugging Face id.")
+    path = Path(model_location(name_or_path)).expanduser()
     if path.is_dir():
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         problem = None if tokenizer_only and has_tokenizer else config_problem(path)

@@ -22,6 +22,7 @@ import yaml
 
 from codetune.errors import ConfigError, NonFiniteWeightsError
 from codetune.model.revision import LOCAL, check_same_base, local_fingerprint, pinned_revision
+from codetune.data.model_source import model_location
 from codetune.data.tokenizer import TINY_NAME
 from codetune.storage import ADAPTER_DIR, BASE_MODEL_DIR, CONFIG_NAME, MANIFEST_NAME
 from codetune.run.manifest import resume_command
@@ -40,7 +41,7 @@ class RunConfig:
 
     run_dir: Path
     name_or_path: str
-    """model.name_or_path: hub id, local directory or 'tiny'."""
+    """model.name_or_path: hub id, local directory, 'embedded' or 'tiny'."""
     quantization: str
     """model.quantization: 'auto', 'nf4' or 'none'."""
     dtype: str
@@ -68,8 +69,10 @@ class RunConfig:
 
     @property
     def base_source(self) -> str:
-        """Where the base loads from: the run's base_model/ for 'tiny', the hub id or directory otherwise."""
-        return str(self.run_dir / BASE_MODEL_DIR) if self.name_or_path == TINY_NAME else self.name_or_path
+        """Where the base loads from: the run's base_model/ for 'tiny', the package's directory for 'embedded', the
+        hub id or directory otherwise."""
+        return str(self.run_dir / BASE_MODEL_DIR) if self.name_or_path == TINY_NAME else \
+            model_location(self.name_or_path)
 
 
 def load_run_config(run: str | Path) -> RunConfig:

@@ -9,7 +9,8 @@ import pytest
 
 from codetune.data.datamodule import CodeDataModule
 from codetune.errors import ConfigError
-from codetune.data.model_source import check_model_source, written_as_path
+import codetune.data.model_source as model_source
+from codetune.data.model_source import check_model_source, local_model_dir, model_location, written_as_path
 from codetune.model.module import CodeLoRAModule
 
 FLAG = "--model.name_or_path"
@@ -92,3 +93,34 @@ def test_a_tokenizer_directory_is_enough_for_the_data_module_not_for_the_model(t
     CodeDataModule(repo=str(tmp_path), tokenizer=str(tokenizer_only))
     with pytest.raises(ConfigError, match=r"it has no config\.json"):
         CodeLoRAModule(name_or_path=str(tokenizer_only))
+
+
+@pytest.fixture
+def embedded_dir(tmp_path, monkeypatch) -> Path:
+    """Where the package keeps the embedded model, pointed at an empty directory of this test's own."""
+    directory = tmp_path / "package" / "embedded"
+    directory.mkdir(parents=True)
+    monkeypatch.setattr(model_source, "EMBEDDED_DIR", directory)
+    return directory
+
+
+def test_embedded_names_the_package_directory_wherever_the_command_runs(tmp_path, monkeypatch, embedded_dir):
+    from codetune.data.tokenizer import train_tokenizer
+    from codetune.model.tiny import build_tiny_model
+
+    tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300)
+    build_tiny_model(tokenizer).save_pretrained(embedded_dir)
+    tokenizer.save_pretrained(embedded_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "embedded").mkdir()  # a directory of that name here does not shadow the package's model
+    assert model_location("embedded") == str(embedded_dir) and local_model_dir("embedded") == embedded_dir
+    assert model_location("./embedded") == "./embedded"
+    assert check_model_source("embedded", FLAG) is None
+    from codetune.commands.plan import model_config_file
+    assert model_config_file("embedded") == embedded_dir / "config.json"
+
+
+def test_an_install_without_the_embedded_model_says_how_to_build_it(embedded_dir):
+    with pytest.raises(ConfigError, match=r"--model.name_or_path 'embedded': this install has no embedded model .*"
+                                          r"make embedded-model"):
+        check_model_source("embedded", FLAG)
