@@ -120,7 +120,7 @@ def timed_fit(name: str, args: list[str], runs: Path) -> dict[str, Any]:
         "steps": stats.get("optimizer_steps"), "final_train_loss": stats.get("final_train_loss"),
         "perplexity_base": (evaluation.get("base") or {}).get("perplexity"),
         "perplexity_final": (evaluation.get("final") or {}).get("perplexity"),
-        "eval_budget_hit": evaluation.get("budget_hit"), "prompts": evaluation.get("prompts"),
+        "eval_budget_hit": evaluation.get("budget_hit"), "prompts": {"repo": evaluation.get("repo_prompts_scored"), "fim": evaluation.get("fim_prompts_scored")},
         "completion": {key: [(evaluation.get(stage) or {}).get(key) for stage in ("base", "final")]
                        for key in COMPLETION},
     }

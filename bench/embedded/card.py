@@ -52,5 +52,6 @@ def reserved_figures(python: str = sys.executable) -> dict:
         out[name] = {"repo": str(repo), "val_fraction": val_fraction, "seconds": time.perf_counter() - started,
                      "base": {k: evaluation["base"].get(k) for k in METRICS},
                      "tuned": {k: evaluation["final"].get(k) for k in METRICS},
-                     "prompts": evaluation.get("prompts")}
+                     "prompts": {"repo": evaluation.get("repo_prompts_scored"),
+                                 "fim": evaluation.get("fim_prompts_scored")}}
     return out
