@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from codetune.data.model_source import model_location
+from codetune.data.model_source import local_model_dir
 from codetune.errors import ConfigError, exit_status
 from codetune.model.kernels import parse_capability
 from codetune.memory.estimate import plan_memory
@@ -212,8 +212,8 @@ def load_model_config(name_or_path: str, tiny_vocab_size: int, seq_len: int) -> 
 
 def model_config_file(name_or_path: str) -> Path:
     """`config.json` of a local model directory, or of a hub id already in the Hugging Face cache."""
-    local = Path(model_location(name_or_path)).expanduser()
-    if local.is_dir():
+    local = local_model_dir(name_or_path)
+    if local is not None:
         if (local / "config.json").is_file():
             return local / "config.json"
         raise ConfigError(f"--model.name_or_path {name_or_path!r}: the directory has no config.json. Point it at "

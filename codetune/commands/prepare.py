@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from codetune.cli import CodetuneCLI, build_cli
 from codetune.data.datamodule import CodeDataModule
-from codetune.data.model_source import model_location
+from codetune.data.model_source import local_model_dir
 from codetune.errors import ConfigError
 from codetune.data.tokenizer import TINY_NAME
 from codetune.storage import PREPARE_MARKER, atomic_save_dir, replaceable_output_dir, write_output_marker
@@ -119,7 +119,8 @@ def _check_model_context(name_or_path: str, seq_len: int, trust_remote_code: boo
     from codetune.model.loading import check_context
 
     try:
-        config = AutoConfig.from_pretrained(model_location(name_or_path), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(local_model_dir(name_or_path) or name_or_path),
+                                            trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(f"--model.name_or_path {name_or_path!r}: its config could not be loaded "
                           f"({str(err).strip().rstrip('.')}). Use a local model directory or a cached hub id, "

@@ -48,7 +48,7 @@ from codetune.model.messages import (full_layers_fix, last_checkpoint, non_finit
 from codetune.model.resume import check_restores_every_trainable_tensor, rescale_learning_rate
 from codetune.model.step import (StepNumerics, disable_ddp_backward_sync, flash_attention, grad_norm_vote, one_row,
                                  stepped_parameters, step_optimizer, sum_over_ranks)
-from codetune.data.model_source import check_model_source, model_location
+from codetune.data.model_source import check_model_source
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.data.tokenizer import TINY_NAME
@@ -174,7 +174,7 @@ class CodeLoRAModule(L.LightningModule):
         self.tokenizer = self.trainer.datamodule.tokenizer
         device = self.trainer.strategy.root_device
         cuda = device.type == "cuda"
-        source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else model_location(hp.name_or_path)
+        source = self._tiny_base_dir() if hp.name_or_path == TINY_NAME else hp.name_or_path
         quantize = resolve_quantization(hp.quantization, cuda)
         self.optimizer_name = resolve_optimizer(hp.optimizer, quantize, cuda)
         self.capability = cuda_capability(device) if cuda else None

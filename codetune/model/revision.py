@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from codetune.data.model_source import local_model_dir
 from codetune.errors import ConfigError
 
 HUB, LOCAL = "hub", "local"
@@ -38,8 +39,8 @@ _SAMPLES, _SAMPLE_BYTES = 8, 64 * 1024
 def base_revision(source: str | Path, revision: str | None = None) -> dict[str, Any]:
     """What the base at `source` is now: `{"kind": "hub", "revision": <commit>, "requested": revision}` for a hub
     id, `{"kind": "local", "revision": "sha256:...", "path": ..., "files": {name: digest}}` for a directory."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path = local_model_dir(source)
+    if path is not None:
         return local_fingerprint(path)
     return {"kind": HUB, "revision": hub_commit(str(source), revision), "requested": revision}
 
