@@ -35,6 +35,8 @@ from embedded.corpus import build_corpus  # noqa: E402
 from embedded.model_card import write_card  # noqa: E402
 from embedded.pretrain import export_model, pretrain  # noqa: E402
 
+from codetune.storage import atomic_write_text  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "codetune" / "embedded"
 PHASES = ("corpus", "tokenizer", "pretrain", "export", "card")
@@ -57,7 +59,7 @@ def timed_pretrain(work: Path, max_steps: int) -> None:
     started = time.time()
     pretrain(work / "corpus", work / "model", work / "train", max_steps=max_steps)
     sessions.append({"started": started, "ended": time.time(), "max_steps": max_steps})
-    log.write_text(json.dumps(sessions, indent=1))
+    atomic_write_text(log, json.dumps(sessions, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         export_model(work / "train" / "checkpoints" / "last.ckpt", work / "model", EMBEDDED)
     if "card" in todo:
         figures = reserved_figures()
-        (work / "figures.json").write_text(json.dumps(figures, indent=1))
+        atomic_write_text(work / "figures.json", json.dumps(figures, indent=1))
         write_card(EMBEDDED / "README.md", work, figures)
     return 0
 

@@ -120,7 +120,8 @@ def timed_fit(name: str, args: list[str], runs: Path) -> dict[str, Any]:
         "steps": stats.get("optimizer_steps"), "final_train_loss": stats.get("final_train_loss"),
         "perplexity_base": (evaluation.get("base") or {}).get("perplexity"),
         "perplexity_final": (evaluation.get("final") or {}).get("perplexity"),
-        "eval_budget_hit": evaluation.get("budget_hit"), "prompts": {"repo": evaluation.get("repo_prompts_scored"), "fim": evaluation.get("fim_prompts_scored")},
+        "eval_budget_hit": evaluation.get("budget_hit"),
+        "prompts": {"repo": evaluation.get("repo_prompts_scored"), "fim": evaluation.get("fim_prompts_scored")},
         "completion": {key: [(evaluation.get(stage) or {}).get(key) for stage in ("base", "final")]
                        for key in COMPLETION},
     }
@@ -149,7 +150,8 @@ def print_fit(fit: dict[str, Any], goal_s: float | None) -> None:
     ppl = (f"{fit['perplexity_base']:,.0f} -> {fit['perplexity_final']:,.1f}"
            if fit["perplexity_base"] and fit["perplexity_final"] else "—")
     print(f"  final train loss {fit['final_train_loss']:.3f}, held-out perplexity {ppl}")
-    figures = ", ".join(f"{key} {_figure(base)} -> {_figure(final)}" for key, (base, final) in fit["completion"].items())
+    figures = ", ".join(f"{key} {_figure(base)} -> {_figure(final)}"
+                        for key, (base, final) in fit["completion"].items())
     print(f"  {figures} (prompts: {fit['prompts']})")
 
 

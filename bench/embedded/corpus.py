@@ -1,8 +1,9 @@
 """The embedded model's corpus: permissively licensed Rust and Python sources from Debian packages.
 
 Rust comes from the `librust-*-dev` crates under /usr/share/cargo/registry, Python from the installed
-`python3-*` packages. A file is taken only when the licence its package's `debian/copyright` gives it is MIT, Apache-2.0 or BSD, file by file (the stanza DEP-5 applies to each file; any alternative of an
-"or" will do; a copyright file that is not machine-readable admits nothing).
+`python3-*` packages. A file is taken only when the licence its package's `debian/copyright` gives it is MIT,
+Apache-2.0 or BSD, file by file (the stanza DEP-5 applies to each file; any alternative of an "or" will do; a
+copyright file that is not machine-readable admits nothing).
 Code reserved for evaluation never enters it: the tokio crates (tokio, tokio-util, tokio-macros, ...), the
 `requests` package, any copy of either vendored inside another package (a directory named `requests` or
 `tokio`, as pip's `pip/_vendor/requests/`), and codetune itself (not a Debian package).
@@ -22,6 +23,8 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from codetune.storage import atomic_write_text
 
 CARGO_REGISTRY = Path("/usr/share/cargo/registry")
 DOC = Path("/usr/share/doc")
@@ -161,5 +164,5 @@ def build_corpus(out_dir: Path, per_package_bytes: int = 200_000, seed: int = 0)
     summary = {"packages": taken, "refused_or_empty": refused, "per_package_bytes": per_package_bytes,
                "reserved": ["the tokio crates (tokio*)", "python3-requests", "vendored requests/ and tokio/ directories",
                             "codetune"]}
-    (out_dir / "corpus.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out_dir / "corpus.json", json.dumps(summary, indent=1))
     return summary

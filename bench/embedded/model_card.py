@@ -21,12 +21,8 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def package_tokens(corpus: Path, model_dir: Path) -> dict[str, int]:
+def package_tokens(corpus: Path, summary: dict, tokenizer) -> dict[str, int]:
     """Tokens of each package's files under the embedded tokenizer (end-of-text, FIM and headers excluded)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    summary = json.loads((corpus / "corpus.json").read_text())
     out = {}
     for package in summary["packages"]:
         texts = [(corpus / f).read_text(errors="replace") for f in package["files"]]
@@ -60,8 +56,7 @@ def figures_table(figures: dict) -> list[str]:
     return lines
 
 
-def corpus_table(corpus: Path, tokens: dict[str, int]) -> list[str]:
-    summary = json.loads((corpus / "corpus.json").read_text())
+def corpus_table(summary: dict, tokens: dict[str, int]) -> list[str]:
     lines = ["| package | version | licence (as debian/copyright names it) | files | tokens |", "|---|---|---|---|---|"]
     for p in summary["packages"]:
         lines.append(f"| {p['name']} | {p['version']} | {p['licence']} | {len(p['files'])} | {tokens[p['name']]:,} |")
@@ -70,18 +65,23 @@ def corpus_table(corpus: Path, tokens: dict[str, int]) -> list[str]:
 
 def write_card(path: Path, work: Path, figures: dict) -> None:
     """Write the card atomically from WORK's corpus, pretraining record and the reserved-code figures."""
+    from transformers import AutoTokenizer
+
     from codetune.storage import atomic_write_text
 
-    tokens = package_tokens(work / "corpus", work / "model")
-    record = pretraining_record(work)
     summary = json.loads((work / "corpus" / "corpus.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    tokens = package_tokens(work / "corpus", summary, tokenizer)
+    record = pretraining_record(work)
+    record.update(vocabulary=len(tokenizer), corpus_tokens=sum(tokens.values()),
+                  per_package_kb=summary["per_package_bytes"] // 1000)
     by_language = {}
     for p in summary["packages"]:
         entry = by_language.setdefault(p["language"], [0, 0, 0])
         entry[0] += 1
         entry[1] += len(p["files"])
         entry[2] += tokens[p["name"]]
-    text = "\n".join(card_lines(record, by_language, figures, corpus_table(work / "corpus", tokens))) + "\n"
+    text = "\n".join(card_lines(record, by_language, figures, corpus_table(summary, tokens))) + "\n"
     atomic_write_text(path, text)
 
 
@@ -99,12 +99,14 @@ def card_lines(record: dict, by_language: dict, figures: dict, corpus_rows: list
         "",
         f"- Architecture: Llama, {hp['num_layers']} layers, hidden {hp['hidden_size']}, {hp['num_heads']} heads, "
         f"MLP {hp['intermediate_size']}, tied embeddings, RoPE, context 4,096; 16-bit safetensors.",
-        "- Tokenizer: byte-level BPE, 8,192 entries, Qwen2's pre-tokenizer split, with Qwen2.5-Coder's special",
+        f"- Tokenizer: byte-level BPE, {record['vocabulary']:,} entries, Qwen2's pre-tokenizer split, with "
+        "Qwen2.5-Coder's special",
         "  tokens by name: `<|endoftext|>`, `<|fim_prefix|>`, `<|fim_middle|>`, `<|fim_suffix|>`, `<|fim_pad|>`,",
         "  `<|repo_name|>`, `<|file_sep|>`.",
         "- Licence: Apache-2.0, as codetune. Its corpus is MIT, Apache-2.0 or BSD code only (table below).",
         "- Never in its corpus, reserved for evaluation: the tokio crates (tokio, tokio-util, tokio-macros,",
-        "  tokio-native-tls, tokio-rustls), the `requests` package, and codetune itself.",
+        "  tokio-native-tls, tokio-rustls), the `requests` package, any copy of either vendored in another package",
+        "  (pip's `pip/_vendor/requests/`), and codetune itself.",
         "",
         "## Rebuild",
         "",
@@ -118,7 +120,8 @@ def card_lines(record: dict, by_language: dict, figures: dict, corpus_rows: list
         "## Recipe",
         "",
         f"- {record['steps']:,} optimizer steps of 16 windows x 512 tokens: {record['tokens'] / 1e6:.1f}M tokens, "
-        "about one pass over the corpus.",
+        f"{record['tokens'] / record['corpus_tokens']:.2f} passes over the corpus's "
+        f"{record['corpus_tokens'] / 1e6:.1f}M.",
         "- Every window as codetune fits it: files packed without attention across them, each headed",
         "  `<|file_sep|>path`, half the pieces fill-in-the-middle (half PSM, half SPM), redrawn every epoch.",
         f"- AdamW (0.9, 0.95), weight decay {hp['weight_decay']}, peak learning rate {hp['learning_rate']}, "
@@ -131,8 +134,9 @@ def card_lines(record: dict, by_language: dict, figures: dict, corpus_rows: list
         "",
         "Each column pair is one `codetune fit` of this model: the base is the model as shipped; tuned is after",
         "150 LoRA steps of 8 x 256 tokens on the package's other files (tokio: 9/10 of the crate, measured on",
-        "the other tenth; requests: half its files, measured on the other half). Repo prompts:",
-        f"tokio {tokio['prompts']}, requests {requests['prompts']}.",
+        "the other tenth; requests: half its files, measured on the other half). Scored prompts (repo / FIM):",
+        f"tokio {tokio['prompts']['repo']} / {tokio['prompts']['fim']}, "
+        f"requests {requests['prompts']['repo']} / {requests['prompts']['fim']}.",
         "",
         *figures_table(figures),
         "",
@@ -140,7 +144,8 @@ def card_lines(record: dict, by_language: dict, figures: dict, corpus_rows: list
         "",
         "".join(f"{lang}: {n} packages, {files:,} files, {toks / 1e6:.1f}M tokens. "
                 for lang, (n, files, toks) in sorted(by_language.items())).strip(),
-        "Each package gives at most 200 KB of source, its files in a seeded order, and only the files whose",
+        f"Each package gives at most {record['per_package_kb']} KB of source, its files in a seeded order, and only "
+        "the files whose",
         "licence its `debian/copyright` gives as MIT, Apache-2.0 or BSD (Debian 12 packages).",
         "",
         "<details><summary>Every package</summary>",

@@ -19,7 +19,7 @@ from codetune.model.loss import causal_lm_loss_sum
 
 
 def llama_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
-                 max_position_embeddings: int = 4096):
+                 dtype: torch.dtype, max_position_embeddings: int = 4096):
     from transformers import LlamaConfig
 
     from codetune.model.tiny import padded_vocab_size
@@ -29,7 +29,7 @@ def llama_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int, i
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float16")
+        pad_token_id=tokenizer.pad_token_id, dtype=dtype)
 
 
 class Pretraining(L.LightningModule):
@@ -50,8 +50,8 @@ class Pretraining(L.LightningModule):
 
         hp = self.hparams
         tokenizer = AutoTokenizer.from_pretrained(hp.model_dir)
-        config = llama_config(tokenizer, hp.hidden_size, hp.num_layers, hp.num_heads, hp.intermediate_size)
-        config.torch_dtype = torch.float32
+        config = llama_config(tokenizer, hp.hidden_size, hp.num_layers, hp.num_heads, hp.intermediate_size,
+                              torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             self.model = LlamaForCausalLM(config)
@@ -133,7 +133,8 @@ def export_model(checkpoint: Path, model_dir: Path, out: Path) -> Path:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     hp = state["hyper_parameters"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = llama_config(tokenizer, hp["hidden_size"], hp["num_layers"], hp["num_heads"], hp["intermediate_size"])
+    config = llama_config(tokenizer, hp["hidden_size"], hp["num_layers"], hp["num_heads"], hp["intermediate_size"],
+                          torch.float16)
     model = LlamaForCausalLM(config)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     model.load_state_dict(weights, strict=False)  # lm_head.weight is tied to the embeddings
