@@ -33,6 +33,7 @@ from codetune.storage import atomic_write_text
 
 SAMPLES_DIR = "samples"
 FIM_MAX_PREFIX_CHARS, FIM_MAX_SUFFIX_CHARS = 1500, 800
+REPO_MAX_PREFIX_CHARS = 4000
 BASE = "base"
 # How long the other ranks wait for rank zero's generations: far above any eval's bounded cost, yet finite if
 # rank zero hangs (if it fails, its process exits and the waiting ranks' barrier fails at once).
@@ -183,7 +184,7 @@ class GenerationEval(Callback):
         self._fim_prompts: list[FimPrompt] = []
         self._scored_fim_prompts: int | None = None  # as _scored_repo_prompts, for the FIM prompts
         self._fim_tokens: FimTokens | None = None
-        self._file_headers = False  # whether the training files (so the FIM requests) start with a file header
+        self._file_headers = False  # whether the training files (so the requests) start with a file header
         self._wait_group: Any = None  # the gloo group the other ranks wait in (DDP only)
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -203,8 +204,11 @@ class GenerationEval(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            chosen = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts,
-                                  seed=self.seed) if self.n_repo_prompts else []
+            self._fim_tokens = trainer.datamodule.fim_tokens
+            self._file_headers = trainer.datamodule.hparams.file_headers
+            prefix_chars = _repo_prefix_chars(trainer.datamodule, pl_module.tokenizer, self.max_new_tokens)
+            chosen = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts, seed=self.seed,
+                                  max_prefix_chars=prefix_chars) if self.n_repo_prompts else []
             # Shortest truth first: a batch costs as many steps as its longest row, and a row stops once it has
             # its truth's lines, so rows of similar truths stop together.
             self._repo_prompts = sorted(chosen, key=lambda p: len(p.continuation.splitlines()))
@@ -238,10 +242,8 @@ class GenerationEval(Callback):
     def _choose_fim_prompts(self, datamodule: L.LightningDataModule, pl_module: L.LightningModule) -> list[FimPrompt]:
         """The run's FIM prompts, cut where the model's tokenizer cuts lines, shortest truth first (line masks
         before one-line bodies); none without FIM sentinels (the data module already said so) or `fim_prompts` 0."""
-        self._fim_tokens = datamodule.fim_tokens
         if self._fim_tokens is None or not self.n_fim_prompts:
             return []
-        self._file_headers = datamodule.hparams.file_headers
         style = line_cut_style(pl_module.tokenizer)
         prefix_chars, suffix_chars = _fim_context_chars(datamodule, pl_module.tokenizer)
         chosen = fim_prompts(datamodule.val_sources, self.n_fim_prompts, seed=self.seed, style=style,
@@ -335,9 +337,14 @@ class GenerationEval(Callback):
         """Repo prompts first (scored: the budget cuts the language samples first), then the FIM prompts
         (scored), then the language ones."""
         sample_cap = min(self.sample_tokens, self.max_new_tokens)
-        return ([repo_request(p, self.max_new_tokens) for p in prompts]
+        return ([repo_request(p, self.max_new_tokens, self._header(p.path) if not p.head else "") for p in prompts]
                 + [fim_request(p, self._fim_tokens, self._file_headers, self.max_new_tokens) for p in fim]
                 + [language_request(text, sample_cap) for text in self.prompts])
+
+    def _header(self, path: str) -> str:
+        """The header a training file starts with (`--data.file_headers`), or nothing."""
+        tokens = self._fim_tokens
+        return tokens.header(path) if self._file_headers and tokens and tokens.file_sep_text else ""
 
     def _report_budget_hit(self, name: str, done: int, total: int, fixes_the_set: bool,
                            scored: _Scored) -> dict[str, Any]:
@@ -447,10 +454,21 @@ class GenerationEval(Callback):
 
 def _fim_context_chars(datamodule: L.LightningDataModule, tokenizer: Any) -> tuple[int, int]:
     """Prefix and suffix bounds (characters) of the FIM prompts: an infill request fits a training window, as every
-    FIM sample did (half of it prefix, a quarter suffix, the rest for the middle), and at most 1500 + 800 characters.
-    Characters per token are measured on the held-out files themselves."""
-    seq_len = datamodule.seq_len
+    FIM sample did (half of it prefix, a quarter suffix, the rest for the middle), and at most 1500 + 800 characters."""
+    per_token = _chars_per_token(datamodule, tokenizer)
+    return (min(FIM_MAX_PREFIX_CHARS, int(datamodule.seq_len * per_token / 2)),
+            min(FIM_MAX_SUFFIX_CHARS, int(datamodule.seq_len * per_token / 4)))
+
+
+def _repo_prefix_chars(datamodule: L.LightningDataModule, tokenizer: Any, max_new_tokens: int) -> int:
+    """Prefix bound (characters) of the repo prompts: the prompt and its completion fit a training window, whose
+    positions are the ones the model learned (at least a quarter of the window for the prompt), and at most
+    `REPO_MAX_PREFIX_CHARS`."""
+    tokens = max(datamodule.seq_len // 4, datamodule.seq_len - max_new_tokens)
+    return min(REPO_MAX_PREFIX_CHARS, int(tokens * _chars_per_token(datamodule, tokenizer)))
+
+
+def _chars_per_token(datamodule: L.LightningDataModule, tokenizer: Any) -> float:
+    """Characters per token of the held-out files themselves (their first 20,000 characters)."""
     text = "".join(text for _, _, text in datamodule.val_sources)[:20_000]
-    per_token = len(text) / max(len(tokenizer(text, add_special_tokens=False)["input_ids"]), 1) if text else 3.0
-    return (min(FIM_MAX_PREFIX_CHARS, int(seq_len * per_token / 2)),
-            min(FIM_MAX_SUFFIX_CHARS, int(seq_len * per_token / 4)))
+    return len(text) / max(len(tokenizer(text, add_special_tokens=False)["input_ids"]), 1) if text else 3.0

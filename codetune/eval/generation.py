@@ -141,9 +141,10 @@ def completion_of(tokenizer: PreTrainedTokenizerBase, row: torch.Tensor, stopped
 # -- the evaluation's requests ---------------------------------------------------------------------------------
 
 
-def repo_request(prompt: RepoPrompt, cap: int) -> Request:
-    """A repo prompt, complete once it holds the part of the continuation its metrics read."""
-    return Request(prompt.model_input, partial(holds_scored_prefix, truth=prompt.continuation), cap)
+def repo_request(prompt: RepoPrompt, cap: int, header: str = "") -> Request:
+    """A repo prompt after `header` (a file's header, when training files start with one and the prompt starts the
+    file), complete once it holds the part of the continuation its metrics read."""
+    return Request(header + prompt.model_input, partial(holds_scored_prefix, truth=prompt.continuation), cap)
 
 
 def fim_request(prompt: FimPrompt, tokens: FimTokens, file_headers: bool, max_new_tokens: int) -> Request:

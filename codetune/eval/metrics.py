@@ -177,7 +177,7 @@ def syntax_valid(code: str, language: str, *, truncated: bool = True) -> bool | 
     With `truncated` (the generation was cut: by `max_new_tokens` or at its scored prefix), an unfinished tail is tolerated by the
     rule in the module docstring; otherwise the whole text must parse without ERROR or MISSING nodes.
     """
-    parser = _parser(language)
+    parser = grammar_parser(language)
     if parser is None:
         return None
     if not parser.parse(code.encode()).root_node.has_error:
@@ -202,7 +202,8 @@ def syntax_validity_rate(samples: Iterable[tuple[str, str] | tuple[str, str, boo
 
 
 @cache
-def _parser(language: str) -> tree_sitter.Parser | None:
+def grammar_parser(language: str) -> tree_sitter.Parser | None:
+    """A tree-sitter parser for `language` (one per language, reused), or None when codetune has no grammar for it."""
     grammar = _GRAMMARS.get(language)
     return tree_sitter.Parser(tree_sitter.Language(grammar())) if grammar else None
 

@@ -2,7 +2,10 @@
 
 A prompt is a held-out file cut just after the first line of a function or item: the model sees
 everything up to and including that line (its signature, so it must write the body) and its
-generation is compared with the file's own text after the cut (`codetune.eval.metrics`).
+generation is compared with the file's own text after the cut (`codetune.eval.metrics`). When
+comments or a docstring follow the boundary line (`codetune.eval.code_lines` tells them by the
+parse), the cut moves past them: the next line the model writes, the one exact match reads, is code,
+as when a user has written the signature and its docstring and asks for the body.
 
 **Boundaries** are found by a regular expression on line starts, after optional indentation (so
 methods and nested items count). Tree-sitter was weighed and left out: a line-start rule needs no
@@ -16,7 +19,7 @@ miss is a matching line inside a multi-line string, which still makes a fair com
 * Any other language (Markdown, TOML, ...): a paragraph start, i.e. a non-blank line right after a
   blank line.
 
-**Cutting.** For a boundary on line *i*, `prefix` is the file's text from the start of the file
+**Cutting.** For a boundary on line *i* (or the last prose line after it), `prefix` is the file's text from the start of the file
 through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines
 are dropped from the front (it starts at a line start) and kept in `head`, so
 `head + prefix + generation` (`RepoPrompt.program`) is the whole file up to the cut followed by the
@@ -44,6 +47,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from codetune.eval.code_lines import prose_lines
+
 _BOUNDARY = {
     "rust": re.compile(
         r"[ \t]*(?:#\[|(?:pub(?:\([^)\n]*\))?\s+)?(?:(?:async|const|unsafe|extern\s+\"[^\"\n]*\")\s+)*"
@@ -65,7 +70,7 @@ class RepoPrompt:
     continuation: str
     """The file's own text after `prefix`, bounded in lines and characters."""
     line: int
-    """1-based line number of the boundary line in the file."""
+    """1-based number of the prompt's last line: the boundary line, or the end of the prose right after it."""
     head: str
     """File text before `prefix`, cut off to respect `max_prefix_chars` (empty when nothing was)."""
 
@@ -103,10 +108,11 @@ def repo_prompts(
     for path, language, text in files:
         lines = split_lines(text)
         offsets = list(accumulate(map(len, lines), initial=0))
+        prose = prose_lines(text, language) or frozenset()
         prompts = [
             p for i in _boundary_indices(lines, language)
-            if (p := _cut(path, language, lines, offsets, i, min_prefix_lines, max_prefix_chars,
-                          max_continuation_lines, max_continuation_chars)) is not None
+            if (p := _cut(path, language, lines, offsets, _past_prose(lines, prose, i), min_prefix_lines,
+                          max_prefix_chars, max_continuation_lines, max_continuation_chars)) is not None
         ]
         prompts.sort(key=lambda p: _rank(seed, p.path, p.line))
         ranked.append((path, prompts[:max_per_file]))
@@ -130,6 +136,17 @@ def split_lines(text: str) -> list[str]:
     """Lines of `text` with their newlines; only "\\n" ends a line (`str.splitlines` also splits at
     form feeds and U+2028, which would shift line numbers against every editor)."""
     return _LINE.findall(text)
+
+
+def _past_prose(lines: Sequence[str], prose: frozenset[int], i: int) -> int:
+    """The last line of the prose (and blank lines between it) right after line `i`, or `i` when code follows."""
+    last = i
+    for k in range(i + 1, len(lines)):
+        if k in prose:
+            last = k
+        elif lines[k].strip():
+            break
+    return last
 
 
 def _boundary_indices(lines: Sequence[str], language: str) -> list[int]:

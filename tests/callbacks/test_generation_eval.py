@@ -417,11 +417,47 @@ def test_fim_prompts_are_generated_and_scored_at_the_base_and_every_epoch(tmp_pa
     assert rows["FIM syntax-valid files"] == ["1.000", "0.500", "-0.500"] and "FIM block chrF" in rows
 
 
+def test_repo_prompts_and_their_completion_fit_one_training_window(tmp_path, tiny_tokenizer):
+    """A model knows the positions it was trained on: a prompt longer than a training window asks it for
+    completions at positions no window ever had (the default 4,000 characters are ~1,200 tokens; a demo's
+    windows are 256)."""
+    data = _FimData(None)
+    data.seq_len = 128
+    body = "".join(f"def step_{i}(value):\n    return value + {i}\n\n\n" for i in range(60))
+    data.val_sources = [(f"src/m{k}.py", "python", body) for k in range(3)]
+    callback = GenerationEval(prompts=[], max_new_tokens=32, repo_prompts=6, fim_prompts=0)
+    callback._generate_batch = _Infiller(callback).generate_batch
+    callback.on_train_start(_fim_trainer(tmp_path, data), _FimModule(tiny_tokenizer))
+    prompts = callback._repo_prompts
+    assert len(prompts) == 6 and all(p.head for p in prompts)  # every prefix was cut
+    for p in prompts:
+        assert len(tiny_tokenizer(p.model_input, add_special_tokens=False).input_ids) + 32 <= data.seq_len
+
+
 def test_fim_requests_start_with_the_file_header_when_training_files_do(tmp_path, tiny_tokenizer):
     callback, infiller, _ = _fim_run(tmp_path, tiny_tokenizer, file_headers=True, repo_prompts=0, fim_prompts=2)
     tokens, fim = callback._fim_tokens, callback._fim_prompts
     assert [r.text for r in infiller.requests[:2]] == [
         f"<|file_sep|>{p.path}\n" + tokens.psm_prompt(p.prefix, p.suffix) for p in fim]
+
+
+def test_repo_requests_from_a_files_start_carry_its_header_when_training_files_do(tmp_path, tiny_tokenizer):
+    """A training window that starts a file starts with its header; one cut inside a file has none before it."""
+    callback, infiller, _ = _fim_run(tmp_path, tiny_tokenizer, file_headers=True, repo_prompts=3, fim_prompts=0)
+    assert callback._repo_prompts and all(not p.head for p in callback._repo_prompts)
+    assert [r.text for r in infiller.requests[:3]] == [
+        f"<|file_sep|>{p.path}\n" + p.model_input for p in callback._repo_prompts]
+    from codetune.data.fim import find_fim_tokens
+
+    data = _FimData(find_fim_tokens(tiny_tokenizer), file_headers=True)
+    data.seq_len = 128
+    data.val_sources = [("src/m.py", "python", "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(60)))]
+    cut = GenerationEval(prompts=[], max_new_tokens=32, repo_prompts=2, fim_prompts=0)
+    cutter = _Infiller(cut)
+    cut._generate_batch = cutter.generate_batch
+    cut.on_train_start(_fim_trainer(tmp_path, data), _FimModule(tiny_tokenizer))
+    assert all(p.head for p in cut._repo_prompts)
+    assert [r.text for r in cutter.requests[:2]] == [p.model_input for p in cut._repo_prompts]
 
 
 def test_no_fim_prompts_without_fim_sentinels_and_no_warning(tmp_path, tiny_tokenizer, recwarn):

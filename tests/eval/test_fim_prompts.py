@@ -43,7 +43,8 @@ def _all(files, style, **bounds) -> list[FimPrompt]:
 def test_every_prompt_rebuilds_its_file_exactly(style):
     texts = {path: text for path, _, text in _files()}
     prompts = _all(_files(), style)
-    assert {p.kind for p in prompts} == {"line", "block"} and len({p.path for p in prompts}) == len(texts)
+    # Every file has a prompt but the README, which has no block and no code line.
+    assert {p.kind for p in prompts} == {"line", "block"} and {p.path for p in prompts} == texts.keys() - {"README.md"}
     for p in prompts:
         assert p.head + p.prefix + p.middle + p.suffix + p.tail == texts[p.path] == p.program(p.middle), p
         assert p.middle.strip() and p.prefix  # a mask is never blank, nor at the very start of a file
@@ -53,8 +54,9 @@ def test_masks_cut_after_the_line_break_or_before_it():
     lines = PYTHON.splitlines(keepends=True)
     after = {(p.kind, p.line): p for p in _all([("s.py", "python", PYTHON)], "after")}
     before = {(p.kind, p.line): p for p in _all([("s.py", "python", PYTHON)], "before")}
-    # Lines with at least 8 characters, not the first (`import os`) nor the last; never `}`-like stubs.
-    assert sorted(line for kind, line in after if kind == "line") == [4, 5, 6, 7, 10, 11]
+    # Code lines with at least 8 characters, not the first (`import os`) nor the last; never `}`-like stubs, nor
+    # the docstring (line 5).
+    assert sorted(line for kind, line in after if kind == "line") == [4, 6, 7, 10, 11]
     assert after.keys() == before.keys()
     # "after": the masked line with its newline; the prefix ends with the previous line's newline.
     assert after["line", 6].middle == lines[5] and after["line", 6].prefix.endswith(lines[4])
@@ -84,13 +86,15 @@ def test_half_lines_half_blocks_and_lines_where_a_file_has_no_block():
     assert [p.kind for p in prompts].count("block") == 3 and len(prompts) == 6
     odd = fim_prompts(_files()[:3], 5)
     assert [p.kind for p in odd].count("block") == 2
+    # Without a grammar, code cannot be told from prose: no line is masked.
     prose = [("notes.md", "markdown", "# Notes\n\nThe first paragraph line.\nIts second line here.\n\nEnd.\n")]
-    assert [p.kind for p in fim_prompts(prose, 4)] == ["line", "line"]
+    assert fim_prompts(prose, 4) == []
     # Round-robin: the first of every file before the second of any; at most max_per_file of a kind per file.
     few = fim_prompts(_files(), 4)
     assert all(len({p.path for p in few if p.kind == kind}) == 2 for kind in ("line", "block"))
     one_each = fim_prompts(_files(), 12, max_per_file=1)
-    assert len(one_each) == 5 + 6 == len({(p.path, p.kind) for p in one_each})  # the README has no block
+    # The README has neither a block nor a code line.
+    assert len(one_each) == 5 + 5 == len({(p.path, p.kind) for p in one_each})
 
 
 def test_the_choice_is_deterministic_and_stable_when_a_file_is_added():

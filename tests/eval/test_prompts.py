@@ -96,6 +96,30 @@ def test_prefix_ends_with_the_boundary_line_and_the_continuation_is_the_truth():
     assert helper.line == 16 and helper.continuation.startswith("    let fn_count = 1;\n")
 
 
+def test_a_docstring_and_comments_after_the_signature_stay_in_the_prompt():
+    text = textwrap.dedent('''\
+        import os
+
+
+        def load(path):
+            """Read it.
+
+            All of it.
+            """
+
+            # Opened once.
+            with open(path) as f:
+                return f.read()
+        ''')
+    [p] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2)
+    # The next line to write is the first line of code: what a docstring says is prose, no test of writing code.
+    assert p.prefix.endswith("    # Opened once.\n") and p.continuation.startswith("    with open(path) as f:\n")
+    assert p.line == 10 and p.head + p.prefix + p.continuation == text
+    # Without a grammar nothing is known to be prose: the cut stays at the boundary.
+    [md] = repo_prompts([("a.md", "markdown", "# T\n\nOne.\n\nTwo\nthree.\n")], max_prompts=1, min_prefix_lines=2)
+    assert md.prefix.endswith("Two\n") and md.line == 5
+
+
 def test_continuation_is_bounded_in_lines_then_chars():
     text = "fn a() {\n" * 6 + "".join(f"    let v{i} = {i};\n" for i in range(50))
     [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=1, min_prefix_lines=5, max_per_file=1,

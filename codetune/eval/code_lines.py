@@ -1,0 +1,50 @@
+"""Which lines of a file are prose (comments, docstrings) rather than code, by its tree-sitter parse.
+
+The completion metrics score code: a masked line or a next line that is a comment or a docstring is prose, which
+no model can be expected to match word for word, and which says nothing about whether it writes code like the
+repository's. A line is *prose* when it is not blank and every one of its non-blank characters lies inside a
+comment or string node (`# note`, a docstring's lines, `/// docs`, the inside of a multi-line string); a line with
+any other character (`x = 1  # note`, `f('''`) is code. Only languages with a grammar
+(`codetune.eval.metrics.grammar_parser`) can tell; for the others `prose_lines` returns None.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+import tree_sitter
+
+from codetune.eval.metrics import grammar_parser
+
+_PROSE_NODES = frozenset({
+    "comment", "string",  # Python (a docstring is a string statement)
+    "line_comment", "block_comment", "string_literal", "raw_string_literal",  # Rust
+})
+
+
+def prose_lines(text: str, language: str) -> frozenset[int] | None:
+    """0-based indices of the prose lines of `text` (lines as `str.split("\\n")` counts them), or None without
+    a grammar for `language`."""
+    parser = grammar_parser(language)
+    if parser is None:
+        return None
+    data = text.encode()
+    covered = bytearray(len(data))
+    for start, end in _prose_spans(parser.parse(data).root_node):
+        covered[start:end] = b"\x01" * (end - start)
+    lines = data.split(b"\n")
+    starts = accumulate((len(line) + 1 for line in lines), initial=0)
+    return frozenset(i for i, (line, start) in enumerate(zip(lines, starts))
+                     if line.strip() and all(covered[start + k] or line[k:k + 1].isspace() for k in range(len(line))))
+
+
+def _prose_spans(node: tree_sitter.Node) -> list[tuple[int, int]]:
+    """Byte spans of the comment and string nodes under `node`, outermost only."""
+    spans, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        if current.type in _PROSE_NODES:
+            spans.append((current.start_byte, current.end_byte))
+        else:
+            stack.extend(current.children)
+    return spans
