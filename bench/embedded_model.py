@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,16 +51,6 @@ def train_corpus_tokenizer(corpus: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def timed_pretrain(work: Path, max_steps: int) -> None:
-    """Pretrain, appending this session's wall time and steps to WORK/sessions.json (the card sums them)."""
-    log = work / "sessions.json"
-    sessions = json.loads(log.read_text()) if log.is_file() else []
-    started = time.time()
-    pretrain(work / "corpus", work / "model", work / "train", max_steps=max_steps)
-    sessions.append({"started": started, "ended": time.time(), "max_steps": max_steps})
-    atomic_write_text(log, json.dumps(sessions, indent=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("~/.cache/codetune/embedded-build").expanduser(),
@@ -76,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if "tokenizer" in todo and (args.phase or not (work / "model" / "tokenizer.json").is_file()):
         train_corpus_tokenizer(work / "corpus", work / "model")
     if "pretrain" in todo:
-        timed_pretrain(work, args.max_steps)
+        # Every session's wall time goes to sessions.json, which the card sums.
+        pretrain(work / "corpus", work / "model", work / "train", max_steps=args.max_steps,
+                 sessions=work / "sessions.json")
     if "export" in todo:
         export_model(work / "train" / "checkpoints" / "last.ckpt", work / "model", EMBEDDED)
     if "card" in todo:

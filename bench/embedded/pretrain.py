@@ -9,13 +9,16 @@ yet). The learning rate warms up, holds, and decays over the last `decay_fractio
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from codetune.model.loss import causal_lm_loss_sum
+from codetune.storage import atomic_write_text
 
 
 def llama_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
@@ -97,9 +100,31 @@ class Pretraining(L.LightningModule):
         return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class SessionRecord(L.Callback):
+    """Keeps this session's entry in `log` (a JSON list: started, ended, step, max_steps) current at every
+    checkpoint and at the end, so a session killed midway still counts up to its last checkpoint."""
+
+    def __init__(self, log: Path, max_steps: int) -> None:
+        self.log, self.max_steps = log, max_steps
+        self.earlier = json.loads(log.read_text()) if log.is_file() else []
+        self.started = time.time()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.record(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record(trainer.global_step)
+
+    def record(self, step: int) -> None:
+        entry = {"started": self.started, "ended": time.time(), "step": step, "max_steps": self.max_steps}
+        atomic_write_text(self.log, json.dumps([*self.earlier, entry], indent=1))
+
+
 def pretrain(corpus: Path, model_dir: Path, work: Path, max_steps: int, seq_len: int = 512, batch_size: int = 16,
-             val_every: int = 250, checkpoint_every: int = 50, threads: int | None = None, **model_args) -> Path:
-    """Train (or resume) until `max_steps`; returns the last checkpoint."""
+             val_every: int = 250, checkpoint_every: int = 50, threads: int | None = None,
+             sessions: Path | None = None, **model_args) -> Path:
+    """Train (or resume) until `max_steps`, recording the session's wall time in `sessions` (`SessionRecord`);
+    returns the last checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -112,11 +137,12 @@ def pretrain(corpus: Path, model_dir: Path, work: Path, max_steps: int, seq_len:
                           max_val_windows=64, fim_rate=0.5, fim_spm_rate=0.5, file_headers=True,
                           cache_dir=str(work / "token-cache"), seed=0)
     module = Pretraining(str(model_dir), **model_args)
+    records = [SessionRecord(sessions, max_steps)] if sessions else []
     checkpoints = ModelCheckpoint(dirpath=work / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=checkpoint_every)
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=max_steps, max_epochs=-1,
                         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        gradient_clip_val=1.0, callbacks=[checkpoints], logger=CSVLogger(work, name="log"),
+                        gradient_clip_val=1.0, callbacks=[checkpoints, *records], logger=CSVLogger(work, name="log"),
                         log_every_n_steps=10, default_root_dir=work, enable_model_summary=False)
     last = work / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
