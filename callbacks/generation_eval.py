@@ -33,7 +33,7 @@ from codetune.storage import atomic_write_text
 
 SAMPLES_DIR = "samples"
 FIM_MAX_PREFIX_CHARS, FIM_MAX_SUFFIX_CHARS = 1500, 800
-REPO_MAX_PREFIX_CHARS = 4000
+REPO_MAX_PREFIX_CHARS, REPO_MAX_TRUTH_CHARS = 4000, 1200
 BASE = "base"
 # How long the other ranks wait for rank zero's generations: far above any eval's bounded cost, yet finite if
 # rank zero hangs (if it fails, its process exits and the waiting ranks' barrier fails at once).
@@ -206,9 +206,10 @@ class GenerationEval(Callback):
         if trainer.is_global_zero:
             self._fim_tokens = trainer.datamodule.fim_tokens
             self._file_headers = trainer.datamodule.hparams.file_headers
-            prefix_chars = _repo_prefix_chars(trainer.datamodule, pl_module.tokenizer, self.max_new_tokens)
+            prefix_chars, truth_chars = _repo_bounds(trainer.datamodule, pl_module.tokenizer, self.max_new_tokens)
             chosen = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts, seed=self.seed,
-                                  max_prefix_chars=prefix_chars) if self.n_repo_prompts else []
+                                  max_prefix_chars=prefix_chars, max_continuation_chars=truth_chars,
+                                  style=line_cut_style(pl_module.tokenizer)) if self.n_repo_prompts else []
             # Shortest truth first: a batch costs as many steps as its longest row, and a row stops once it has
             # its truth's lines, so rows of similar truths stop together.
             self._repo_prompts = sorted(chosen, key=lambda p: len(p.continuation.splitlines()))
@@ -460,12 +461,15 @@ def _fim_context_chars(datamodule: L.LightningDataModule, tokenizer: Any) -> tup
             min(FIM_MAX_SUFFIX_CHARS, int(datamodule.seq_len * per_token / 4)))
 
 
-def _repo_prefix_chars(datamodule: L.LightningDataModule, tokenizer: Any, max_new_tokens: int) -> int:
-    """Prefix bound (characters) of the repo prompts: the prompt and its completion fit a training window, whose
-    positions are the ones the model learned (at least a quarter of the window for the prompt), and at most
-    `REPO_MAX_PREFIX_CHARS`."""
+def _repo_bounds(datamodule: L.LightningDataModule, tokenizer: Any, max_new_tokens: int) -> tuple[int, int]:
+    """Prefix and truth bounds (characters) of the repo prompts. The prompt and its completion fit a training
+    window, whose positions are the ones the model learned (at least a quarter of the window for the prompt), and
+    at most `REPO_MAX_PREFIX_CHARS`. The truth is at most what `max_new_tokens` can write: more would lower every
+    model's chrF alike and only cost scoring time, and at most `REPO_MAX_TRUTH_CHARS`."""
+    per_token = _chars_per_token(datamodule, tokenizer)
     tokens = max(datamodule.seq_len // 4, datamodule.seq_len - max_new_tokens)
-    return min(REPO_MAX_PREFIX_CHARS, int(tokens * _chars_per_token(datamodule, tokenizer)))
+    return (min(REPO_MAX_PREFIX_CHARS, int(tokens * per_token)),
+            min(REPO_MAX_TRUTH_CHARS, int(max_new_tokens * per_token)))
 
 
 def _chars_per_token(datamodule: L.LightningDataModule, tokenizer: Any) -> float:

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from codetune.data.fim import CutStyle
 from codetune.eval.code_lines import prose_lines
 
 _BOUNDARY = {
@@ -73,13 +74,16 @@ class RepoPrompt:
     """1-based number of the prompt's last line: the boundary line, or the end of the prose right after it."""
     head: str
     """File text before `prefix`, cut off to respect `max_prefix_chars` (empty when nothing was)."""
+    style: CutStyle = "before"
+    """Where the tokenizer's tokens break around a line start (`codetune.data.fim.line_cut_style`)."""
 
     @property
     def model_input(self) -> str:
-        """`prefix` without the boundary line's final newline: the model writes the line break and the
-        indentation itself. Byte-level BPE merges a newline with the next line's indentation, so a prompt
-        ending in a bare newline asks for a token sequence that training never showed (typically: EOS)."""
-        return self.prefix.removesuffix("\n")
+        """What the model continues. "after" (Qwen: a newline is a token of its own): `prefix`, ending where the
+        user pressed Enter. "before": `prefix` without its final newline, the model writes the line break and
+        the indentation itself, since byte-level BPE merges a newline with the next line's indentation and a
+        prompt ending in a bare newline asks for a token sequence that training never showed (typically: EOS)."""
+        return self.prefix if self.style == "after" else self.prefix.removesuffix("\n")
 
     def program(self, generation: str) -> str:
         """`head + model_input + generation`: the file up to the cut, then what the model wrote after its input
@@ -96,8 +100,10 @@ def repo_prompts(
     max_continuation_chars: int = 1200,
     max_per_file: int = 3,
     seed: int = 0,
+    style: CutStyle = "before",
 ) -> list[RepoPrompt]:
-    """Up to `max_prompts` prompts cut at function/item starts of `files` (rel_path, language, text).
+    """Up to `max_prompts` prompts cut at function/item starts of `files` (rel_path, language, text), their
+    model input ending as the tokenizer's `style` cuts lines.
 
     Raises:
         ValueError: a bound is not positive (all problems in one message), or a path repeats.
@@ -112,7 +118,7 @@ def repo_prompts(
         prompts = [
             p for i in _boundary_indices(lines, language)
             if (p := _cut(path, language, lines, offsets, _past_prose(lines, prose, i), min_prefix_lines,
-                          max_prefix_chars, max_continuation_lines, max_continuation_chars)) is not None
+                          max_prefix_chars, max_continuation_lines, max_continuation_chars, style)) is not None
         ]
         prompts.sort(key=lambda p: _rank(seed, p.path, p.line))
         ranked.append((path, prompts[:max_per_file]))
@@ -157,7 +163,8 @@ def _boundary_indices(lines: Sequence[str], language: str) -> list[int]:
 
 
 def _cut(path: str, language: str, lines: Sequence[str], offsets: Sequence[int], i: int, min_prefix_lines: int,
-         max_prefix_chars: int, max_continuation_lines: int, max_continuation_chars: int) -> RepoPrompt | None:
+         max_prefix_chars: int, max_continuation_lines: int, max_continuation_chars: int,
+         style: CutStyle) -> RepoPrompt | None:
     """The prompt for the boundary on line `i` (0-based), or None when it is skipped.
 
     `offsets[k]` is the character offset of line `k` (`offsets[len(lines)]` is the text's length).
@@ -171,7 +178,8 @@ def _cut(path: str, language: str, lines: Sequence[str], offsets: Sequence[int],
     continuation = _bounded("".join(lines[i + 1 : i + 1 + max_continuation_lines]), max_continuation_chars)
     if not continuation.strip():
         return None
-    return RepoPrompt(path, language, "".join(lines[start : i + 1]), continuation, i + 1, "".join(lines[:start]))
+    return RepoPrompt(path, language, "".join(lines[start : i + 1]), continuation, i + 1, "".join(lines[:start]),
+                      style)
 
 
 def _bounded(text: str, max_chars: int) -> str:

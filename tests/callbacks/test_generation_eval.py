@@ -432,6 +432,8 @@ def test_repo_prompts_and_their_completion_fit_one_training_window(tmp_path, tin
     assert len(prompts) == 6 and all(p.head for p in prompts)  # every prefix was cut
     for p in prompts:
         assert len(tiny_tokenizer(p.model_input, add_special_tokens=False).input_ids) + 32 <= data.seq_len
+        # The truth is what 32 tokens can write, not the default 1,200 characters.
+        assert p.continuation and len(tiny_tokenizer(p.continuation, add_special_tokens=False).input_ids) <= 40
 
 
 def test_fim_requests_start_with_the_file_header_when_training_files_do(tmp_path, tiny_tokenizer):
@@ -439,6 +441,20 @@ def test_fim_requests_start_with_the_file_header_when_training_files_do(tmp_path
     tokens, fim = callback._fim_tokens, callback._fim_prompts
     assert [r.text for r in infiller.requests[:2]] == [
         f"<|file_sep|>{p.path}\n" + tokens.psm_prompt(p.prefix, p.suffix) for p in fim]
+
+
+def test_repo_prompts_end_as_the_tokenizer_cuts_lines(tmp_path, tiny_tokenizer):
+    from codetune.data.tokenizer import QWEN2_SPLIT, train_tokenizer
+    from helpers import PY_FILE, RUST_FILE
+
+    qwen = train_tokenizer([RUST_FILE, PY_FILE] * 4, vocab_size=512, split_pattern=QWEN2_SPLIT)
+    for tokenizer, ends_with_newline in ((qwen, True), (tiny_tokenizer, False)):
+        callback = GenerationEval(prompts=[], repo_prompts=4, fim_prompts=0)
+        infiller = _Infiller(callback)
+        callback._generate_batch = infiller.generate_batch
+        callback.on_train_start(_fim_trainer(tmp_path, _FimData(None)), _FimModule(tokenizer))
+        assert len(infiller.requests) == 4
+        assert all(r.text.endswith("\n") is ends_with_newline for r in infiller.requests)
 
 
 def test_repo_requests_from_a_files_start_carry_its_header_when_training_files_do(tmp_path, tiny_tokenizer):

@@ -191,3 +191,13 @@ def test_bad_arguments_are_all_reported_at_once():
 def test_the_model_input_leaves_the_boundary_line_break_to_the_model():
     p = RepoPrompt("a.py", "python", "def f():\n", "    return 1\n", 1, "")
     assert p.model_input == "def f():" and p.program("\n    pass\n") == "def f():\n    pass\n"
+
+
+def test_a_tokenizer_that_cuts_after_the_line_break_gets_it_in_the_prompt():
+    """Qwen's tokens break after a newline: the prompt ends where the user pressed Enter, and the model writes the
+    next line, not the rest of the signature's (`  # pragma: no cover`)."""
+    text = "import os\n\n\ndef f():\n    return 1\n"
+    [p] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2, style="after")
+    assert p.model_input == "import os\n\n\ndef f():\n" and p.program("    return 1\n") == text
+    [before] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2)
+    assert before.model_input == "import os\n\n\ndef f():"
