@@ -172,6 +172,8 @@ def export_model(checkpoint: Path, model_dir: Path, out: Path) -> Path:
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    for file in staging.iterdir():  # the weights come out owner-only; a package's files are readable by all
+        file.chmod(0o644)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
