@@ -205,7 +205,8 @@ class GenerationEval(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self._fim_tokens = trainer.datamodule.fim_tokens
-            self._file_headers = trainer.datamodule.hparams.file_headers
+            # A header needs the file separator, which comes with the FIM tokens.
+            self._file_headers = self._fim_tokens is not None and trainer.datamodule.hparams.file_headers
             prefix_chars, truth_chars = _repo_bounds(trainer.datamodule, pl_module.tokenizer, self.max_new_tokens)
             chosen = repo_prompts(trainer.datamodule.val_sources, self.n_repo_prompts, seed=self.seed,
                                   max_prefix_chars=prefix_chars, max_continuation_chars=truth_chars,

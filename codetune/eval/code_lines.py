@@ -5,16 +5,23 @@ no model can be expected to match word for word, and which says nothing about wh
 repository's. A line is *prose* when it is not blank and every one of its non-blank characters lies inside a
 comment or string node (`# note`, a docstring's lines, `/// docs`, the inside of a multi-line string); a line with
 any other character (`x = 1  # note`, `f('''`) is code. Only languages with a grammar
-(`codetune.eval.metrics.grammar_parser`) can tell; for the others `prose_lines` returns None.
+(`grammar_parser`, which the syntax check shares) can tell; for the others `prose_lines` returns None.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from itertools import accumulate
 
 import tree_sitter
+import tree_sitter_python
+import tree_sitter_rust
 
-from codetune.eval.metrics import grammar_parser
+_GRAMMARS: dict[str, Callable[[], object]] = {
+    "rust": tree_sitter_rust.language,
+    "python": tree_sitter_python.language,
+}
 
 _PROSE_NODES = frozenset({
     "comment", "string",  # Python (a docstring is a string statement)
@@ -36,6 +43,13 @@ def prose_lines(text: str, language: str) -> frozenset[int] | None:
     starts = accumulate((len(line) + 1 for line in lines), initial=0)
     return frozenset(i for i, (line, start) in enumerate(zip(lines, starts))
                      if line.strip() and all(covered[start + k] or line[k:k + 1].isspace() for k in range(len(line))))
+
+
+@cache
+def grammar_parser(language: str) -> tree_sitter.Parser | None:
+    """A tree-sitter parser for `language` (one per language, reused), or None when codetune has no grammar for it."""
+    grammar = _GRAMMARS.get(language)
+    return tree_sitter.Parser(tree_sitter.Language(grammar())) if grammar else None
 
 
 def _prose_spans(node: tree_sitter.Node) -> list[tuple[int, int]]:

@@ -72,13 +72,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
-from functools import cache
+from collections.abc import Iterable, Sequence
 
 import tree_sitter
-import tree_sitter_python
-import tree_sitter_rust
 from torchmetrics.functional.text import chrf_score
+
+from codetune.eval.code_lines import grammar_parser
 
 CHRF_CHAR_ORDER = 6
 CHRF_WORD_ORDER = 0
@@ -86,10 +85,6 @@ CHRF_BETA = 2.0
 CHRF_MAX_LINES = 20
 MAX_DROPPED_LINES = 2
 
-_GRAMMARS: dict[str, Callable[[], object]] = {
-    "rust": tree_sitter_rust.language,
-    "python": tree_sitter_python.language,
-}
 _CLOSING = {"(": ")", "[": "]", "{": "}"}
 
 
@@ -199,13 +194,6 @@ def syntax_validity_rate(samples: Iterable[tuple[str, str] | tuple[str, str, boo
     verdicts = [v for code, language, *truncated in samples
                 if (v := syntax_valid(code, language, truncated=truncated[0] if truncated else True)) is not None]
     return sum(verdicts) / len(verdicts) if verdicts else None
-
-
-@cache
-def grammar_parser(language: str) -> tree_sitter.Parser | None:
-    """A tree-sitter parser for `language` (one per language, reused), or None when codetune has no grammar for it."""
-    grammar = _GRAMMARS.get(language)
-    return tree_sitter.Parser(tree_sitter.Language(grammar())) if grammar else None
 
 
 def _tail_candidates(code: str) -> Iterable[str]:

@@ -24,9 +24,12 @@ class _Module(L.LightningModule):
     generation eval reads of codetune's module; generation itself is faked below."""
 
     def __init__(self) -> None:
+        from codetune.data.tokenizer import train_tokenizer
+
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
         self.model = _Adapter()
+        self.tokenizer = train_tokenizer([RUST_FILE, PY_FILE], vocab_size=400)  # the prompts are cut where it cuts
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch).pow(2).mean()
@@ -46,6 +49,7 @@ class _Module(L.LightningModule):
 class _Data(L.LightningDataModule):
     val_sources = [("src/counter.rs", "rust", RUST_FILE), ("py/energy.py", "python", PY_FILE)]
     fim_tokens = None  # a tokenizer without FIM sentinels: no FIM prompts
+    seq_len = 4096  # windows long enough that the prompts' context is bounded by the eval's own limits
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2)
