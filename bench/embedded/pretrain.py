@@ -101,12 +101,13 @@ class Pretraining(L.LightningModule):
 
 
 class SessionRecord(L.Callback):
-    """Keeps this session's entry in `log` (a JSON list: started, ended, step, max_steps) current at every
+    """Keeps this session's entry in `path` (a JSON list: started, ended, step, max_steps) current at every
     checkpoint and at the end, so a session killed midway still counts up to its last checkpoint."""
 
-    def __init__(self, log: Path, max_steps: int) -> None:
-        self.log, self.max_steps = log, max_steps
-        self.earlier = json.loads(log.read_text()) if log.is_file() else []
+    def __init__(self, path: Path, max_steps: int) -> None:
+        # Not `self.log`: Lightning gives callbacks a `log` of their own during fit.
+        self.path, self.max_steps = path, max_steps
+        self.earlier = json.loads(path.read_text()) if path.is_file() else []
         self.started = time.time()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -117,7 +118,7 @@ class SessionRecord(L.Callback):
 
     def record(self, step: int) -> None:
         entry = {"started": self.started, "ended": time.time(), "step": step, "max_steps": self.max_steps}
-        atomic_write_text(self.log, json.dumps([*self.earlier, entry], indent=1))
+        atomic_write_text(self.path, json.dumps([*self.earlier, entry], indent=1))
 
 
 def pretrain(corpus: Path, model_dir: Path, work: Path, max_steps: int, seq_len: int = 512, batch_size: int = 16,
