@@ -340,13 +340,13 @@ class GenerationEval(Callback):
         (scored), then the language ones."""
         sample_cap = min(self.sample_tokens, self.max_new_tokens)
         return ([repo_request(p, self.max_new_tokens, self._header(p.path) if not p.head else "") for p in prompts]
-                + [fim_request(p, self._fim_tokens, self._file_headers, self.max_new_tokens) for p in fim]
+                + [fim_request(p, self._fim_tokens, self._header(p.path), self.max_new_tokens) for p in fim]
                 + [language_request(text, sample_cap) for text in self.prompts])
 
     def _header(self, path: str) -> str:
         """The header a training file starts with (`--data.file_headers`), or nothing."""
         tokens = self._fim_tokens
-        return tokens.header(path) if self._file_headers and tokens and tokens.file_sep_text else ""
+        return tokens.header(path) if self._file_headers and tokens.file_sep_text else ""
 
     def _report_budget_hit(self, name: str, done: int, total: int, fixes_the_set: bool,
                            scored: _Scored) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def fim_prompts(
     ranked: dict[MaskKind, list[tuple[bytes, list[FimPrompt]]]] = {"line": [], "block": []}
     for path, language, text in files:
         file = _File(text, style)
-        spans = {"line": _line_masks(file.lines, prose_lines(text, language)), "block": _block_masks(text, file.lines, language, max_block_lines)}
+        spans = {"line": _line_masks(file.lines, prose_lines(text, language)),
+                 "block": _block_masks(text, file.lines, language, max_block_lines)}
         for kind, kind_spans in spans.items():
             prompts = [file.prompt(path, language, kind, first, last, max_prefix_chars, max_suffix_chars)
                        for first, last in kind_spans]

@@ -147,10 +147,9 @@ def repo_request(prompt: RepoPrompt, cap: int, header: str = "") -> Request:
     return Request(header + prompt.model_input, partial(holds_scored_prefix, truth=prompt.continuation), cap)
 
 
-def fim_request(prompt: FimPrompt, tokens: FimTokens, file_headers: bool, max_new_tokens: int) -> Request:
-    """An infill request in the tokenizer's FIM format, headed like the training files when they were
-    (`file_headers`); it stops once it holds the masked lines (a line mask, at a smaller cap: a line is short)."""
-    header = tokens.header(prompt.path) if file_headers and tokens.file_sep_text else ""
+def fim_request(prompt: FimPrompt, tokens: FimTokens, header: str, max_new_tokens: int) -> Request:
+    """An infill request in the tokenizer's FIM format after `header` (the file's header, when training files start
+    with one); it stops once it holds the masked lines (a line mask, at a smaller cap: a line is short)."""
     cap = min(max_new_tokens, FIM_LINE_TOKENS) if prompt.kind == "line" else max_new_tokens
     return Request(tokens.psm_prompt(prompt.prefix, prompt.suffix, header),
                    partial(holds_middle, truth=prompt.middle), cap)

@@ -19,8 +19,8 @@ miss is a matching line inside a multi-line string, which still makes a fair com
 * Any other language (Markdown, TOML, ...): a paragraph start, i.e. a non-blank line right after a
   blank line.
 
-**Cutting.** For a boundary on line *i* (or the last prose line after it), `prefix` is the file's text from the start of the file
-through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines
+**Cutting.** For a boundary on line *i* (or the last prose line after it), `prefix` is the file's
+text from the start of the file through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines
 are dropped from the front (it starts at a line start) and kept in `head`, so
 `head + prefix + generation` (`RepoPrompt.program`) is the whole file up to the cut followed by the
 generation: that is the text `syntax_valid` should parse, since a prefix cut inside an `impl` or
