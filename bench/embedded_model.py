@@ -34,6 +34,7 @@ from embedded.corpus import build_corpus  # noqa: E402
 from embedded.model_card import write_card  # noqa: E402
 from embedded.pretrain import export_model, pretrain  # noqa: E402
 
+from codetune.data.fim import MiddleMix  # noqa: E402
 from codetune.storage import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/codetune/embedded-build").expanduser(),
                         help="Where the corpus, tokenizer and checkpoints live (default: %(default)s).")
     parser.add_argument("--max-steps", type=int, default=1100, help="Pretraining steps of 16 x 512 tokens.")
+    parser.add_argument("--fim-spm-rate", type=float, default=0.5,
+                        help="Share of the FIM samples in SPM order in this pretraining session (default: %(default)s).")
+    parser.add_argument("--fim-line-rate", type=float, default=0.0,
+                        help="Share of the FIM samples whose middle is one line (default: %(default)s: uniform cuts).")
+    parser.add_argument("--fim-block-rate", type=float, default=0.0,
+                        help="Share of the FIM samples whose middle is a block of 2 to 8 lines (default: %(default)s).")
     parser.add_argument("--phase", choices=PHASES, help="Run only this phase (default: all, skipping done ones).")
     args = parser.parse_args(argv)
     work = args.work
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if "pretrain" in todo:
         # Every session's wall time goes to sessions.json, which the card sums.
         pretrain(work / "corpus", work / "model", work / "train", max_steps=args.max_steps,
-                 sessions=work / "sessions.json")
+                 sessions=work / "sessions.json", fim_spm_rate=args.fim_spm_rate,
+                 middles=MiddleMix(args.fim_line_rate, args.fim_block_rate))
     if "export" in todo:
         export_model(work / "train" / "checkpoints" / "last.ckpt", work / "model", EMBEDDED)
     if "card" in todo:

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from codetune.data.fim import UNIFORM_MIDDLES, MiddleMix
 from codetune.model.loss import causal_lm_loss_sum
 from codetune.storage import atomic_write_text
 
@@ -104,9 +105,9 @@ class SessionRecord(L.Callback):
     """Keeps this session's entry in `path` (a JSON list: started, ended, step, max_steps) current at every
     checkpoint and at the end, so a session killed midway still counts up to its last checkpoint."""
 
-    def __init__(self, path: Path, max_steps: int) -> None:
+    def __init__(self, path: Path, max_steps: int, fim: dict[str, float] | None = None) -> None:
         # Not `self.log`: Lightning gives callbacks a `log` of their own during fit.
-        self.path, self.max_steps = path, max_steps
+        self.path, self.max_steps, self.fim = path, max_steps, fim
         self.earlier = json.loads(path.read_text()) if path.is_file() else []
         self.started = time.time()
 
@@ -117,15 +118,18 @@ class SessionRecord(L.Callback):
         self.record(trainer.global_step)
 
     def record(self, step: int) -> None:
-        entry = {"started": self.started, "ended": time.time(), "step": step, "max_steps": self.max_steps}
+        entry = {"started": self.started, "ended": time.time(), "step": step, "max_steps": self.max_steps,
+                 **({"fim": self.fim} if self.fim else {})}
         atomic_write_text(self.path, json.dumps([*self.earlier, entry], indent=1))
 
 
 def pretrain(corpus: Path, model_dir: Path, work: Path, max_steps: int, seq_len: int = 512, batch_size: int = 16,
              val_every: int = 250, checkpoint_every: int = 50, threads: int | None = None,
-             sessions: Path | None = None, **model_args) -> Path:
-    """Train (or resume) until `max_steps`, recording the session's wall time in `sessions` (`SessionRecord`);
-    returns the last checkpoint."""
+             sessions: Path | None = None, fim_spm_rate: float = 0.5, middles: MiddleMix = UNIFORM_MIDDLES,
+             **model_args) -> Path:
+    """Train (or resume) until `max_steps`, recording the session's wall time and FIM recipe in `sessions`
+    (`SessionRecord`); returns the last checkpoint. FIM is half the pieces, `fim_spm_rate` of them SPM, their
+    middles drawn as `middles` says."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -135,10 +139,12 @@ def pretrain(corpus: Path, model_dir: Path, work: Path, max_steps: int, seq_len:
         torch.set_num_threads(threads)
     data = CodeDataModule(repo=str(corpus), tokenizer=str(model_dir), seq_len=seq_len, batch_size=batch_size,
                           gradient_accumulation_steps=1, extensions=[".rs", ".py"], val_fraction=0.005,
-                          max_val_windows=64, fim_rate=0.5, fim_spm_rate=0.5, file_headers=True,
-                          cache_dir=str(work / "token-cache"), seed=0)
+                          max_val_windows=64, fim_rate=0.5, fim_spm_rate=fim_spm_rate, file_headers=True,
+                          fim_line_rate=middles.line_rate, fim_block_rate=middles.block_rate,
+                          fim_block_lines=middles.block_lines, cache_dir=str(work / "token-cache"), seed=0)
     module = Pretraining(str(model_dir), **model_args)
-    records = [SessionRecord(sessions, max_steps)] if sessions else []
+    recipe = {"spm_rate": fim_spm_rate, **middles._asdict()}
+    records = [SessionRecord(sessions, max_steps, recipe)] if sessions else []
     checkpoints = ModelCheckpoint(dirpath=work / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=checkpoint_every)
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=max_steps, max_epochs=-1,

@@ -8,13 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from codetune.data.files import scan_argument_problems
+from codetune.data.fim import MiddleMix
 from codetune.errors import ConfigError
 
 
 def check_data_arguments(*, seq_len: int, batch_size: int | str, gradient_accumulation_steps: int,
                          effective_batch_size: int | None, extensions: Sequence[str], ignore_patterns: Sequence[str],
                          val_fraction: float, max_val_windows: int | None, packing: str, fim_rate: float | None,
-                         fim_spm_rate: float, max_file_bytes: int, max_line_length: int) -> None:
+                         fim_spm_rate: float, fim_middles: MiddleMix, max_file_bytes: int,
+                         max_line_length: int) -> None:
     """ConfigError for the first bad value, in the order the flags are listed (the scan's problems all at once)."""
     check_batch(batch_size, gradient_accumulation_steps, effective_batch_size)
     check_positive(seq_len=seq_len)
@@ -30,9 +32,22 @@ def check_data_arguments(*, seq_len: int, batch_size: int | str, gradient_accumu
                           f"validate on every held-out window.")
     if packing not in ("isolated", "concat"):
         raise ConfigError(f"--data.packing={packing!r}: use 'isolated' or 'concat'.")
-    for flag, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+    for flag, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate),
+                       ("fim_line_rate", fim_middles.line_rate), ("fim_block_rate", fim_middles.block_rate)):
         if rate is not None and not 0.0 <= rate <= 1.0:
             raise ConfigError(f"--data.{flag}={rate}: use a share in [0, 1], e.g. 0.5.")
+    check_middles(fim_middles)
+
+
+def check_middles(middles: MiddleMix) -> None:
+    """--data.fim_line_rate and --data.fim_block_rate share the FIM samples; --data.fim_block_lines is at least 2."""
+    if middles.line_rate + middles.block_rate > 1.0:
+        raise ConfigError(f"--data.fim_line_rate={middles.line_rate} and --data.fim_block_rate={middles.block_rate} "
+                          f"are shares of the same FIM samples: their sum must be at most 1 (the rest are uniform "
+                          f"cuts), e.g. 0.25 and 0.25.")
+    if middles.block_lines < 2:
+        raise ConfigError(f"--data.fim_block_lines={middles.block_lines}: a block has at least 2 lines (one line is "
+                          f"--data.fim_line_rate's middle); use e.g. 8.")
 
 
 def existing_repo(repo: str | None) -> Path:

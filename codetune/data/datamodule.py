@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from codetune.data.arguments import check_data_arguments, existing_repo
 from codetune.data.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult
-from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens, NewlineTable, TrainingSamples,
-                               fim_families_text, find_fim_tokens, training_samples)
+from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens, MiddleMix, NewlineTable,
+                               TrainingSamples, fim_families_text, find_fim_tokens, training_samples)
 from codetune.data.loader import evenly_spread, window_loader
 from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements
 from codetune.data.sampler import steps_per_epoch
@@ -85,6 +85,11 @@ class CodeDataModule(L.LightningDataModule):
             a rate above 0 with a tokenizer without them is an error. Validation windows stay left-to-right (the
             FIM eval measures infilling), so val/loss compares across rates.
         fim_spm_rate: Share of the FIM samples in SPM order (suffix first); the others are PSM, what editors send.
+        fim_line_rate: Share of the FIM samples whose middle is one whole line, drawn anew each epoch: what an editor
+            asks for most. Uniform cuts (the samples neither this nor --data.fim_block_rate takes) make mostly long
+            middles, after which a small model infills a single line worse than before tuning (docs/fim.md).
+        fim_block_rate: Share of the FIM samples whose middle is a block of 2 to --data.fim_block_lines whole lines.
+        fim_block_lines: The longest block middle, in lines.
         file_headers: Start every training and validation file (and FIM sample) with the model's repository
             header, `<|file_sep|>path/in/repo.rs` and a newline, so the model learns which code lives where; needs
             a tokenizer with a file separator token (Qwen's `<|file_sep|>`, StarCoder's `<file_sep>`).
@@ -114,6 +119,9 @@ class CodeDataModule(L.LightningDataModule):
         packing: PackingMode = "isolated",
         fim_rate: float | None = None,
         fim_spm_rate: float = 0.5,
+        fim_line_rate: float = 0.25,
+        fim_block_rate: float = 0.25,
+        fim_block_lines: int = 8,
         file_headers: bool = False,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
@@ -125,11 +133,14 @@ class CodeDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        self.fim_middles = MiddleMix(fim_line_rate, fim_block_rate, fim_block_lines)
+        """How FIM middles are drawn (--data.fim_line_rate, --data.fim_block_rate, --data.fim_block_lines)."""
         check_data_arguments(
             seq_len=seq_len, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
             effective_batch_size=effective_batch_size, extensions=extensions, ignore_patterns=ignore_patterns,
             val_fraction=val_fraction, max_val_windows=max_val_windows, packing=packing, fim_rate=fim_rate,
-            fim_spm_rate=fim_spm_rate, max_file_bytes=max_file_bytes, max_line_length=max_line_length)
+            fim_spm_rate=fim_spm_rate, fim_middles=self.fim_middles, max_file_bytes=max_file_bytes,
+            max_line_length=max_line_length)
         self.repo = existing_repo(repo)
         if tokenizer != TINY_NAME:
             # The CLI links --model.name_or_path here (the module checks it as a model, config.json included).
@@ -201,10 +212,7 @@ class CodeDataModule(L.LightningDataModule):
         self.fim_records = train.records
         pad = pad_token_id(self.tokenizer)
         self.train_windows = pack_samples(train.stream, train.whole, self.seq_len, pad, self.packing)
-        self.fim_epochs = FimEpochs(self.train_windows.input_ids, whole_placements([len(w) for w in train.whole],
-                                                                                   self.seq_len),
-                                    train.fim_pieces, self.fim_tokens, self.tokenizer.eos_token_id,
-                                    self.hparams.seed, self.hparams.fim_spm_rate) if train.whole else None
+        self.fim_epochs = self._fim_epochs(train) if train.whole else None
         held_out = pack_samples(val.stream, val.whole, self.seq_len, pad, self.packing)
         self.held_out_windows = len(held_out)
         self.val_windows = evenly_spread(held_out, self.hparams.max_val_windows)
@@ -220,6 +228,12 @@ class CodeDataModule(L.LightningDataModule):
             + (f"; fill-in-the-middle: {fim['fim']} of {fim['pieces']} training pieces ({fim['psm']} PSM, "
                f"{fim['spm']} SPM)" if self.fim_rate else "")
         )
+
+    def _fim_epochs(self, train: TrainingSamples) -> FimEpochs:
+        """Every epoch's training windows, each FIM sample cut anew (`train`: the training split's samples)."""
+        placements = whole_placements([len(w) for w in train.whole], self.seq_len)
+        return FimEpochs(self.train_windows.input_ids, placements, train.fim_pieces, self.fim_tokens,
+                         self.tokenizer.eos_token_id, self.hparams.seed, self.hparams.fim_spm_rate, self.fim_middles)
 
     def _load_tokenizer(self, train_texts: list[str]) -> PreTrainedTokenizerBase:
         """--data.tokenizer's tokenizer. In a fit of the 'tiny' model: the one the run directory saved with its base
@@ -264,7 +278,8 @@ class CodeDataModule(L.LightningDataModule):
         rate = self.fim_rate if fim else 0.0
         return training_samples(paths, ids, self.tokenizer.eos_token_id, self.seq_len, self.hparams.seed, rate,
                                 self.hparams.fim_spm_rate, self.fim_tokens,
-                                NewlineTable.of(self.tokenizer, cache_dir) if rate else None, self._headers(paths))
+                                NewlineTable.of(self.tokenizer, cache_dir) if rate else None, self._headers(paths),
+                                self.fim_middles)
 
     def _headers(self, paths: list[str]) -> list[np.ndarray] | None:
         """`<|file_sep|>path` and a newline per file, as token ids (None without --data.file_headers)."""
@@ -298,6 +313,7 @@ class CodeDataModule(L.LightningDataModule):
                 "packing": self.packing,
                 "packing_efficiency": round(self.train_windows.efficiency, 5),
                 "fim": {"rate": self.fim_rate, "spm_rate": self.hparams.fim_spm_rate,
+                        "middles": self.fim_middles._asdict(),
                         "tokens": self.fim_tokens.names() if self.fim_tokens else None,
                         "file_headers": self.hparams.file_headers, **train.counts()},
                 "cache_hits": cache.hits,

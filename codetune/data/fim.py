@@ -117,6 +117,22 @@ def fim_families_text() -> str:
     return ", ".join(f"{prefix} ({family})" for family, prefix, *_ in FIM_FAMILIES)
 
 
+class MiddleMix(NamedTuple):
+    """How the middle of a FIM sample is drawn each epoch: one line with probability `line_rate`, a block of 2 to
+    `block_lines` whole lines with probability `block_rate`, else two uniform cuts (long middles, mostly)."""
+
+    line_rate: float = 0.0
+    block_rate: float = 0.0
+    block_lines: int = 8
+
+    @property
+    def uniform(self) -> bool:
+        return self.line_rate == 0 and self.block_rate == 0
+
+
+UNIFORM_MIDDLES = MiddleMix()
+
+
 # -- line-break boundaries ---------------------------------------------------------------------------------
 
 
@@ -126,6 +142,8 @@ class NewlineTable:
 
     starts: np.ndarray
     ends: np.ndarray
+    style: CutStyle
+    """Where the tokenizer's tokens break around a line start (`line_cut_style`): which boundaries start a line."""
 
     def __post_init__(self) -> None:
         # One lookup per file instead of two: bit 0 "starts with a line break", bit 1 "ends with one".
@@ -141,7 +159,7 @@ class NewlineTable:
         path = Path(cache_dir) / NEWLINE_TABLE if cache_dir is not None else None
         cached = _read_table(path, len(tokenizer)) if path is not None else None
         if cached is not None:
-            return cls(cached[0], cached[1])
+            return cls(cached[0], cached[1], line_cut_style(tokenizer))
         table = cls._computed(tokenizer)
         if path is not None:
             buffer = io.BytesIO()
@@ -160,7 +178,7 @@ class NewlineTable:
         texts = tokenizer.backend_tokenizer.decode_batch([[i] for i in candidates], skip_special_tokens=False)
         for i, text in zip(candidates, texts):
             starts[i], ends[i] = text.startswith("\n"), text.endswith("\n")
-        return cls(starts, ends)
+        return cls(starts, ends, line_cut_style(tokenizer))
 
     def boundaries(self, ids: np.ndarray) -> np.ndarray:
         """Indices k (0 < k < len(ids)) where the cut between ids[k-1] and ids[k] touches a line break."""
@@ -169,6 +187,16 @@ class NewlineTable:
         code = self._code.take(ids)
         # The 0/1 bytes viewed as bools: nonzero on a bool array is several times faster than on uint8.
         return np.nonzero(((code[:-1] >> 1) | (code[1:] & 1)).view(np.bool_))[0] + 1
+
+    def line_starts(self, ids: np.ndarray) -> np.ndarray:
+        """Indices k (0 < k < len(ids)) where a line starts as the tokenizer cuts lines: right after a token that
+        ends with a line break ("after"), or right before one that starts with one ("before"). A subset of
+        `boundaries`: one per line break, so that two consecutive ones hold exactly one line."""
+        if len(ids) < 2:
+            return np.zeros(0, dtype=np.int64)
+        if self.style == "after":
+            return np.nonzero(self.ends.take(ids[:-1]))[0] + 1
+        return np.nonzero(self.starts.take(ids[1:]))[0] + 1
 
 
 def _read_table(path: Path, size: int) -> np.ndarray | None:
@@ -228,17 +256,32 @@ def is_fim(seed: int, path: str, piece: int, fim_rate: float) -> bool:
 
 
 def epoch_cut(seed: int, path: str, piece: int, n_tokens: int, boundaries: np.ndarray, spm_rate: float,
-              epoch: int) -> FimCut:
-    """The order and cut of a FIM piece in `epoch`: two different candidates among the piece's start, its
-    line-break `boundaries` and its end, uniformly."""
+              epoch: int, lines: np.ndarray | None = None, mix: MiddleMix = UNIFORM_MIDDLES) -> FimCut:
+    """The order and cut of a FIM piece in `epoch`: as `mix` draws the middle, one line or a short block of the
+    piece's `lines` (its line starts, a subset of `boundaries`), or two different candidates among the piece's
+    start, its line-break `boundaries` and its end, uniformly."""
     spm, first, second = _draws(seed, path, piece, epoch)
     order: FimOrder = "spm" if spm < spm_rate else "psm"
+    if not mix.uniform:
+        if lines is None:
+            raise ValueError("line and block middles need the piece's line starts")
+        kind, where, length = _draws(seed, path, piece, epoch, "span")
+        if kind < mix.line_rate + mix.block_rate:
+            span = 1 if kind < mix.line_rate else 2 + int(length * (mix.block_lines - 1))
+            return FimCut(order, *_whole_lines(n_tokens, lines, where, span))
     count = len(boundaries) + 2
     a = int(first * count)
     b = int(second * (count - 1))
     b += b >= a  # drawn among the others
     a, b = sorted((a, b))
     return FimCut(order, _candidate(a, n_tokens, boundaries), _candidate(b, n_tokens, boundaries))
+
+
+def _whole_lines(n_tokens: int, lines: np.ndarray, where: float, span: int) -> tuple[int, int]:
+    """`span` whole lines (fewer at the piece's end) from the line start at `where` (a uniform in [0, 1))."""
+    starts = np.concatenate(([0], lines, [n_tokens]))
+    first = int(where * (len(starts) - 1))
+    return int(starts[first]), int(starts[min(first + span, len(starts) - 1)])
 
 
 def _candidate(k: int, n_tokens: int, boundaries: np.ndarray) -> int:
@@ -266,10 +309,13 @@ SENTINELS_PER_SAMPLE = 4  # three sentinels and the EOS
 DEFAULT_FIM_RATE = 0.5  # StarCoder's, SantaCoder's and Refact's rate
 
 
-def _draws(seed: int, path: str, piece: int, epoch: int) -> tuple[float, float, float]:
-    """Three uniforms in [0, 1) from a hash of (seed, path, piece, epoch): SPM or not, and the two cuts. A hash
-    is a tenth of the cost of seeding a generator per piece, and as reproducible (as `is_fim`'s, without epoch)."""
-    digest = hashlib.blake2b(f"fim:{seed}:{path}:{piece}:{epoch}".encode(), digest_size=24).digest()
+def _draws(seed: int, path: str, piece: int, epoch: int, what: str = "") -> tuple[float, float, float]:
+    """Three uniforms in [0, 1) from a hash of (seed, path, piece, epoch): SPM or not and the two cuts, or with
+    `what` "span", the middle's kind, where it starts and its length in lines (a hash of its own, so that adding a
+    mix leaves the uniform cuts as they were). A hash is a tenth of the cost of seeding a generator per piece, and
+    as reproducible (as `is_fim`'s, without epoch)."""
+    key = f"fim{what}:{seed}:{path}:{piece}:{epoch}"
+    digest = hashlib.blake2b(key.encode(), digest_size=24).digest()
     return tuple(x / 2**64 for x in struct.unpack("<3Q", digest))
 
 
@@ -291,6 +337,8 @@ class FimPiece(NamedTuple):
     ids: np.ndarray
     header: np.ndarray
     boundaries: np.ndarray
+    lines: np.ndarray | None
+    """Its line starts (`NewlineTable.line_starts`) when line or block middles are drawn, else None."""
 
 
 @dataclass
@@ -313,8 +361,8 @@ class TrainingSamples:
 
 def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: int, seq_len: int, seed: int,
                      fim_rate: float = 0.0, spm_rate: float = 0.5, tokens: FimTokens | None = None,
-                     table: NewlineTable | None = None,
-                     headers: Sequence[np.ndarray] | None = None) -> TrainingSamples:
+                     table: NewlineTable | None = None, headers: Sequence[np.ndarray] | None = None,
+                     mix: MiddleMix = UNIFORM_MIDDLES) -> TrainingSamples:
     """The samples of `files` (ids, no EOS; `headers[i]` goes before every sample of file i).
 
     Without FIM (`fim_rate` 0) every file is one stream segment, `header + ids + EOS`, as plain packing makes it.
@@ -331,6 +379,7 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
     # work); a file's are the slice of them inside it.
     starts = np.cumsum([0] + [len(ids) for ids in files])
     everywhere = table.boundaries(np.concatenate(files)) if fim_rate > 0 and len(files) else None
+    line_starts = table.line_starts(np.concatenate(files)) if everywhere is not None and not mix.uniform else None
     for i, (path, ids) in enumerate(zip(paths, files)):
         header = headers[i] if headers is not None else no_header
         budget = seq_len - len(header) - SENTINELS_PER_SAMPLE
@@ -339,13 +388,26 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
             out.pieces += 1
             continue
         boundaries = _between(everywhere, starts[i] + 1, starts[i + 1]) - starts[i]
-        _add_file(out, path, np.asarray(ids, dtype=np.int32), boundaries, header, eos, budget, seed, fim_rate,
-                  spm_rate, tokens)
+        lines = _between(line_starts, starts[i] + 1, starts[i + 1]) - starts[i] if line_starts is not None else None
+        _add_file(out, path, np.asarray(ids, dtype=np.int32), _Cuts(boundaries, lines), header, eos, budget, seed,
+                  fim_rate, spm_rate, tokens, mix)
     return out
 
 
-def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, boundaries: np.ndarray, header: np.ndarray,
-              eos: np.ndarray, budget: int, seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens) -> None:
+class _Cuts(NamedTuple):
+    """A file's line-break boundaries and, for line and block middles, its line starts."""
+
+    boundaries: np.ndarray
+    lines: np.ndarray | None
+
+    def inside(self, start: int, end: int) -> _Cuts:
+        """The cuts strictly inside ids `start:end`, as offsets from `start`."""
+        lines = _between(self.lines, start + 1, end) - start if self.lines is not None else None
+        return _Cuts(_between(self.boundaries, start + 1, end) - start, lines)
+
+
+def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, cuts: _Cuts, header: np.ndarray, eos: np.ndarray,
+              budget: int, seed: int, fim_rate: float, spm_rate: float, tokens: FimTokens, mix: MiddleMix) -> None:
     if len(ids) <= budget and not is_fim(seed, path, 0, fim_rate):  # one left-to-right piece: no cut to find
         out.stream.append(np.concatenate((header, ids, eos), dtype=np.int32))
         out.pieces += 1
@@ -357,17 +419,17 @@ def _add_file(out: TrainingSamples, path: str, ids: np.ndarray, boundaries: np.n
             out.stream.append(np.concatenate([header, *run, eos if at_end else eos[:0]], dtype=np.int32))
             run.clear()
 
-    for j, (start, end) in enumerate(pieces(len(ids), boundaries, budget)):
+    for j, (start, end) in enumerate(pieces(len(ids), cuts.boundaries, budget)):
         out.pieces += 1
         if not is_fim(seed, path, j, fim_rate) or end == start:
             run.append(ids[start:end])
             continue
-        inner = _between(boundaries, start + 1, end) - start
-        cut = epoch_cut(seed, path, j, end - start, inner, spm_rate, epoch=0)
+        inner = cuts.inside(start, end)
+        cut = epoch_cut(seed, path, j, end - start, inner.boundaries, spm_rate, 0, inner.lines, mix)
         close_run(at_end=False)
         out.whole.append(fim_sample(ids[start:end], cut, tokens, int(eos[0]), header))
         out.records.append(FimRecord(path, j, start, end, cut))
-        out.fim_pieces.append(FimPiece(path, j, ids[start:end], header, inner))
+        out.fim_pieces.append(FimPiece(path, j, ids[start:end], header, inner.boundaries, inner.lines))
     close_run(at_end=True)
 
 
@@ -385,13 +447,14 @@ class FimEpochs:
     """
 
     def __init__(self, input_ids: np.ndarray, placements: Sequence[tuple[int, int]], pieces: Sequence[FimPiece],
-                 tokens: FimTokens, eos_id: int, seed: int, spm_rate: float) -> None:
+                 tokens: FimTokens, eos_id: int, seed: int, spm_rate: float,
+                 mix: MiddleMix = UNIFORM_MIDDLES) -> None:
         if len(placements) != len(pieces):
             raise ValueError(f"{len(placements)} placements for {len(pieces)} FIM pieces")
         self.base = input_ids
         self.placements = list(placements)
         self.pieces = list(pieces)
-        self.tokens, self.eos_id, self.seed, self.spm_rate = tokens, eos_id, seed, spm_rate
+        self.tokens, self.eos_id, self.seed, self.spm_rate, self.mix = tokens, eos_id, seed, spm_rate, mix
         self._cached: tuple[int, np.ndarray] = (0, input_ids)
 
     def input_ids(self, epoch: int) -> np.ndarray:
@@ -402,7 +465,8 @@ class FimEpochs:
     def _build(self, epoch: int) -> np.ndarray:
         out = self.base.copy()
         for (window, column), p in zip(self.placements, self.pieces):
-            cut = epoch_cut(self.seed, p.path, p.piece, len(p.ids), p.boundaries, self.spm_rate, epoch)
+            cut = epoch_cut(self.seed, p.path, p.piece, len(p.ids), p.boundaries, self.spm_rate, epoch, p.lines,
+                            self.mix)
             sample = fim_sample(p.ids, cut, self.tokens, self.eos_id, p.header)
             out[window, column:column + len(sample)] = sample
         return out

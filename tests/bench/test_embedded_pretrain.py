@@ -16,13 +16,14 @@ from embedded.pretrain import SessionRecord  # noqa: E402
 def test_each_checkpoint_updates_this_sessions_entry_after_the_earlier_ones(tmp_path):
     log = tmp_path / "sessions.json"
     log.write_text(json.dumps([{"started": 1.0, "ended": 2.0, "step": 1100, "max_steps": 1100}]))
-    record = SessionRecord(log, max_steps=2500)
+    record = SessionRecord(log, max_steps=2500, fim={"spm_rate": 0.0, "line_rate": 0.25})
     record.record(1150)
     first = json.loads(log.read_text())
     record.record(1200)
     earlier, now = json.loads(log.read_text())
     assert len(first) == 2 and first[1]["step"] == 1150 and earlier == first[0]
     assert now["step"] == 1200 and now["max_steps"] == 2500 and now["started"] == first[1]["started"] <= now["ended"]
+    assert now["fim"] == {"spm_rate": 0.0, "line_rate": 0.25}, "the session's FIM recipe, which the card lists"
 
 
 def test_a_trainer_saving_checkpoints_keeps_the_record(tmp_path):

@@ -31,6 +31,10 @@ from codetune.errors import ConfigError
     ({"packing": "padded"}, "--data.packing='padded': use 'isolated' or 'concat'"),
     ({"fim_rate": 1.5}, "--data.fim_rate=1.5: use a share in [0, 1]"),
     ({"fim_spm_rate": -0.5}, "--data.fim_spm_rate=-0.5: use a share in [0, 1]"),
+    ({"fim_line_rate": 1.2}, "--data.fim_line_rate=1.2: use a share in [0, 1]"),
+    ({"fim_line_rate": 0.75, "fim_block_rate": 0.5},
+     "--data.fim_line_rate=0.75 and --data.fim_block_rate=0.5 are shares of the same FIM samples: their sum must be"),
+    ({"fim_block_lines": 1}, "--data.fim_block_lines=1: a block has at least 2 lines"),
 ])
 def test_each_bad_setting_is_a_config_error_naming_its_flag(tmp_path, setting, message):
     with pytest.raises(ConfigError) as raised:
@@ -57,7 +61,7 @@ def test_a_repo_that_does_not_exist_or_is_a_file_is_named(tmp_path):
 @pytest.mark.parametrize("setting", [
     {"batch_size": "auto", "effective_batch_size": 1}, {"batch_size": 1, "gradient_accumulation_steps": 1},
     {"seq_len": 2}, {"val_fraction": 0.0}, {"packing": "concat"}, {"fim_rate": 0.0, "fim_spm_rate": 1.0},
-    {"fim_rate": None}, {"max_file_bytes": 1, "max_line_length": 1}, {"extensions": [".rs", ".PY"]},
+    {"fim_rate": None}, {"fim_line_rate": 0.5, "fim_block_rate": 0.5, "fim_block_lines": 2}, {"max_file_bytes": 1, "max_line_length": 1}, {"extensions": [".rs", ".PY"]},
 ])
 def test_the_edge_of_each_allowed_range_is_accepted(tmp_path, setting):
     assert CodeDataModule(repo=str(tmp_path), **setting).hparams.items() >= setting.items()

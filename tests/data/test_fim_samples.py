@@ -13,8 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from codetune.data.datamodule import CodeDataModule
-from codetune.data.fim import (FimCut, NewlineTable, epoch_cut, fim_sample, find_fim_tokens, is_fim, line_cut_style,
-                               pieces, training_samples)
+from codetune.data.fim import (FimCut, MiddleMix, NewlineTable, epoch_cut, fim_sample, find_fim_tokens, is_fim,
+                               line_cut_style, pieces, training_samples)
 from codetune.data.packing import IGNORE_INDEX, pack_samples, window_labels
 from codetune.errors import ConfigError
 from codetune.data.tokenizer import QWEN2_SPLIT, train_tokenizer
@@ -170,6 +170,40 @@ def test_line_cut_style_follows_the_tokenizer(tiny):
     assert line_cut_style(qwen) == "after"
 
 
+@pytest.mark.parametrize("split", ["gpt2", "qwen"])
+def test_line_and_block_middles_are_whole_lines_as_the_tokenizer_cuts_them(tiny, split):
+    tokenizer = tiny if split == "gpt2" else train_tokenizer([RUST_FILE, PY_FILE] * 4, vocab_size=512,
+                                                             split_pattern=QWEN2_SPLIT)
+    table = NewlineTable.of(tokenizer)
+    ids = np.array(tokenizer(PY_FILE, add_special_tokens=False)["input_ids"])
+    lines, boundaries = table.line_starts(ids), table.boundaries(ids)
+    assert set(lines) <= set(boundaries) and len(lines) > PY_FILE.count("\n") // 2
+
+    def cuts(mix: MiddleMix | None) -> list[FimCut]:
+        return [epoch_cut(0, "a.py", 0, len(ids), boundaries, 0.5, epoch, lines, *([mix] if mix else []))
+                for epoch in range(600)]
+
+    def middle(cut: FimCut) -> str:
+        return tokenizer.decode(ids[cut.middle_start:cut.middle_end])
+
+    one_line, blocks = cuts(MiddleMix(line_rate=1.0)), cuts(MiddleMix(block_rate=1.0, block_lines=4))
+    # One line: its text and its break(s), where the tokenizer puts them ("before": starting the line, but the
+    # file's first line has none before it).
+    texts = [middle(c).strip("\n") for c in one_line]
+    assert all("\n" not in t for t in texts) and {t.strip() for t in texts} >= {"import math", "total = sum(values)"}
+    assert all(middle(c).endswith("\n") if table.style == "after" else middle(c).startswith("\n")
+               for c in one_line if c.middle_start > 0)
+    sizes = [sum(1 for line in middle(c).split("\n") if line.strip()) for c in blocks]  # blank lines aside
+    assert max(sizes) == 4 and sum(2 <= n for n in sizes) > 0.7 * len(sizes), "blocks of 2 to 4 lines"
+    # The mix draws each epoch's kind from one hash: a line where the line-only mix cuts one, a block likewise.
+    mixed = cuts(MiddleMix(line_rate=0.5, block_rate=0.3, block_lines=4))
+    assert abs(sum(a == b for a, b in zip(mixed, one_line)) - 300) < 4 * 13  # binomial 600 x 0.5, s.e. ~12
+    assert abs(sum(a == b for a, b in zip(mixed, blocks)) - 180) < 4 * 12
+    assert cuts(None) == [epoch_cut(0, "a.py", 0, len(ids), boundaries, 0.5, epoch) for epoch in range(600)], \
+        "without a mix: uniform cuts, as they were"
+    assert max(len(middle(c).split("\n")) for c in cuts(None)) > 6
+
+
 def test_fim_samples_with_qwens_split_are_well_formed(fixture_repo, tmp_path):
     from codetune.commands.prepare import write_prepared
 
@@ -246,6 +280,23 @@ def test_the_default_trains_fim_with_fim_tokens_and_validation_stays_left_to_rig
     prefix = module.fim_tokens.prefix
     assert (module.train_windows.input_ids == prefix).sum() == fim["fim"]
     assert not (module.val_windows.input_ids == prefix).any()
+
+
+def test_the_middle_mix_reaches_every_epochs_windows_and_the_manifest(fixture_repo):
+    module = CodeDataModule(repo=str(fixture_repo), seq_len=64, fim_rate=1.0, fim_spm_rate=0.0, fim_line_rate=1.0,
+                            fim_block_rate=0.0, cache_dir=None)
+    module.setup("fit")
+    assert module.report["phase_2_tokenize"]["fim"]["middles"] == {"line_rate": 1.0, "block_rate": 0.0,
+                                                                  "block_lines": 8}
+    tokens, eos = module.fim_tokens, module.tokenizer.eos_token_id
+    for epoch in (0, 1):
+        middles = []
+        for row in module.fim_epochs.input_ids(epoch).tolist():
+            starts = [i + 1 for i, t in enumerate(row) if t == tokens.middle]
+            middles += [module.tokenizer.decode(row[i:row.index(eos, i)]) for i in starts]
+        assert len(middles) == len(module.fim_records) > 10
+        lines = [sum(1 for line in m.split("\n") if line.strip()) for m in middles]  # blank lines aside
+        assert max(lines) == 1 and sum(lines) > len(middles) // 2
 
 
 def test_file_headers_start_every_sample_with_the_repository_header(fixture_repo):
