@@ -65,9 +65,9 @@ class GenerationEval(Callback):
     - ``perplexity``: exp of the mean token NLL on the validation windows (held-out files). The base
       is measured with the adapter disabled before the first step; an epoch's figure is the
       validation run at that epoch's end (``val/loss``).
-    - ``next_line_exact_match`` and ``chrf``: from *repo prompts*, held-out files cut just after
-      the first line of a function or item (``codetune/eval/prompts.py``), the greedy continuation
-      against the file's own continuation.
+    - ``next_line_exact_match`` and ``chrf``: from *repo prompts*, held-out files cut before a line of
+      code (Rust, Python; after a paragraph's first line elsewhere), as when a user presses Enter anywhere
+      (``codetune/eval/prompts.py``), the greedy continuation against the file's own continuation.
     - ``syntax_valid``: the share of repo-prompt completions (Rust and Python) that parse with
       tree-sitter, judged on the part of the completion the two metrics above read.
     - ``fim_exact_match``, ``fim_chrf`` and ``fim_syntax_valid``: from *FIM prompts*, held-out files

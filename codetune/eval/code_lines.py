@@ -6,6 +6,10 @@ repository's. A line is *prose* when it is not blank and every one of its non-bl
 comment or string node (`# note`, a docstring's lines, `/// docs`, the inside of a multi-line string); a line with
 any other character (`x = 1  # note`, `f('''`) is code. Only languages with a grammar
 (`grammar_parser`, which the syntax check shares) can tell; for the others `prose_lines` returns None.
+
+`code_line_indices` names the lines a completion metric asks for (a FIM line mask, the next line of a repo prompt):
+code lines whose stripped text has at least `MIN_LINE_CHARS` characters, since a lone `}` or `else:` says little
+about the model, never the file's first line, which has no code before it to continue.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ _GRAMMARS: dict[str, Callable[[], object]] = {
     "rust": tree_sitter_rust.language,
     "python": tree_sitter_python.language,
 }
+
+MIN_LINE_CHARS = 8
+"""The fewest non-blank characters of a line worth asking a model to write."""
 
 _PROSE_NODES = frozenset({
     "comment", "string",  # Python (a docstring is a string statement)
@@ -43,6 +50,16 @@ def prose_lines(text: str, language: str) -> frozenset[int] | None:
     starts = accumulate((len(line) + 1 for line in lines), initial=0)
     return frozenset(i for i, (line, start) in enumerate(zip(lines, starts))
                      if line.strip() and all(covered[start + k] or line[k:k + 1].isspace() for k in range(len(line))))
+
+
+def code_line_indices(text: str, language: str) -> list[int] | None:
+    """0-based indices, ascending, of the code lines of `text` worth completing (lines as `prose_lines` counts
+    them), or None without a grammar for `language`."""
+    prose = prose_lines(text, language)
+    if prose is None:
+        return None
+    lines = text.split("\n")
+    return [i for i in range(1, len(lines)) if len(lines[i].strip()) >= MIN_LINE_CHARS and i not in prose]
 
 
 @cache

@@ -7,10 +7,11 @@ FIM format (`codetune.data.fim.FimTokens.psm_prompt`) and scores the middle that
 
 **Masks.** Two kinds, the two an editor asks for most:
 
-* a *line*: one line of code whose stripped text has at least `MIN_LINE_CHARS` characters (a lone `}`
-  or `else:` says little about the model), never the file's first or last line. Code, not prose: a
-  comment or docstring line (`codetune.eval.code_lines`) is no test of writing code like the
-  repository's, so only languages with a grammar (Python, Rust) have line masks;
+* a *line*: one line of code whose stripped text has at least `MIN_LINE_CHARS` (8) characters (a lone `}`
+  or `else:` says little about the model), never the file's first or last line
+  (`codetune.eval.code_lines.code_line_indices`). Code, not prose: a comment or docstring line is no
+  test of writing code like the repository's, so only languages with a grammar (Python, Rust) have
+  line masks;
 * a *block*: the body of a function or item (`codetune.eval.prompts.boundary_lines` finds their
   first lines): the lines after the signature line while they are blank or indented deeper than
   it, at most `max_block_lines` of them (a longer body masks its first lines), trailing blank lines
@@ -61,12 +62,11 @@ from itertools import accumulate
 from typing import Literal
 
 from codetune.data.fim import CutStyle
-from codetune.eval.code_lines import prose_lines
+from codetune.eval.code_lines import code_line_indices
 from codetune.eval.metrics import chrf, syntax_valid
 from codetune.eval.prompts import boundary_lines, split_lines
 
 MaskKind = Literal["line", "block"]
-MIN_LINE_CHARS = 8
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def fim_prompts(
     ranked: dict[MaskKind, list[tuple[bytes, list[FimPrompt]]]] = {"line": [], "block": []}
     for path, language, text in files:
         file = _File(text, style)
-        spans = {"line": _line_masks(file.lines, prose_lines(text, language)),
+        spans = {"line": _line_masks(text, language, len(file.lines)),
                  "block": _block_masks(text, file.lines, language, max_block_lines)}
         for kind, kind_spans in spans.items():
             prompts = [file.prompt(path, language, kind, first, last, max_prefix_chars, max_suffix_chars)
@@ -249,11 +249,10 @@ def mask_lines(text: str, first: int, last: int, style: CutStyle) -> tuple[str, 
     return text[:start], text[start:end], text[end:]
 
 
-def _line_masks(lines: Sequence[str], prose: frozenset[int] | None) -> list[tuple[int, int]]:
-    """The code lines worth masking; none when the language has no grammar to tell code from prose."""
-    if prose is None:
-        return []
-    return [(i, i) for i in range(1, len(lines) - 1) if len(lines[i].strip()) >= MIN_LINE_CHARS and i not in prose]
+def _line_masks(text: str, language: str, line_count: int) -> list[tuple[int, int]]:
+    """The code lines worth masking but the last (a mask needs a suffix); none when the language has no grammar
+    to tell code from prose."""
+    return [(i, i) for i in code_line_indices(text, language) or () if i < line_count - 1]
 
 
 def _block_masks(text: str, lines: Sequence[str], language: str, max_block_lines: int) -> list[tuple[int, int]]:

@@ -1,8 +1,9 @@
 """Scores for generated code: held-out perplexity, completion quality, syntax validity.
 
 All functions are pure: plain strings and numbers in, a number out. The prompts they score come
-from `codetune.eval.prompts.repo_prompts` (a held-out file cut at the start of a function or item:
-the model sees the prefix and generates, the file's own text after the cut is the truth).
+from `codetune.eval.prompts.repo_prompts` (a held-out file cut at a line start, before a line of code
+where a grammar tells code from prose: the model sees the prefix and generates, the file's own text
+after the cut is the truth).
 
 **Perplexity.** `perplexity_from_loss(mean_nll)` is `exp(mean_nll)`, where `mean_nll` is the mean
 negative log-likelihood per *target token* (natural log) over the whole held-out set: the sum of
@@ -169,8 +170,9 @@ def _check_pairs(generated: Sequence[str], truths: Sequence[str]) -> None:
 def syntax_valid(code: str, language: str, *, truncated: bool = True) -> bool | None:
     """Whether `code` (prompt prefix + generation) parses; None without a grammar for `language`.
 
-    With `truncated` (the generation was cut: by `max_new_tokens` or at its scored prefix), an unfinished tail is tolerated by the
-    rule in the module docstring; otherwise the whole text must parse without ERROR or MISSING nodes.
+    With `truncated` (the generation was cut: by `max_new_tokens` or at its scored prefix), an unfinished tail is
+    tolerated by the rule in the module docstring; otherwise the whole text must parse without ERROR or MISSING
+    nodes.
     """
     parser = grammar_parser(language)
     if parser is None:

@@ -1,39 +1,47 @@
 """Completion prompts cut from held-out files of the user's repository.
 
-A prompt is a held-out file cut just after the first line of a function or item: the model sees
-everything up to and including that line (its signature, so it must write the body) and its
-generation is compared with the file's own text after the cut (`codetune.eval.metrics`). When
-comments or a docstring follow the boundary line (`codetune.eval.code_lines` tells them by the
-parse), the cut moves past them: the next line the model writes, the one exact match reads, is code,
-as when a user has written the signature and its docstring and asks for the body.
+A prompt is a held-out file cut at a line start, as when a user presses Enter in the editor: the model
+sees the file up to the cut and its generation is compared with the file's own text after it
+(`codetune.eval.metrics`: next-line exact match reads the first line, chrF the continuation).
 
-**Boundaries** are found by a regular expression on line starts, after optional indentation (so
-methods and nested items count). Tree-sitter was weighed and left out: a line-start rule needs no
-parse, never depends on the file being valid, and finds the same items in ordinary code; its one
-miss is a matching line inside a multi-line string, which still makes a fair completion prompt.
+**Where to cut.** A user asks for the next line anywhere in a file, mostly in the middle of a body, and
+line-completion benchmarks (CodeXGLUE line completion, RepoBench) likewise draw random code lines; a cut
+only after signatures would ask for the hardest line of a file (a body's first) every time.
+
+* Languages with a grammar (Python, Rust): any line the FIM line masks may take
+  (`codetune.eval.code_lines.code_line_indices`) can be the truth's first line: code, not prose
+  (a comment or a docstring is no test of writing code like the repository's), at least
+  `MIN_LINE_CHARS` (8) non-blank characters (a lone `}` or `else:` says little about the model),
+  and not the file's first line. The prompt ends with the line before it.
+* Any other language (Markdown, TOML, ...): nothing tells code from prose, so the cut follows a
+  paragraph's first line (a non-blank line right after a blank line), and the truth is what follows.
+
+**Boundaries** (`boundary_lines`, the first lines of functions and items that the FIM block masks
+start from, and the paragraph starts above) are found by a regular expression on line starts, after
+optional indentation (so methods and nested items count): a line-start rule needs no parse, never
+depends on the file being valid, and finds the same items in ordinary code; its one miss is a matching
+line inside a multi-line string.
 
 * Rust: an optional visibility (`pub`, `pub(crate)`, `pub(super)`, ...) and optional qualifiers
   (`async`, `const`, `unsafe`, `extern "C"`), then `fn`, `struct`, `enum`, `trait` or `mod` and
   whitespace, or `impl` as a whole word (`impl<T>`); or an attribute `#[` (not the inner `#![`).
 * Python: `def `, `async def `, `class `, or a decorator `@`.
-* Any other language (Markdown, TOML, ...): a paragraph start, i.e. a non-blank line right after a
-  blank line.
+* Any other language: a paragraph start.
 
-**Cutting.** For a boundary on line *i* (or the last prose line after it), `prefix` is the file's
-text from the start of the file through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines
-are dropped from the front (it starts at a line start) and kept in `head`, so
-`head + prefix + generation` (`RepoPrompt.program`) is the whole file up to the cut followed by the
-generation: that is the text `syntax_valid` should parse, since a prefix cut inside an `impl` or
-`class` would leave brackets or indentation unmatched. `continuation` is the text after line *i*: at most
-`max_continuation_lines` lines, and if that is longer than `max_continuation_chars`, cut to its
-whole lines that fit (or hard-cut, when not even the first line fits).
-A boundary is skipped when `prefix` has fewer than `min_prefix_lines` lines before the boundary
-line, when the boundary line alone is longer than `max_prefix_chars`, when it is the file's last
-line, or when its (bounded) continuation is blank.
+**Cutting.** For a cut after line *i* (0-based), `prefix` is the file's text from the start of the file
+through the end of line *i*, newline included; when that is longer than `max_prefix_chars`, lines are
+dropped from the front (it starts at a line start) and kept in `head`, so `head + prefix + generation`
+(`RepoPrompt.program`) is the whole file up to the cut followed by the generation: that is the text
+`syntax_valid` should parse, since a prefix cut inside an `impl` or `class` would leave brackets or
+indentation unmatched. `continuation` is the text after line *i*: at most `max_continuation_lines`
+lines, and if that is longer than `max_continuation_chars`, cut to its whole lines that fit (or
+hard-cut, when not even the first line fits). A cut is skipped when `prefix` has fewer than
+`min_prefix_lines` lines before line *i*, when line *i* alone is longer than `max_prefix_chars`, when
+it is the file's last line, or when its (bounded) continuation is blank.
 
 **Choosing.** Deterministic, and stable when other files change: files are visited in the order of
-a hash of (seed, path), boundaries within a file in the order of a hash of (seed, path, line).
-Prompts are taken round-robin, the first-ranked boundary of every file, then the second of every
+a hash of (seed, path), the cuts within a file in the order of a hash of (seed, path, line).
+Prompts are taken round-robin, the first-ranked cut of every file, then the second of every
 file, ..., up to `max_per_file` per file and `max_prompts` in all, so a few large files cannot take
 every slot. The result is sorted by path and line.
 """
@@ -48,7 +56,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from codetune.data.fim import CutStyle
-from codetune.eval.code_lines import prose_lines
+from codetune.eval.code_lines import code_line_indices
 
 _BOUNDARY = {
     "rust": re.compile(
@@ -67,11 +75,11 @@ class RepoPrompt:
     path: str
     language: str
     prefix: str
-    """The file up to and including the boundary line, at most `max_prefix_chars` (the model gets `model_input`)."""
+    """The file up to the cut (whole lines), at most `max_prefix_chars` (the model gets `model_input`)."""
     continuation: str
     """The file's own text after `prefix`, bounded in lines and characters."""
     line: int
-    """1-based number of the prompt's last line: the boundary line, or the end of the prose right after it."""
+    """1-based number of the prompt's last line, the line before the truth."""
     head: str
     """File text before `prefix`, cut off to respect `max_prefix_chars` (empty when nothing was)."""
     style: CutStyle = "before"
@@ -102,8 +110,8 @@ def repo_prompts(
     seed: int = 0,
     style: CutStyle = "before",
 ) -> list[RepoPrompt]:
-    """Up to `max_prompts` prompts cut at function/item starts of `files` (rel_path, language, text), their
-    model input ending as the tokenizer's `style` cuts lines.
+    """Up to `max_prompts` prompts cut before code lines of `files` (rel_path, language, text), or after
+    paragraph starts without a grammar, their model input ending as the tokenizer's `style` cuts lines.
 
     Raises:
         ValueError: a bound is not positive (all problems in one message), or a path repeats.
@@ -114,14 +122,16 @@ def repo_prompts(
     for path, language, text in files:
         lines = split_lines(text)
         offsets = list(accumulate(map(len, lines), initial=0))
-        prose = prose_lines(text, language) or frozenset()
-        prompts = [
-            p for i in _boundary_indices(lines, language)
-            if (p := _cut(path, language, lines, offsets, _past_prose(lines, prose, i), min_prefix_lines,
-                          max_prefix_chars, max_continuation_lines, max_continuation_chars, style)) is not None
-        ]
-        prompts.sort(key=lambda p: _rank(seed, p.path, p.line))
-        ranked.append((path, prompts[:max_per_file]))
+        prompts: list[RepoPrompt] = []
+        # In rank order (a prompt's `line` is its last line's index + 1), cutting only until the file has enough.
+        for i in sorted(_cut_indices(text, lines, language), key=lambda i: _rank(seed, path, i + 1)):
+            if len(prompts) == max_per_file:
+                break
+            prompt = _cut(path, language, lines, offsets, i, min_prefix_lines, max_prefix_chars,
+                          max_continuation_lines, max_continuation_chars, style)
+            if prompt is not None:
+                prompts.append(prompt)
+        ranked.append((path, prompts))
     ranked.sort(key=lambda item: _rank(seed, item[0]))
     chosen: list[RepoPrompt] = []
     for round_ in range(max_per_file):
@@ -144,15 +154,13 @@ def split_lines(text: str) -> list[str]:
     return _LINE.findall(text)
 
 
-def _past_prose(lines: Sequence[str], prose: frozenset[int], i: int) -> int:
-    """The last line of the prose (and blank lines between it) right after line `i`, or `i` when code follows."""
-    last = i
-    for k in range(i + 1, len(lines)):
-        if k in prose:
-            last = k
-        elif lines[k].strip():
-            break
-    return last
+def _cut_indices(text: str, lines: Sequence[str], language: str) -> list[int]:
+    """0-based indices of the lines a prompt may end with: the line before each code line worth completing, or
+    a paragraph's first line in a language without a grammar."""
+    code = code_line_indices(text, language)
+    if code is None:
+        return _boundary_indices(lines, language)
+    return [i - 1 for i in code]
 
 
 def _boundary_indices(lines: Sequence[str], language: str) -> list[int]:
@@ -165,7 +173,7 @@ def _boundary_indices(lines: Sequence[str], language: str) -> list[int]:
 def _cut(path: str, language: str, lines: Sequence[str], offsets: Sequence[int], i: int, min_prefix_lines: int,
          max_prefix_chars: int, max_continuation_lines: int, max_continuation_chars: int,
          style: CutStyle) -> RepoPrompt | None:
-    """The prompt for the boundary on line `i` (0-based), or None when it is skipped.
+    """The prompt cut after line `i` (0-based), or None when it is skipped.
 
     `offsets[k]` is the character offset of line `k` (`offsets[len(lines)]` is the text's length).
     """

@@ -454,7 +454,11 @@ def test_repo_prompts_end_as_the_tokenizer_cuts_lines(tmp_path, tiny_tokenizer):
         callback._generate_batch = infiller.generate_batch
         callback.on_train_start(_fim_trainer(tmp_path, _FimData(None)), _FimModule(tokenizer))
         assert len(infiller.requests) == 4
-        assert all(r.text.endswith("\n") is ends_with_newline for r in infiller.requests)
+        # "before" leaves the line break before the truth to the model (the input still ends with a newline when
+        # the truth follows a blank line: the break that ends that line's predecessor).
+        prefixes = [p.prefix for p in callback._repo_prompts]
+        assert all(prefix.endswith("\n") for prefix in prefixes)
+        assert [r.text for r in infiller.requests] == [p if ends_with_newline else p[:-1] for p in prefixes]
 
 
 def test_repo_requests_from_a_files_start_carry_its_header_when_training_files_do(tmp_path, tiny_tokenizer):

@@ -1,4 +1,4 @@
-"""Prompts cut from held-out files at function and item starts."""
+"""Prompts cut from held-out files before code lines (paragraph starts without a grammar), and boundary lines."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from codetune.eval.code_lines import prose_lines
 from codetune.eval.metrics import syntax_valid
 from codetune.eval.prompts import RepoPrompt, boundary_lines, repo_prompts
 
@@ -84,19 +85,23 @@ def test_other_languages_cut_at_paragraph_starts():
     assert lines_of(text, boundary_lines(text, "markdown")) == ["First paragraph", "Second."]
 
 
-def test_prefix_ends_with_the_boundary_line_and_the_continuation_is_the_truth():
+def test_the_truth_starts_with_a_code_line_and_the_prefix_ends_with_the_line_before():
     prompts = repo_prompts([("src/lib.rs", "rust", RUST)], max_prompts=100, min_prefix_lines=0, max_per_file=100)
-    assert len(prompts) == 14
+    lines = RUST.split("\n")
+    # Every code line of 8+ characters but the first line; not `x: i32,` (6), `}` or `// fn in a comment` (17, 24).
+    assert [p.line for p in prompts] == [1, 2, 4, 5, 9, 10, 11, 12, 13, 14, 15, 16, 18, 21, 22, 23, 27, 28, 29]
+    prose = prose_lines(RUST, "rust")
     for p in prompts:
-        boundary = RUST.split("\n")[p.line - 1]
-        assert p.prefix.endswith(boundary + "\n")
-        assert RUST.startswith(p.head + p.prefix + p.continuation)
-        assert p.head == "" and p.continuation.strip()
-    helper = next(p for p in prompts if p.prefix.endswith("pub(crate) fn helper() -> i32 {\n"))
-    assert helper.line == 16 and helper.continuation.startswith("    let fn_count = 1;\n")
+        truth = lines[p.line]  # `line` is 1-based: it indexes the next line
+        assert p.prefix.endswith(lines[p.line - 1] + "\n") and p.continuation.startswith(truth + "\n")
+        assert len(truth.strip()) >= 8 and p.line not in prose
+        assert RUST.startswith(p.head + p.prefix + p.continuation) and p.head == ""
+    # A prompt ends anywhere in a body, not only after a signature: here after a comment, before the last line.
+    inner = next(p for p in prompts if p.line == 18)
+    assert inner.prefix.endswith("    // fn in a comment\n") and inner.continuation.startswith("    implement(fn_count)\n")
 
 
-def test_a_docstring_and_comments_after_the_signature_stay_in_the_prompt():
+def test_docstrings_and_comments_are_context_never_the_truth():
     text = textwrap.dedent('''\
         import os
 
@@ -111,44 +116,64 @@ def test_a_docstring_and_comments_after_the_signature_stay_in_the_prompt():
             with open(path) as f:
                 return f.read()
         ''')
-    [p] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2)
-    # The next line to write is the first line of code: what a docstring says is prose, no test of writing code.
-    assert p.prefix.endswith("    # Opened once.\n") and p.continuation.startswith("    with open(path) as f:\n")
-    assert p.line == 10 and p.head + p.prefix + p.continuation == text
-    # Without a grammar nothing is known to be prose: the cut stays at the boundary.
-    [md] = repo_prompts([("a.md", "markdown", "# T\n\nOne.\n\nTwo\nthree.\n")], max_prompts=1, min_prefix_lines=2)
-    assert md.prefix.endswith("Two\n") and md.line == 5
+    prompts = repo_prompts([("a.py", "python", text)], max_prompts=10, min_prefix_lines=2, max_per_file=10)
+    assert [(p.line, p.continuation.split("\n")[0]) for p in prompts] == [
+        (3, "def load(path):"), (10, "    with open(path) as f:"), (11, "        return f.read()")]
+    assert prompts[1].prefix.endswith("    # Opened once.\n")
+    assert all(p.head + p.prefix + p.continuation == text for p in prompts)
+
+
+def test_without_a_grammar_a_prompt_ends_with_a_paragraphs_first_line():
+    text = "# T\n\nOne.\n\nTwo\nthree.\n"
+    prompts = repo_prompts([("a.md", "markdown", text)], max_prompts=10, min_prefix_lines=2, max_per_file=10)
+    assert [(p.line, p.prefix.split("\n")[-2]) for p in prompts] == [(3, "One."), (5, "Two")]
+    assert prompts[1].continuation == "three.\n"
 
 
 def test_continuation_is_bounded_in_lines_then_chars():
-    text = "fn a() {\n" * 6 + "".join(f"    let v{i} = {i};\n" for i in range(50))
-    [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=1, min_prefix_lines=5, max_per_file=1,
-                       max_continuation_lines=10, max_continuation_chars=10_000)
-    assert p.line == 6 and p.continuation.count("\n") == 10
-    [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=1, min_prefix_lines=5, max_per_file=1,
-                       max_continuation_lines=10, max_continuation_chars=40)
-    assert p.continuation == "    let v0 = 0;\n    let v1 = 1;\n"  # whole lines only
-    [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=1, min_prefix_lines=5, max_per_file=1,
-                       max_continuation_chars=5)
+    text = "fn main() {\n" + "".join(f"    let v{i} = {i};\n" for i in range(50)) + "}\n"
+    lines = text.splitlines(keepends=True)
+    prompts = repo_prompts([("a.rs", "rust", text)], max_prompts=100, min_prefix_lines=5, max_per_file=100,
+                           max_continuation_lines=10, max_continuation_chars=10_000)
+    # Lines 6..50 (0-based) are truths: 5 lines before each prompt's last one; `}` is too short to be one.
+    assert [p.line for p in prompts] == list(range(6, 51))
+    assert all(p.continuation == "".join(lines[p.line : p.line + 10]) for p in prompts)
+    assert prompts[0].continuation.count("\n") == 10 and prompts[-1].continuation == "    let v49 = 49;\n}\n"
+    prompts = repo_prompts([("a.rs", "rust", text)], max_prompts=100, min_prefix_lines=5, max_per_file=100,
+                           max_continuation_lines=10, max_continuation_chars=40)
+    assert prompts[0].continuation == "    let v5 = 5;\n    let v6 = 6;\n"  # whole lines only
+    [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=1, min_prefix_lines=5, max_continuation_chars=5)
     assert p.continuation == "    l"  # not even one line fits: hard cut
 
 
 def test_long_prefix_is_cut_at_a_line_start_and_kept_in_head():
     filler = "".join(f"const C{i}: u32 = {i};\n" for i in range(100))
-    text = filler + "fn f() -> u32 {\n    C1 + C2\n}\n"
-    [p] = repo_prompts([("a.rs", "rust", text)], max_prompts=5, max_prefix_chars=200, min_prefix_lines=3)
-    assert len(p.prefix) <= 200 and p.prefix.startswith("const C")
-    assert len(p.head.splitlines(keepends=True)[-1] + p.prefix) > 200  # as many whole lines as fit
-    assert p.head + p.prefix == filler + "fn f() -> u32 {\n"
-    assert p.program("\n    C1 + C2\n}\n") == text
+    text = filler + "fn f() -> u32 {\n    C1 + C2 + C3\n}\n"
+    lines = text.splitlines(keepends=True)
+    prompts = repo_prompts([("a.rs", "rust", text)], max_prompts=200, max_prefix_chars=200, min_prefix_lines=3,
+                           max_per_file=200)
+    assert [p.line for p in prompts] == list(range(4, 102))
+    for p in prompts:
+        assert len(p.prefix) <= 200 and p.head + p.prefix == "".join(lines[: p.line])
+        assert not p.head or len(p.head.splitlines(keepends=True)[-1] + p.prefix) > 200  # as many lines as fit
+    body = prompts[-1]
+    assert body.prefix.startswith("const C") and body.head + body.prefix == filler + "fn f() -> u32 {\n"
+    assert body.program("\n    C1 + C2 + C3\n}\n") == text
 
 
-def test_too_little_prefix_and_nothing_after_are_skipped():
-    text = "fn a() {}\nfn b() {}\nfn c() {}\nfn d() {\n    1\n}\nfn e() {}\n\n\nfn last() {}"
-    prompts = repo_prompts([("a.rs", "rust", text)], max_prompts=10, min_prefix_lines=2, max_per_file=10,
+def test_too_little_prefix_a_blank_continuation_and_nothing_after_are_skipped():
+    text = "use std::io;\nuse std::fs;\nuse std::env;\nuse std::fmt;\n"
+    prompts = repo_prompts([("a.rs", "rust", text)], max_prompts=10, min_prefix_lines=2, max_per_file=10)
+    assert [p.line for p in prompts] == [3]  # fs, env: fewer than 2 lines before the prompt's last one
+    indented = "fn main() {\n    let a = 1;\n    let b = 2;\n    let x = 1;\n            call_it();\n}\n"
+    prompts = repo_prompts([("a.rs", "rust", indented)], max_prompts=10, min_prefix_lines=2, max_per_file=10,
+                           max_continuation_chars=8)
+    assert [p.continuation for p in prompts] == ["    let "]  # `call_it();` hard-cut to its 8 blanks is skipped
+    text = "# T\n\nOne.\n\nTwo\n\n\n\nThree\n\nlast"
+    prompts = repo_prompts([("a.md", "markdown", text)], max_prompts=10, min_prefix_lines=2, max_per_file=10,
                            max_continuation_lines=2)
-    # a, b: fewer than 2 lines before; e: only blank lines in its 2-line continuation; last: nothing follows.
-    assert [p.line for p in prompts] == [3, 4]
+    # Two: only blank lines in its 2-line continuation; last: nothing follows.
+    assert [p.line for p in prompts] == [3, 9]
 
 
 def test_selection_is_deterministic_bounded_and_spread_over_files():
@@ -174,7 +199,7 @@ def test_a_files_choices_do_not_depend_on_other_files():
 def test_the_true_continuation_is_syntax_valid_as_a_cut_program():
     files = [("src/lib.rs", "rust", RUST), ("store.py", "python", PYTHON)]
     prompts = repo_prompts(files, max_prompts=100, min_prefix_lines=0, max_per_file=100, max_continuation_lines=3)
-    assert len(prompts) == 18
+    assert len(prompts) == 19 + 8  # every code line of 8+ characters but the first line
     assert all(syntax_valid(p.program("\n" + p.continuation), p.language) for p in prompts)
 
 
@@ -195,9 +220,10 @@ def test_the_model_input_leaves_the_boundary_line_break_to_the_model():
 
 def test_a_tokenizer_that_cuts_after_the_line_break_gets_it_in_the_prompt():
     """Qwen's tokens break after a newline: the prompt ends where the user pressed Enter, and the model writes the
-    next line, not the rest of the signature's (`  # pragma: no cover`)."""
+    next line, not the rest of the previous one (`  # pragma: no cover`)."""
     text = "import os\n\n\ndef f():\n    return 1\n"
-    [p] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2, style="after")
-    assert p.model_input == "import os\n\n\ndef f():\n" and p.program("    return 1\n") == text
-    [before] = repo_prompts([("a.py", "python", text)], max_prompts=1, min_prefix_lines=2)
-    assert before.model_input == "import os\n\n\ndef f():"
+    after = repo_prompts([("a.py", "python", text)], max_prompts=2, min_prefix_lines=2, style="after")
+    assert [p.line for p in after] == [3, 4]
+    assert after[1].model_input == "import os\n\n\ndef f():\n" and after[1].program("    return 1\n") == text
+    before = repo_prompts([("a.py", "python", text)], max_prompts=2, min_prefix_lines=2)
+    assert before[1].model_input == "import os\n\n\ndef f():" and before[0].model_input == "import os\n\n"

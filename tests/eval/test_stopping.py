@@ -107,7 +107,10 @@ def test_a_completion_stopped_early_scores_as_the_full_greedy_one(tiny):
     assert not any(e.eos for e in early)
     early_metrics = completion_metrics(prompts, early)
     assert early_metrics == completion_metrics(prompts, full)
-    assert early_metrics["syntax_valid"] is not None or all(len(e.text.splitlines()) <= 3 for e in early)
+    # Syntax is judged unless no completion got past the two non-blank lines a cut may leave unfinished (and a
+    # line it stopped in); blank lines, which this random model writes a lot of, say nothing about syntax.
+    assert early_metrics["syntax_valid"] is not None or all(
+        sum(1 for line in e.text.splitlines() if line.strip()) <= 3 for e in early)
 
 
 def test_each_row_keeps_its_own_token_cap(tiny):

@@ -56,7 +56,8 @@ class _Data(L.LightningDataModule):
 
 
 def test_eval_curves_start_at_the_base_and_each_prompt_has_one_tag(tmp_path):
-    evaluation = GenerationEval(prompts=["fn process"], repo_prompts=2)
+    # A seed whose two prompts, in path order, do not have their truths in length order.
+    evaluation = GenerationEval(prompts=["fn process"], repo_prompts=2, seed=9)
     evaluation._generate_batch = lambda module, requests: [Completion(f"\n    x{i}\n", 3, False)
                                                            for i, _ in enumerate(requests)]
     logger = EpochlessTensorBoardLogger(str(tmp_path), name="tensorboard", version="", default_hp_metric=False)
@@ -67,6 +68,7 @@ def test_eval_curves_start_at_the_base_and_each_prompt_has_one_tag(tmp_path):
     # Shortest truth first, so that the rows of a batch stop at similar steps.
     truth_lines = [len(p.continuation.splitlines()) for p in evaluation._repo_prompts]
     assert truth_lines == sorted(truth_lines) and len(set(truth_lines)) > 1
+    assert [p.path for p in evaluation._repo_prompts] == ["src/counter.rs", "py/energy.py"]
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
