@@ -30,6 +30,34 @@ def package_tokens(corpus: Path, summary: dict, tokenizer) -> dict[str, int]:
     return out
 
 
+# What the sessions recorded before their FIM recipe was a flag ran with: the build's first recipe.
+FIRST_RECIPE = {"spm_rate": 0.5, "line_rate": 0.0, "block_rate": 0.0, "block_lines": 8}
+
+
+def recipe_text(recipe: dict) -> str:
+    order = ("PSM only" if recipe["spm_rate"] == 0 else
+             f"{1 - recipe['spm_rate']:.0%} PSM, {recipe['spm_rate']:.0%} SPM")
+    if recipe["line_rate"] == 0 and recipe["block_rate"] == 0:
+        return f"{order}, uniform middles"
+    return (f"{order}; middles: {recipe['line_rate']:.0%} one line, {recipe['block_rate']:.0%} blocks of 2 to "
+            f"{recipe['block_lines']} lines, the rest uniform")
+
+
+def sessions_table(sessions: list[dict]) -> list[str]:
+    """One row per pretraining session: the steps it took the model from and to, its step budget (which sets
+    where its learning rate decays), its FIM recipe and its hours; a session that ended before its first
+    checkpoint took it nowhere."""
+    lines = ["| session | steps | budget | fill-in-the-middle | hours |", "|---|---|---|---|---|"]
+    step = 0
+    for i, session in enumerate(sessions, 1):
+        note = f" ({session['killed']})" if "killed" in session else ""
+        lines.append(f"| {i} | {step:,} -> {session['step']:,}{note} | {session['max_steps']:,} | "
+                     f"{recipe_text(session.get('fim', FIRST_RECIPE))} | "
+                     f"{(session['ended'] - session['started']) / 3600:.2f} |")
+        step = max(step, session["step"])
+    return lines
+
+
 def pretraining_record(work: Path) -> dict:
     """Steps, tokens and wall time of the pretraining, from its hyper-parameters, log and session times."""
     import torch
@@ -38,7 +66,7 @@ def pretraining_record(work: Path) -> dict:
     sessions = json.loads((work / "sessions.json").read_text())
     steps = checkpoint["global_step"]
     return {"steps": steps, "tokens": steps * 16 * 512, "hparams": checkpoint["hyper_parameters"],
-            "wall_hours": sum(s["ended"] - s["started"] for s in sessions) / 3600, "sessions": len(sessions)}
+            "wall_hours": sum(s["ended"] - s["started"] for s in sessions) / 3600, "sessions": sessions}
 
 
 def figure(value) -> str:
@@ -123,12 +151,16 @@ def card_lines(record: dict, by_language: dict, figures: dict, corpus_rows: list
         f"{record['tokens'] / record['corpus_tokens']:.2f} passes over the corpus's "
         f"{record['corpus_tokens'] / 1e6:.1f}M.",
         "- Every window as codetune fits it: files packed without attention across them, each headed",
-        "  `<|file_sep|>path`, half the pieces fill-in-the-middle (half PSM, half SPM), redrawn every epoch.",
+        "  `<|file_sep|>path`, half the pieces fill-in-the-middle, redrawn every epoch (the order and middles",
+        "  of each session below).",
         f"- AdamW (0.9, 0.95), weight decay {hp['weight_decay']}, peak learning rate {hp['learning_rate']}, "
         f"{hp['warmup_steps']} warmup steps, held, then a cosine decay to {hp['min_lr_ratio']}x over the last "
-        f"{hp['decay_fraction']:.0%} of the steps; gradient clipping 1.0; fp32.",
+        f"{hp['decay_fraction']:.0%} of a session's step budget (a session resumed with a larger budget goes back",
+        "  to the peak rate until its own decay); gradient clipping 1.0; fp32.",
         f"- Wall time: {record['wall_hours']:.2f} h on {os.cpu_count()} cores of an {cpu_name()} "
-        f"({record['sessions']} sessions, resumed from checkpoints), measured {date}.",
+        f"({len(record['sessions'])} sessions, resumed from checkpoints), measured {date}.",
+        "",
+        *sessions_table(record["sessions"]),
         "",
         "## Figures on code it never saw",
         "",
