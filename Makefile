@@ -33,7 +33,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
-demo: install ## Train the embedded tiny model on this project's own source, on CPU (a few minutes)
+demo: install ## Tune the embedded model on this project's own source with LoRA, on CPU (about 2.5 minutes)
 	@$(PY) -m codetune fit --config configs/training_config.yaml --config configs/presets/demo.yaml \
 		--data.repo . $(NAME_ARG) $(ARGS)
 
@@ -76,7 +76,7 @@ export: install ## Export a run for llama.cpp, Ollama or vLLM: make export RUN=r
 	@test -n "$(RUN)" -a -n "$(TO)" || { echo "make export: set RUN=runs/<name> and TO=gguf, ollama or vllm"; exit 2; }
 	@$(PY) -m codetune export "$(RUN)" --to "$(TO)" $(if $(OUT),--out "$(OUT)",) $(ARGS)
 
-embedded-model: install ## Rebuild the embedded model from Debian packages (apt-get as root; over an hour on 2 cores; resumable)
+embedded-model: install ## Rebuild the embedded model from Debian packages (apt-get as root; about 2 hours on 2 cores; resumable)
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends $$(grep -v '^#' bench/embedded/packages.txt)
 	$(PY) bench/embedded_model.py $(ARGS)
 

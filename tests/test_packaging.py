@@ -87,6 +87,17 @@ def test_the_wheel_holds_the_configs_as_files(wheel):
             (ROOT / "codetune" / "configs" / "training_config_rust.yaml").read_bytes()
 
 
+@pytest.mark.slow
+def test_the_wheel_holds_the_embedded_model_whole(wheel):
+    """`pip install .` gets the embedded model: its weights, config, tokenizer and card, byte for byte."""
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = sorted(name for name in archive.namelist() if name.startswith("codetune/embedded/"))
+        assert shipped == sorted(f"codetune/embedded/{p.name}" for p in (ROOT / "codetune" / "embedded").iterdir())
+        assert "codetune/embedded/model.safetensors" in shipped and "codetune/embedded/README.md" in shipped
+        assert archive.read("codetune/embedded/model.safetensors") == \
+            (ROOT / "codetune" / "embedded" / "model.safetensors").read_bytes()
+
+
 def documented_callbacks() -> list[str]:
     return [m for doc in DOCUMENTS for m in re.findall(r"--trainer\.callbacks\+=([\w.]+)", doc.read_text())]
 

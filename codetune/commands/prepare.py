@@ -124,5 +124,5 @@ def _check_model_context(name_or_path: str, seq_len: int, trust_remote_code: boo
     except OSError as err:
         raise ConfigError(f"--model.name_or_path {name_or_path!r}: its config could not be loaded "
                           f"({str(err).strip().rstrip('.')}). Use a local model directory or a cached hub id, "
-                          f"or 'tiny'.") from err
+                          f"or 'embedded'.") from err
     check_context(seq_len, config)

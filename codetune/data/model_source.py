@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Either one lets transformers' AutoTokenizer load a directory without config.json.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
-# The pretrained model that `make embedded-model` builds into the package (bench/embedded_model.py). The name wins
+# The pretrained model shipped inside the package (its model card: codetune/embedded/README.md). The name wins
 # over a directory of that name in the working directory, as 'tiny' does; `./embedded` names the directory.
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / EMBEDDED_NAME
@@ -54,7 +54,7 @@ def check_model_source(name_or_path: str, flag: str, tokenizer_only: bool = Fals
     name exists."""
     if not name_or_path.strip():
         raise ConfigError(f"{flag} is empty: give a Hugging Face id (e.g. Qwen/Qwen2.5-Coder-1.5B), a local model "
-                          f"directory, or 'tiny'.")
+                          f"directory, or 'embedded' (offline).")
     if name_or_path == EMBEDDED_NAME and not (EMBEDDED_DIR / CONFIG_FILE).is_file():
         raise ConfigError(f"{flag} {EMBEDDED_NAME!r}: this install has no embedded model ({EMBEDDED_DIR} holds no "
                           f"{CONFIG_FILE}). Build it with `make embedded-model` (bench/embedded_model.py), or use "
@@ -72,7 +72,7 @@ def check_model_source(name_or_path: str, flag: str, tokenizer_only: bool = Fals
         raise ConfigError(
             f"{flag} {name_or_path!r}: no such directory (resolved to {str(path.absolute())!r}), and it cannot be a "
             f"Hugging Face id, which is 'name' or 'namespace/name'. Fix the path to the model directory (one that "
-            f"holds {CONFIG_FILE}), or give a Hugging Face id such as Qwen/Qwen2.5-Coder-1.5B, or 'tiny'.")
+            f"holds {CONFIG_FILE}), or give a Hugging Face id such as Qwen/Qwen2.5-Coder-1.5B, or 'embedded' (offline).")
 
 
 def config_problem(directory: Path) -> str | None:
@@ -108,4 +108,4 @@ def bad_model_dir_message(flag: str, directory: Path, problem: str) -> str:
     return (f"{flag} {str(directory)!r}: {problem}. Point {flag} at a complete model directory, as "
             f"`save_pretrained` writes it or a hub snapshot holds it ({CONFIG_FILE}, the weights "
             f"model*.safetensors, {TOKENIZER_FILE}): copy the missing or broken file again from where the model "
-            f"came from, or give a Hugging Face id or 'tiny'.")
+            f"came from, or give a Hugging Face id or 'embedded' (offline).")

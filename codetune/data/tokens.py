@@ -70,7 +70,7 @@ def load_tokenizer(name_or_path: str, training_texts: Sequence[str], trust_remot
         raise ConfigError(
             f"{flag} {name_or_path!r}: no tokenizer could be loaded ({str(err).strip().rstrip('.')}). "
             f"Use a local model directory, a Hugging Face id that is cached or reachable (with HF_HUB_OFFLINE "
-            f"unset), or 'tiny' for the offline default."
+            f"unset), or 'embedded' for the offline default."
         ) from err
     if not tokenizer.is_fast:
         raise ConfigError(f"{flag} {name_or_path!r} has no fast tokenizer; codetune needs one "

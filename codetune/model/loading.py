@@ -143,7 +143,7 @@ def _load_failure_message(name_or_path: str | Path, directory: Path | None, err:
     if directory is not None:
         return bad_model_dir_message("--model.name_or_path", directory, f"its weights could not be loaded ({reason})")
     return (f"--model.name_or_path {str(name_or_path)!r}: could not load the model ({reason}). Use a local model "
-            f"directory, a Hugging Face id that is cached or reachable, or 'tiny'.")
+            f"directory, a Hugging Face id that is cached or reachable, or 'embedded' (offline).")
 
 
 @contextmanager

@@ -48,7 +48,7 @@ from codetune.model.messages import (full_layers_fix, last_checkpoint, non_finit
 from codetune.model.resume import check_restores_every_trainable_tensor, rescale_learning_rate
 from codetune.model.step import (StepNumerics, disable_ddp_backward_sync, flash_attention, grad_norm_vote, one_row,
                                  stepped_parameters, step_optimizer, sum_over_ranks)
-from codetune.data.model_source import check_model_source
+from codetune.data.model_source import EMBEDDED_NAME, check_model_source
 from codetune.model.revision import base_revision, check_same_base, pinned_revision
 from codetune.model.optim import OptimizerName, build_optimizer, resolve_optimizer
 from codetune.data.tokenizer import TINY_NAME
@@ -61,7 +61,9 @@ class CodeLoRAModule(L.LightningModule):
 
     Args:
         name_or_path: Base model: a Hugging Face id (e.g. Qwen/Qwen2.5-Coder-1.5B), a local
-            directory, or 'tiny' (an offline Llama built from a config, saved to the run's base_model/).
+            directory, 'embedded' (the default: a small Llama pretrained on permissive Rust and Python code,
+            shipped with codetune, codetune/embedded/README.md), or 'tiny' (a randomly initialised Llama built
+            from a config, saved to the run's base_model/).
         quantization: 'nf4' loads the base in 4-bit NF4 (bitsandbytes); 'none' in `dtype`; 'auto'
             is nf4 on CUDA and none elsewhere (with a warning).
         dtype: Compute dtype of the base model; 'auto' is bf16 on CUDA from compute capability 8.0 (Ampere),
@@ -107,7 +109,7 @@ class CodeLoRAModule(L.LightningModule):
 
     def __init__(
         self,
-        name_or_path: str = TINY_NAME,
+        name_or_path: str = EMBEDDED_NAME,
         quantization: Quantization = "auto",
         dtype: DType = "auto",
         trust_remote_code: bool = False,

@@ -56,7 +56,7 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str:
         which = f" --model.revision {revision!r}" if revision else ""
         raise ConfigError(f"--model.name_or_path {repo_id!r}{which}: not a local directory, and no commit of it on the "
                           f"Hugging Face Hub could be found ({str(err).strip().rstrip('.')}). Use a local model "
-                          f"directory, a hub id that is cached or reachable, or 'tiny'.") from err
+                          f"directory, a hub id that is cached or reachable, or 'embedded' (offline).") from err
 
 
 def local_fingerprint(directory: Path) -> dict[str, Any]:

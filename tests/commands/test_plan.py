@@ -16,9 +16,12 @@ import pytest
 from codetune.__main__ import main as package_main
 from codetune.__main__ import main as cli_main
 from codetune.commands.plan import parse_fit_config, parse_size, plan_report
+from codetune.data.model_source import EMBEDDED_DIR
 from codetune.memory.estimate import plan_memory
 from codetune.memory.shapes import ALLOCATOR_MARGIN, DEFAULT_LORA_TARGETS, ModelShape, TrainingShape
 from codetune.memory.units import GiB
+
+from helpers import TINY_PRESET
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN_DIR = REPO / "bench" / "models" / "qwen2.5-coder-1.5b"
@@ -171,12 +174,19 @@ def test_batch_size_auto_plans_the_micro_batch_fit_would_pick(capsys):
         assert report["fits"] is fits and (report["largest_fitting"] is None) is not fits
 
 
-def test_the_embedded_tiny_model_is_planned_from_its_config(capsys):
-    report = _json_plan(capsys, "--config", str(DEFAULT), "--config", str(REPO / "configs/presets/demo.yaml"),
-                        "--vram", "1GiB")
+def test_the_tiny_model_is_planned_from_its_config(capsys):
+    report = _json_plan(capsys, "--config", str(DEFAULT), "--config", TINY_PRESET, "--vram", "1GiB")
     # The tokenizer trained at fit time has at most --data.tiny_vocab_size (2048) entries; the tiny Llama is untied.
     assert report["model_shape"]["vocab_size"] == 2048 and report["model_shape"]["tie_word_embeddings"] is False
     assert report["training"]["quantization"] == "none" and report["training"]["seq_len"] == 256
+    assert report["fits"] is True
+
+
+def test_the_embedded_model_is_planned_from_its_shipped_config(capsys):
+    report = _json_plan(capsys, "--config", str(DEFAULT), "--config", str(REPO / "configs/presets/demo.yaml"),
+                        "--vram", "1GiB")
+    assert report["model"] == "embedded" and report["model_config"] == str(EMBEDDED_DIR / "config.json")
+    assert report["model_shape"]["vocab_size"] == 8192 and report["model_shape"]["tie_word_embeddings"] is True
     assert report["fits"] is True
 
 
