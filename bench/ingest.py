@@ -60,7 +60,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from codetune.data.files import DEFAULT_EXTENSIONS, LANGUAGE_BY_EXTENSION, ScanResult, scan_repository
-from codetune.data.fim import DEFAULT_FIM_RATE, FimEpochs, NewlineTable, find_fim_tokens, training_samples
+from codetune.data.fim import (DEFAULT_FIM_RATE, DEFAULT_MIDDLES, FimEpochs, NewlineTable, find_fim_tokens,
+                               training_samples)
 from codetune.data.packing import Windows, pack_samples, pack_windows, whole_placements
 from codetune.data.split import DEFAULT_VAL_FRACTION, split_paths
 from codetune.data.tokens import load_tokenizer, pad_token_id, tokenize_cached
@@ -218,7 +219,8 @@ def measure_samples(paths: list[str], ids: list[np.ndarray], tokenizer: Any, fim
 
     def build() -> tuple[Windows, int]:
         table = NewlineTable.of(tokenizer, table_dir) if fim_rate else None
-        samples = training_samples(paths, ids, eos, FIM_SEQ_LEN, 0, fim_rate, 0.5, tokens, table)
+        samples = training_samples(paths, ids, eos, FIM_SEQ_LEN, 0, fim_rate, 0.5, tokens, table,
+                                   mix=DEFAULT_MIDDLES)
         return pack_samples(samples.stream, samples.whole, FIM_SEQ_LEN, pad), len(samples.records)
 
     seconds, (windows, n_fim) = best_of(rounds, build)
@@ -323,9 +325,10 @@ def run_fim(corpus: Corpus, ids: list[np.ndarray], tokenizer: Any, rounds: int, 
                 f"{len(windows):,} windows, {n_fim:,} FIM samples, efficiency {windows.efficiency:.4%}")
     report.step("  the same, newline table from the cache", warm_fim_s, "as an unchanged re-run")
     samples = training_samples(paths, train_ids, tokenizer.eos_token_id, FIM_SEQ_LEN, 0, DEFAULT_FIM_RATE, 0.5,
-                               find_fim_tokens(tokenizer), NewlineTable.of(tokenizer))
+                               find_fim_tokens(tokenizer), NewlineTable.of(tokenizer), mix=DEFAULT_MIDDLES)
     epochs = FimEpochs(windows.input_ids, whole_placements([len(w) for w in samples.whole], FIM_SEQ_LEN),
-                       samples.fim_pieces, find_fim_tokens(tokenizer), tokenizer.eos_token_id, 0, 0.5)
+                       samples.fim_pieces, find_fim_tokens(tokenizer), tokenizer.eos_token_id, 0, 0.5,
+                       DEFAULT_MIDDLES)
     redraw_s, _ = best_of(rounds, lambda: epochs._build(1))
     report.step("FIM redraw of one epoch (per epoch, not ingest)", redraw_s,
                 f"{len(samples.fim_pieces):,} samples cut anew in {len(windows):,} windows")

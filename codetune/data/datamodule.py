@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from codetune.data.arguments import check_data_arguments, existing_repo
 from codetune.data.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_LENGTH, ScanResult
-from codetune.data.fim import (DEFAULT_FIM_RATE, FimEpochs, FimRecord, FimTokens, MiddleMix, NewlineTable,
-                               TrainingSamples, fim_families_text, find_fim_tokens, training_samples)
+from codetune.data.fim import (DEFAULT_FIM_RATE, DEFAULT_MIDDLES, FimEpochs, FimRecord, FimTokens, MiddleMix,
+                               NewlineTable, TrainingSamples, fim_families_text, find_fim_tokens, training_samples)
 from codetune.data.loader import evenly_spread, window_loader
 from codetune.data.packing import PackingMode, Windows, pack_samples, whole_placements
 from codetune.data.sampler import steps_per_epoch
@@ -119,9 +119,9 @@ class CodeDataModule(L.LightningDataModule):
         packing: PackingMode = "isolated",
         fim_rate: float | None = None,
         fim_spm_rate: float = 0.5,
-        fim_line_rate: float = 0.25,
-        fim_block_rate: float = 0.25,
-        fim_block_lines: int = 8,
+        fim_line_rate: float = DEFAULT_MIDDLES.line_rate,
+        fim_block_rate: float = DEFAULT_MIDDLES.block_rate,
+        fim_block_lines: int = DEFAULT_MIDDLES.block_lines,
         file_headers: bool = False,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,

@@ -131,6 +131,7 @@ class MiddleMix(NamedTuple):
 
 
 UNIFORM_MIDDLES = MiddleMix()
+DEFAULT_MIDDLES = MiddleMix(line_rate=0.25, block_rate=0.25, block_lines=8)  # --data.fim_line_rate ... defaults
 
 
 # -- line-break boundaries ---------------------------------------------------------------------------------
