@@ -272,7 +272,7 @@ def test_uncached_hub_model_offline_is_one_clear_error(tmp_path, fixture_repo, c
     code = main(fit_args(fixture_repo, tmp_path / "runs", "hub", "--model.name_or_path", "codetune-tests/not-a-model"))
     assert code == 2
     err = capsys.readouterr().err
-    assert "--model.name_or_path 'codetune-tests/not-a-model'" in err and "'tiny'" in err and "Traceback" not in err
+    assert "--model.name_or_path 'codetune-tests/not-a-model'" in err and "'embedded'" in err and "Traceback" not in err
     # The error surfaced once the run had started: its directory is removed, not left half-made.
     assert not (tmp_path / "runs" / "hub").exists()
 
