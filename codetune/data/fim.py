@@ -31,10 +31,12 @@ of re-tokenizing every part.
 file longer than that is cut first into pieces at line-break boundaries (`pieces`), each piece a sample of
 its own. Every piece is FIM with probability ``fim_rate``, drawn once per run: that fixes the
 windows' layout. Every epoch, each FIM piece is drawn anew SPM with probability ``spm_rate`` (else
-PSM) and its two cuts anew, two different boundaries drawn uniformly (the piece's start and end
-count, so prefix or suffix may be empty; the middle never is): over a run the model sees a piece
-infilled at as many places as there are epochs, as on-the-fly FIM gives it, while every epoch keeps
-the same windows and steps (a sample's length does not depend on its cut; `FimEpochs`). The draws
+PSM) and its middle anew, as its `MiddleMix` says: one whole line, a block of a few whole lines (lines
+as the tokenizer cuts them, `NewlineTable.line_starts`), or two different boundaries drawn uniformly
+(the piece's start and end count, so prefix or suffix may be empty; the middle never is). Uniform
+cuts make mostly long middles, while an editor mostly asks for a line or a short block and needs
+the model to stop after it. Over a run the model sees a piece infilled at as many places as there
+are epochs, as on-the-fly FIM gives it, while every epoch keeps the same windows and steps (a sample's length does not depend on its cut; `FimEpochs`). The draws
 are hashes of ``(seed, path, piece)`` and, for the cut, the epoch: the epoch is part of the data
 position a checkpoint holds, so every rank and every resume sees the same samples, and adding a
 file changes no other file's samples. Reports count epoch 0's PSM and SPM samples.
@@ -379,8 +381,9 @@ def training_samples(paths: Sequence[str], files: Sequence[np.ndarray], eos_id: 
     # Every file's boundaries from one pass over all ids (one call per file would cost more in overhead than in
     # work); a file's are the slice of them inside it.
     starts = np.cumsum([0] + [len(ids) for ids in files])
-    everywhere = table.boundaries(np.concatenate(files)) if fim_rate > 0 and len(files) else None
-    line_starts = table.line_starts(np.concatenate(files)) if everywhere is not None and not mix.uniform else None
+    joined = np.concatenate(files) if fim_rate > 0 and len(files) else None
+    everywhere = table.boundaries(joined) if joined is not None else None
+    line_starts = table.line_starts(joined) if joined is not None and not mix.uniform else None
     for i, (path, ids) in enumerate(zip(paths, files)):
         header = headers[i] if headers is not None else no_header
         budget = seq_len - len(header) - SENTINELS_PER_SAMPLE
